@@ -894,6 +894,7 @@ from collections import Counter
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 
 @dataclass(frozen=True)
@@ -946,10 +947,11 @@ for key, expected in PUBLISHED_ROWS.items():
     assert len(loaded[key]) == expected, (key, len(loaded[key]), expected)
 
 # %% [markdown]
-# Every count matches the published size, so no row was lost on the way in; the `load s` column
-# is the cost of parsing and validating each file in pure Python, which is why the loaders are
-# called once per chapter rather than cached on disk. Tiny Shakespeare has no published document
-# count because "paragraph" is our unit, not the publisher's.
+# Every count matches the published size, so no row was lost on the way in. The `load s` column
+# is what parsing and validating every row in pure Python costs on this machine; it is small next
+# to any training run, so the loaders cache nothing on disk and a chapter simply calls them again.
+# Tiny Shakespeare has no published document count because "paragraph" is our unit, not the
+# publisher's.
 #
 # ### SST-2: labels and lengths
 #
@@ -988,18 +990,31 @@ train_plot = subset(sst2_train, TOUR.plot_rows, SEED, stratify_by="label")
 dev_words = words(sst2_dev["sentence"][:])
 train_words = words(train_plot["sentence"][:])
 train_labels = np.array(train_plot["label"][:])
-lengths = pd.DataFrame({
-    "train (plotted rows)": [len(train_words), np.mean(train_words), np.median(train_words)],
-    "dev": [len(dev_words), np.mean(dev_words), np.median(dev_words)],
-}, index=["rows", "mean words", "median words"]).T
+dev_labels = np.array(sst2_dev["label"][:])
+groups = {
+    f"{split} {name}": counts[labels == label]
+    for split, counts, labels in (("train", train_words, train_labels),
+                                  ("dev", dev_words, dev_labels))
+    for label, name in enumerate(SST2_LABELS)
+}
+lengths = pd.DataFrame(
+    {"rows": [len(v) for v in groups.values()],
+     "mean words": [np.mean(v) for v in groups.values()],
+     "median words": [np.median(v) for v in groups.values()]},
+    index=list(groups),
+)
 show_table(lengths, "sst2_lengths", CHAPTER, floatfmt="{:.1f}")
-assert np.median(train_words) < np.median(dev_words)  # the claim in the text
+assert np.median(train_words) < np.median(dev_words)  # the claims in the text
+assert abs(lengths.loc["train positive", "mean words"] / lengths.loc["train negative", "mean words"]
+           - 1) < 0.25
 
 # %% [markdown]
-# The median training row is much shorter than the median dev sentence. A model fine-tuned on the
-# training phrases is evaluated on full sentences, and short phrases with a clear polarity are
-# easy, so training accuracy overstates dev accuracy more than usual. Subsets for the `tiny`
-# profile inherit this mix, since they sample rows uniformly within each class.
+# The median training row is much shorter than the median dev sentence, while within a split the
+# two classes have similar lengths (the assert allows a quarter's difference in the mean), so
+# length carries little of the label. A classifier is thus trained mostly on phrases and evaluated
+# on full sentences; keep this in mind when comparing training and dev accuracy in later chapters.
+# Subsets for the `tiny` profile inherit this mix, since they sample rows uniformly within each
+# class. (In the `smoke` profile the training rows above are a small stratified sample.)
 #
 # ### Alpaca, AlpacaEval, HH-RLHF and GSM8K
 #
@@ -1086,17 +1101,25 @@ axes[1].legend()
 turn_counts = Counter(hh_plot_turns.tolist())
 axes[2].bar(list(turn_counts), list(turn_counts.values()))
 axes[2].set(title="HH-RLHF: human turns per prompt", xlabel="turns", ylabel="pairs")
+axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
 fig.tight_layout()
 show_figure(fig, "lengths", CHAPTER)
-alpaca_words = {f: np.median(words(alpaca_plot[f][:])) for f in ("instruction", "output")}
-print("median words:", {f: float(m) for f, m in alpaca_words.items()})
+alpaca_words = {f: words(alpaca_plot[f][:]) for f in ("instruction", "output")}
+short_outputs = int((alpaca_words["output"] <= 2).sum())
+up_to_four = float(np.mean(hh_plot_turns <= 4))
+print("Alpaca median words:", {f: float(np.median(w)) for f, w in alpaca_words.items()},
+      f"| outputs of at most 2 words: {short_outputs} of {len(alpaca_plot)}")
+print(f"HH-RLHF prompts with at most 4 human turns: {up_to_four:.1%}")
+assert np.median(alpaca_words["output"]) > np.median(alpaca_words["instruction"])
+assert up_to_four > 0.5
 
 # %% [markdown]
-# The two SST-2 classes have similar length profiles, so length alone carries little of the label.
-# Alpaca outputs are longer than instructions and spread over two orders of magnitude; with the
-# loss on response tokens only (13-06), the long outputs dominate the token count of a batch.
-# Most HH-RLHF prompts are single-turn or short multi-turn dialogues, with a thin tail of long
-# conversations that set the sequence length a preference model has to handle.
+# Alpaca outputs are longer than instructions and spread over two orders of magnitude: a cluster
+# of one- and two-word answers (classification-style instructions such as "is this post
+# appropriate?") next to paragraphs of a hundred words and more. With the loss on response tokens
+# only (13-06), the long outputs dominate the token count of a batch, while the short ones give
+# the model a few tokens each. Most HH-RLHF prompts have at most four human turns, with a thin
+# tail of long conversations that sets the sequence length a preference model has to handle.
 #
 # ### Stratified subsets, measured
 #
@@ -1115,8 +1138,11 @@ for seed in (SEED, SEED + 1):
     assert abs(counts[1] - n_check * full_share) < 1 and abs(counts[0] - n_check * (1 - full_share)) < 1
     print(f"seed {seed}: {counts[1]} positive, {counts[0]} negative "
           f"(exact share {n_check * full_share:.2f} / {n_check * (1 - full_share):.2f})")
-again = subset(sst2_train, n_check, SEED, stratify_by="label")
-assert again["sentence"][:] == subset(sst2_train, n_check, SEED, stratify_by="label")["sentence"][:]
+first, again, other = (subset(sst2_train, n_check, seed, stratify_by="label")["sentence"][:]
+                       for seed in (SEED, SEED, SEED + 1))
+assert first == again and first != other
+print(f"same seed twice: identical; seeds {SEED} and {SEED + 1} share "
+      f"{len(set(first) & set(other))} of {n_check} sentences")
 
 shares = {"random": [], "stratified": []}
 for seed in range(TOUR.subset_trials):

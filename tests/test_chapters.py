@@ -18,7 +18,9 @@ def test_chapter_runs_as_smoke_script(chapter, data_root, session_cache, tmp_pat
            "MPLBACKEND": "Agg"}
     # --profile on the command line must win over FTBOOK_PROFILE; run from another folder to
     # check that nothing depends on the working directory.
-    result = subprocess.run([sys.executable, str(ROOT / "chapters" / chapter), "--profile", "smoke"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{chapter} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    script = str(ROOT / "chapters" / chapter)
+    result = subprocess.run([sys.executable, script, "--profile", "smoke"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    tail = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, f"{chapter} failed:\n{tail}"
     assert "profile : smoke" in result.stdout

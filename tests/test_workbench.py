@@ -135,7 +135,7 @@ def test_bert_flops_matches_flop_counter():
     with torch.no_grad():
         counted = wb.measured_flops(model, input_ids=ids)
     predicted = wb.transformer_flops(model, 2, 16, training=False)
-    # the pooler and classifier run on the first token only: 2 (d*d + 2d) per sequence, not per token
+    # the pooler and classifier run on the first token only: 2 (d*d + 2d) per sequence
     pooler_and_head = 2 * (32 * 32 + 2 * 32)
     assert predicted - counted == pooler_and_head * (16 - 1) * 2
 

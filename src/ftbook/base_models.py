@@ -158,7 +158,7 @@ BASE_LM_CONFIGS = {
                           eval_texts_per_corpus=8),
     "tiny": BaseLMConfig(name="ftbook-tiny-lm", vocab_size=4096, hidden_size=256,
                          intermediate_size=688, num_layers=6, num_heads=4, seq_len=256,
-                         batch_size=16, steps=300, lr=3e-3, warmup_steps=30),
+                         batch_size=16, steps=420, lr=3e-3, warmup_steps=30),
 }
 
 ARITHMETIC_OPS = ("+", "-", "*")

@@ -106,7 +106,9 @@ class _Problems:
         if self.total == 0:
             return
         noun = "problem" if self.total == 1 else "problems"
-        shown = f"first {len(self.messages)} shown" if self.total > len(self.messages) else "all shown"
+        shown = "all shown"
+        if self.total > len(self.messages):
+            shown = f"first {len(self.messages)} shown"
         raise DataFormatError(
             f"{self.total} {noun} in {self.source} ({shown}); no row is ever skipped, so fix "
             "the data and load again:\n" + "\n".join(f"  {m}" for m in self.messages)
@@ -578,7 +580,7 @@ def subset(ds: Dataset, n: int | None, seed: int, stratify_by: str | None = None
         keep = total if n is None else min(n, total)
         return ds.select(rng.permutation(total)[:keep].tolist())
     groups: dict[Any, list[int]] = {}
-    for index, value in enumerate(ds[stratify_by]):
+    for index, value in enumerate(ds[stratify_by][:]):  # [:] reads the column in one batch
         groups.setdefault(value, []).append(index)  # classes in order of first appearance
     quotas = largest_remainder([len(members) for members in groups.values()], n)
     picked = [

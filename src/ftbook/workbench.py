@@ -106,7 +106,11 @@ def repo_root() -> Path:
     env = os.environ.get("FTBOOK_ROOT")
     if env:
         return Path(env).resolve()
-    for start in (Path.cwd().resolve(), Path(__file__).resolve().parent):
+    starts = [Path.cwd().resolve()]
+    module_file = globals().get("__file__")  # absent when this cell runs inside a kernel
+    if module_file:
+        starts.append(Path(module_file).resolve().parent)
+    for start in starts:
         found = _walk_up_to_config(start)
         if found is not None:
             return found
