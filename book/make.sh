@@ -47,7 +47,8 @@ case "${1:-}" in
     setup
     "$VENV/bin/ruff" check src book tests chapters
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-    "$PY" -m pytest -n "${FTBOOK_TEST_WORKERS:-2}" -q "${@:2}"
+    # loadfile: the chapter scripts run in order in one worker (13-02 reuses what 13-01 cached)
+    "$PY" -m pytest -n "${FTBOOK_TEST_WORKERS:-2}" --dist loadfile -q "${@:2}"
     ;;
   *)
     echo "usage: bash book/make.sh build|test [pytest args]" >&2

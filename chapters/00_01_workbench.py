@@ -51,6 +51,7 @@
 Defined in Appendix A (`chapters/00_01_workbench.py`). Every chapter imports from here.
 """
 import argparse
+import gc
 import importlib.metadata
 import math
 import os
@@ -281,10 +282,10 @@ def check_finite(value: float | torch.Tensor, what: str, step: int) -> float:
 # Wall time on a GPU needs a synchronisation before the clock is read, since kernels run
 # asynchronously. Peak memory is `torch.cuda.max_memory_allocated` on a GPU. A CPU has no such
 # counter, so the meter samples the process's resident set size (RSS) from a background thread
-# every millisecond or two and reports the peak above the level at entry. RSS sees everything the
-# process holds, including memory the allocator keeps after tensors are freed, so on CPU the
-# figure is an upper bound for short-lived tensors and a faithful one for what stays alive (weights,
-# gradients, optimizer state).
+# every millisecond or two and reports the peak above the level at entry. Before it starts, it
+# hands memory that earlier code freed back to the operating system (`malloc_trim`), otherwise a
+# block could reuse pages that an earlier run left cached and appear to need less memory than it
+# does. RSS sees everything the process holds, so measure one thing per block.
 
 # %%
 #| export
@@ -321,6 +322,17 @@ def process_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def release_freed_memory() -> None:
+    """Return memory that Python and PyTorch freed to the OS (glibc `malloc_trim`), so that the
+    RSS at the start of a measurement is not inflated by an earlier run's cached pages."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 class PeakMemory:
     """Peak memory used by a block, in bytes above the level at entry (`.peak_bytes`).
 
@@ -339,6 +351,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        gc.collect()
+        release_freed_memory()
         self._base = process_rss_bytes()
         self._peak = self._base
         self._stop = threading.Event()
@@ -569,8 +583,18 @@ class RunInfo:
     versions: dict[str, str]
 
 
+def quiet_libraries() -> None:
+    """Silence transformers' per-load reports and info logs (warnings and errors still show)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def device_cell(profile: str, seed: int, device: torch.device | None = None) -> RunInfo:
-    """Print the device, profile, seed and library versions at the top of a chapter."""
+    """Print the device, profile, seed and library versions at the top of a chapter, and quiet
+    the libraries' load reports (`quiet_libraries`)."""
+    quiet_libraries()
     device = device if device is not None else get_device()
     if device.type == "cuda":
         where = f"cuda ({torch.cuda.get_device_name(device)})"

@@ -143,10 +143,10 @@ FT_CONFIGS = {
                             lr_head=1e-3, warmup_ratio=0.25, weight_decay=0.01, lm_steps=4,
                             lm_lrs=(1e-4, 1e-3), lm_eval_every=2, lm_eval_texts=4,
                             llrd_decay=0.5),
-    "tiny": FineTuneConfig(n_train=4000, n_dev=None, max_len=64, batch_size=32, steps=120,
+    "tiny": FineTuneConfig(n_train=4000, n_dev=None, max_len=64, batch_size=32, steps=100,
                            lr_full=1e-4, lr_head=3e-3, warmup_ratio=0.1, weight_decay=0.01,
-                           lm_steps=60, lm_lrs=(1e-4, 1e-3, 3e-3), lm_eval_every=15,
-                           lm_eval_texts=40, llrd_decay=0.5),
+                           lm_steps=100, lm_lrs=(3e-4, 1e-3, 3e-3), lm_eval_every=50,
+                           lm_eval_texts=16, llrd_decay=0.5),
     "full": FineTuneConfig(n_train=None, n_dev=None, max_len=66, batch_size=32, steps=2000,
                            lr_full=2e-5, lr_head=1e-3, warmup_ratio=0.06, weight_decay=0.01,
                            lm_steps=600, lm_lrs=(1e-5, 5e-5, 2e-4), lm_eval_every=100,
@@ -394,7 +394,8 @@ def backbone_perplexity(classifier: nn.Module, causal_lm: nn.Module, tokenizer: 
     return perplexity(causal_lm, tokenizer, texts)
 
 
-def linear_weight_deltas(before: dict[str, torch.Tensor], after: nn.Module) -> dict[str, torch.Tensor]:
+def linear_weight_deltas(before: dict[str, torch.Tensor], after: nn.Module
+                         ) -> dict[str, torch.Tensor]:
     """ΔW = W_after - W_before for every 2-d weight of an `nn.Linear` in `after` (float32, CPU),
     keyed by the module's qualified name: the update that 13-02 analyses."""
     deltas = {}
@@ -430,7 +431,7 @@ assert [layer_depth(n, 6) for n in ("model.embed_tokens.weight", "model.layers.3
 probe, _ = load_encoder_classifier(PROFILE, seed=SEED)
 freeze_backbone(probe)
 print(f"trainable after freeze_backbone: {count_parameters(probe, trainable_only=True):,} of "
-      f"{count_parameters(probe):,}:", sorted({n.split('.')[0] for n, p in probe.named_parameters()
+      f"{count_parameters(probe):,}:", sorted({n.rsplit(".", 2)[0] for n, p in probe.named_parameters()
                                                  if p.requires_grad}))
 del probe
 
@@ -441,7 +442,9 @@ del probe
 # (the pooler and the classifier) at a high learning rate; full fine-tuning trains everything at
 # the small rate usual for pretrained weights. Both warm up over the first 10% of steps and decay
 # linearly. We record dev accuracy along the way, and FLOPs per step as counted by PyTorch's
-# `FlopCounterMode` on one real training step.
+# `FlopCounterMode` on one real training step. The count runs on the "eager" attention path (the
+# same arithmetic as the default SDPA kernel, whose CPU flash-attention variant the counter does
+# not see), so every matmul is visible.
 
 # %%
 from ftbook.data import load_sst2, subset
@@ -460,7 +463,10 @@ def one_step_flops(model, tokenizer) -> tuple[int, int]:
     def step():
         nn.functional.cross_entropy(model(**batch).logits, labels).backward()
 
+    attention = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # CPU flash attention is invisible to the counter
     flops = measured_flops(step)
+    model.set_attn_implementation(attention)
     model.zero_grad(set_to_none=True)
     return flops, batch["input_ids"].size(1)
 
@@ -479,7 +485,7 @@ for method in ("feature extraction", "full fine-tuning"):
             lr=cfg.lr_head if method == "feature extraction" else cfg.lr_full,
             batch_size=cfg.batch_size, max_len=cfg.max_len, seed=SEED,
             warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
-            eval_every=max(1, cfg.steps // 4), desc=method,
+            eval_every=max(1, cfg.steps // 2), desc=method,
             eval_fn=lambda step, m=model, t=tokenizer: {
                 "dev_accuracy": evaluate_accuracy(m, t, dev_ds, cfg.max_len, bf16=cfg.bf16)})
     encoder_runs[method] = {"log": log, "seconds": timer.seconds, "flops": flops,
@@ -496,12 +502,17 @@ for method in ("feature extraction", "full fine-tuning"):
 # %%
 fe, ft = encoder_runs["feature extraction"], encoder_runs["full fine-tuning"]
 probe, _ = load_encoder_classifier(PROFILE, seed=SEED)
-predicted = transformer_flops(probe, cfg.batch_size, ft["padded_len"], training=True)
+# The head (pooler and classifier) reads one token per sentence: its matmuls run on `batch` rows,
+# not `batch * seq` as eq. (A.1) assumes for every linear layer.
+head_weights = sum(m.weight.numel() for n, m in probe.named_modules()
+                   if isinstance(m, nn.Linear) and set(n.split(".")) & set(HEAD_MODULES))
+predicted = (transformer_flops(probe, cfg.batch_size, ft["padded_len"], training=True)
+             - 3 * 2 * cfg.batch_size * (ft["padded_len"] - 1) * head_weights)
 print(f"full FT: counted {ft['flops'] / 1e9:.2f} GFLOP, eq. (A.3) {predicted / 1e9:.2f} GFLOP "
       f"on the same padded batch ({ft['padded_len']} tokens)")
 print(f"feature extraction / full fine-tuning FLOPs per step: {fe['flops'] / ft['flops']:.3f} "
       "(theory: about 1/3)")
-assert 0.97 < ft["flops"] / predicted < 1.03
+assert abs(ft["flops"] / predicted - 1) < 1e-3
 del probe
 
 # %% [markdown]
@@ -513,9 +524,14 @@ del probe
 # Feature extraction on the same backbone is the reference: its perplexity cannot change.
 
 # %%
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
-from ftbook.base_models import BASE_LM_CONFIGS, causal_lm_name, load_causal_lm
+from ftbook.base_models import (
+    BASE_LM_CONFIGS,
+    attention_implementation,
+    causal_lm_name,
+    load_causal_lm,
+)
 from ftbook.data import load_text_corpus
 
 lm_name = causal_lm_name(PROFILE)
@@ -527,7 +543,8 @@ english = (load_text_corpus("wiki")[-held.heldout_wiki_articles:]
 
 def lm_classifier():
     seed_everything(SEED)
-    model = AutoModelForSequenceClassification.from_pretrained(lm_name, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        lm_name, num_labels=2, attn_implementation=attention_implementation(PROFILE))
     model.config.pad_token_id = lm_tokenizer.pad_token_id
     return model.to(DEVICE)
 
@@ -578,19 +595,28 @@ forgetting = pd.DataFrame([{
     "perplexity x": r["evals"]["perplexity"].iloc[-1] / base_ppl,
 } for r in lm_runs]).set_index("run")
 show_table(forgetting, "forgetting", CHAPTER)
+best = forgetting["dev accuracy"].idxmax()
+print(f"best dev accuracy: {forgetting.loc[best, 'dev accuracy']:.3f} ({best}), at "
+      f"{forgetting.loc[best, 'perplexity x']:.2f}x the pretrained perplexity; the largest rate "
+      f"reaches {forgetting['dev accuracy'].iloc[-1]:.3f} at {forgetting['perplexity x'].iloc[-1]:.2f}x")
 if PROFILE != "smoke":
     assert abs(forgetting["perplexity x"].iloc[0] - 1) < 1e-6, "feature extraction must not forget"
-    assert forgetting["perplexity x"].iloc[-1] > forgetting["perplexity x"].iloc[1], \
-        "a larger learning rate should forget more"
+    assert forgetting["perplexity x"].iloc[1:].is_monotonic_increasing, \
+        "forgetting should grow with the learning rate"
 
 # %% [markdown]
 # The table and figure answer the question quantitatively. Feature extraction leaves the
 # perplexity exactly where it was (the factor is 1 by construction, and the assertion checks it).
-# Full fine-tuning raises it, and the damage grows with the learning rate: the smallest rate moves
-# the weights little and leaves the language model nearly intact, while the largest one trades
-# most of the backbone's language modelling for the task. The right panel is the trade-off a
-# practitioner actually faces: along each curve, accuracy rises as perplexity rises, and a larger
-# learning rate buys accuracy sooner at a much higher price in forgetting.
+# Full fine-tuning raises it, and the damage grows with the learning rate (asserted): the smallest
+# rate moves the weights little and leaves the language model nearly intact, the largest one
+# multiplies the perplexity several times over. Accuracy does not follow the same order. The line
+# printed above names the rate that gave the best accuracy and what it cost; past some rate the
+# backbone is damaged faster than the task is learned, and the extra forgetting buys nothing.
+#
+# A caveat on scale: the book's tiny LM is a weak sentence classifier (its last-token state was
+# never trained to summarise a sentence, and a hundred steps on a few thousand sentences is little
+# data), so its accuracies stay well below the encoder's in Experiment 1. The forgetting it
+# suffers is the point of this experiment, and that is large and unambiguous.
 #
 # ## Experiment 3: learning-rate strategies
 #
@@ -623,19 +649,26 @@ ax.legend(fontsize=8)
 show_figure(fig, "lr_strategies", CHAPTER)
 
 # %%
+constant, plain, llrd = (strategy_table.iloc[i] for i in range(3))
+print(f"layer-wise rates: perplexity x {llrd['perplexity x']:.2f} vs {plain['perplexity x']:.2f} "
+      f"without, at dev accuracy {llrd['dev accuracy']:.3f} vs {plain['dev accuracy']:.3f}")
+print(f"constant rate without warmup: perplexity x {constant['perplexity x']:.2f}, dev accuracy "
+      f"{constant['dev accuracy']:.3f}")
 if PROFILE != "smoke":
-    llrd, plain = strategy_table.iloc[2], strategy_table.iloc[1]
-    print(f"layer-wise rates: perplexity x {llrd['perplexity x']:.2f} vs {plain['perplexity x']:.2f}"
-          f" without, at dev accuracy {llrd['dev accuracy']:.3f} vs {plain['dev accuracy']:.3f}")
     assert llrd["perplexity x"] < plain["perplexity x"], "smaller lower-layer rates should forget less"
+    assert constant["perplexity x"] > plain["perplexity x"], "warmup and decay should forget less"
 
 # %% [markdown]
 # Layer-wise rates do what (1.2) promises: the embeddings and lower layers, where most of the
-# general language knowledge sits, move with a fraction of the rate, so the backbone forgets less
-# at a similar accuracy. Warmup matters most at the start: without it the first updates, driven by
-# an untrained head, hit the backbone at the full rate; compare the loss over the first ten steps
-# and the perplexity factor. At these small step counts the accuracy differences between
-# strategies are within the noise of a single seed; the forgetting differences are not.
+# general language knowledge sits, move with a fraction of the rate, and the backbone forgets
+# far less (both asserted above). With $\xi = 0.5$ and six layers the embeddings train at
+# $0.5^7 \approx 1\%$ of the head's rate: for a language model whose vocabulary lives in tied
+# embeddings, that alone protects much of its next-token prediction. The constant rate without
+# warmup forgets the most. Two effects add up there: the first updates, driven by an untrained
+# head, hit the backbone at the full rate, and without decay the weights keep moving at that rate
+# to the end, so the total movement is larger. It may also reach a higher accuracy in this budget,
+# for the same reason. Accuracy differences of a point or two are within the noise of a single
+# seed; the forgetting differences are not.
 #
 # ## Results: when is full fine-tuning worth its compute?
 
@@ -687,6 +720,7 @@ from safetensors.torch import save_file
 
 from ftbook.workbench import cache_dir
 
+cost_benefit.to_csv(cache_dir(CHAPTER) / f"cost_benefit_{PROFILE}.csv")  # for 13-02's table
 delta_path = cache_dir(CHAPTER) / f"delta_w_{PROFILE}.safetensors"
 save_file({k: v.contiguous() for k, v in delta_w.items()}, str(delta_path))
 print(f"kept {len(delta_w)} weight updates for 13-02: {delta_path}")

@@ -8,4 +8,6 @@ __version__ = "0.1.0"
 # Generated modules:
 #   ftbook.base_models
 #   ftbook.data
+#   ftbook.full_finetuning
+#   ftbook.lora
 #   ftbook.workbench

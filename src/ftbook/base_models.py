@@ -394,17 +394,24 @@ def causal_lm_name(profile: str) -> str:
     return str(base_lm_path(BASE_LM_CONFIGS[profile]))
 
 
+def attention_implementation(profile: str) -> str:
+    """"eager" for the small CPU models (measured faster than SDPA's CPU flash kernel in training,
+    whose backward dominates a step at width 256), "sdpa" for the hub models of `full`."""
+    return "sdpa" if profile == "full" else "eager"
+
+
 def load_causal_lm(profile: str, device: torch.device | None = None,
                    dtype: torch.dtype | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) of the profile's causal LM, loaded with `from_pretrained` like any hub
-    model. The tokenizer pads on the right and has distinct pad and EOS tokens."""
+    model. The tokenizer has distinct pad and EOS tokens (it pads on the left, for generation)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = causal_lm_name(profile)
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{name}: the tokenizer's pad token must exist and differ from EOS")
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype or torch.float32, attn_implementation=attention_implementation(profile))
     if device is not None:
         model.to(device)
     return model, tokenizer

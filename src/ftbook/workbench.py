@@ -9,6 +9,7 @@ Defined in Appendix A (`chapters/00_01_workbench.py`). Every chapter imports fro
 
 # --- chapters/00_01_workbench.py :: Profiles ---
 import argparse
+import gc
 import importlib.metadata
 import math
 import os
@@ -247,6 +248,17 @@ def process_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def release_freed_memory() -> None:
+    """Return memory that Python and PyTorch freed to the OS (glibc `malloc_trim`), so that the
+    RSS at the start of a measurement is not inflated by an earlier run's cached pages."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 class PeakMemory:
     """Peak memory used by a block, in bytes above the level at entry (`.peak_bytes`).
 
@@ -265,6 +277,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        gc.collect()
+        release_freed_memory()
         self._base = process_rss_bytes()
         self._peak = self._base
         self._stop = threading.Event()
@@ -391,8 +405,18 @@ class RunInfo:
     versions: dict[str, str]
 
 
+def quiet_libraries() -> None:
+    """Silence transformers' per-load reports and info logs (warnings and errors still show)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def device_cell(profile: str, seed: int, device: torch.device | None = None) -> RunInfo:
-    """Print the device, profile, seed and library versions at the top of a chapter."""
+    """Print the device, profile, seed and library versions at the top of a chapter, and quiet
+    the libraries' load reports (`quiet_libraries`)."""
+    quiet_libraries()
     device = device if device is not None else get_device()
     if device.type == "cuda":
         where = f"cuda ({torch.cuda.get_device_name(device)})"

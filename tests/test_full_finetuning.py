@@ -1,0 +1,382 @@
+"""Tests of ftbook.full_finetuning (chapter 13-01): schedules, layer-wise rates (eq. 1.2), the head,
+the training loop, accuracy, forgetting (backbone perplexity) and weight deltas.
+
+Every model is a random tiny BERT or Llama built here; nothing is downloaded.
+"""
+import copy
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+)
+
+from ftbook import base_models as bm
+from ftbook import full_finetuning as ff
+
+L = 2  # transformer layers of every tiny model below
+
+POSITIVE = ["a good film", "good acting and a good plot", "the story is good", "really good fun",
+            "good , simple and warm", "it was good", "so good", "good music"]
+NEGATIVE = ["a dull film", "bad acting and a weak plot", "the story is boring", "really awful",
+            "tedious , long and cold", "it was bad", "so slow", "poor music"]
+
+LM_TEXTS = [
+    "the film is a gripping , funny ride .",
+    "a dull and lifeless movie that never finds its feet .",
+    "Anarchism is a political philosophy and movement.",
+    "What is 12 plus 7? The answer is 19.",
+] * 40 + [f"{a} + {b} = {a + b}" for a in range(20) for b in range(10)]
+
+
+def tiny_bert(vocab_size: int = 100, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=L,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                        num_labels=2, **overrides)
+    return BertForSequenceClassification(config)
+
+
+def llama_config(vocab_size: int = 100, pad_token_id: int = 0, **overrides):
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=L, num_attention_heads=2, num_key_value_heads=2,
+                       max_position_embeddings=128, pad_token_id=pad_token_id, num_labels=2,
+                       **overrides)
+
+
+def tiny_llama_classifier(seed: int = 0, **config_kwargs):
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(llama_config(**config_kwargs))
+
+
+@pytest.fixture(scope="module")
+def encoder_tokenizer():
+    return bm.load_encoder_tokenizer("smoke")
+
+
+@pytest.fixture(scope="module")
+def sentiment():
+    from datasets import Dataset
+
+    sentences = POSITIVE + NEGATIVE
+    return Dataset.from_dict({"sentence": sentences,
+                              "label": [int("good" in s.split()) for s in sentences]})
+
+
+@pytest.fixture
+def quiet(monkeypatch):
+    monkeypatch.setenv("FTBOOK_NO_PROGRESS", "1")
+
+
+# --- schedules -----------------------------------------------------------------------------------
+
+def test_sentiment_labels_follow_the_word_good(sentiment):
+    assert sum(sentiment["label"]) == len(POSITIVE) and len(sentiment) == 16
+
+
+def test_constant_schedule_is_one_everywhere():
+    assert [ff.schedule_factor("constant", s, 20, 5) for s in range(20)] == [1.0] * 20
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_warmup_is_linear_and_reaches_one_at_the_boundary(kind):
+    total, warmup = 20, 4
+    factors = [ff.schedule_factor(kind, s, total, warmup) for s in range(total)]
+    assert factors[:warmup] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[warmup] == pytest.approx(1.0)  # first decay step: progress 0
+    decay = factors[warmup:]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))  # strictly decreasing
+    assert 0.0 < factors[-1] < 0.1  # ends near zero, never negative
+    assert all(0.0 < f <= 1.0 for f in factors)
+
+
+def test_linear_and_cosine_decay_values():
+    total, warmup = 14, 4  # 10 decay steps: progress p = (step - 4) / 10
+    for step, p in [(4, 0.0), (6, 0.2), (9, 0.5), (13, 0.9)]:
+        assert ff.schedule_factor("linear", step, total, warmup) == pytest.approx(1.0 - p)
+        assert ff.schedule_factor("cosine", step, total, warmup) == pytest.approx(
+            (1.0 + math.cos(math.pi * p)) / 2)
+    assert ff.schedule_factor("cosine", 9, total, warmup) == pytest.approx(0.5)
+
+
+def test_schedule_without_warmup_starts_at_one():
+    assert ff.schedule_factor("linear", 0, 10, 0) == 1.0
+    assert ff.schedule_factor("cosine", 0, 10, 0) == 1.0
+    assert ff.schedule_factor("linear", 9, 10, 0) == pytest.approx(0.1)
+
+
+def test_unknown_schedule_names_the_choices():
+    with pytest.raises(ValueError, match=r"'cosin'.*constant.*linear.*cosine"):
+        ff.schedule_factor("cosin", 0, 10, 1)
+
+
+# --- layer depths and layer-wise groups, eq. (1.2) -----------------------------------------------
+
+@pytest.mark.parametrize("name, depth", [
+    ("bert.embeddings.word_embeddings.weight", 0),
+    ("bert.embeddings.LayerNorm.bias", 0),
+    ("bert.encoder.layer.0.attention.self.query.weight", 1),
+    ("bert.encoder.layer.3.output.dense.weight", 4),
+    ("bert.encoder.layer.11.attention.output.LayerNorm.weight", 12),
+    ("bert.pooler.dense.weight", 13),
+    ("classifier.bias", 13),
+    ("model.embed_tokens.weight", 0),
+    ("model.layers.2.self_attn.q_proj.weight", 3),
+    ("model.layers.0.input_layernorm.weight", 1),
+    ("model.norm.weight", 13),
+    ("score.weight", 13),
+])
+def test_layer_depth(name, depth):
+    assert ff.layer_depth(name, 12) == depth
+
+
+def expected_bert_depth(name: str) -> int:
+    """Depth of a BertForSequenceClassification parameter, written out for L = 2."""
+    if name.startswith("bert.embeddings."):
+        return 0
+    match = re.match(r"bert\.encoder\.layer\.(\d)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    assert name.startswith(("bert.pooler.", "classifier.")), name
+    return 3
+
+
+def test_layerwise_groups_cover_each_parameter_once_with_eq_1_2_rates():
+    model = tiny_bert()
+    lr, decay, wd = 1e-3, 0.5, 0.01
+    groups = ff.layerwise_param_groups(model, lr, decay, wd)
+    by_id = {}
+    for group in groups:
+        for p in group["params"]:
+            assert id(p) not in by_id, "a parameter is in two groups"
+            by_id[id(p)] = group
+    named = dict(model.named_parameters())
+    assert set(by_id) == {id(p) for p in named.values()}
+    hand_lr = {0: 1.25e-4, 1: 2.5e-4, 2: 5e-4, 3: 1e-3}  # lr * 0.5 ** (L + 1 - depth), L = 2
+    for name, p in named.items():
+        group = by_id[id(p)]
+        depth = expected_bert_depth(name)
+        assert group["depth"] == depth, name
+        assert group["lr"] == pytest.approx(hand_lr[depth]), name
+        assert group["weight_decay"] == (0.0 if p.ndim == 1 else wd), name
+    assert {g["depth"] for g in groups} == {0, 1, 2, 3}
+    # one group per (depth, decayed) pair
+    assert len(groups) == len({(g["depth"], g["weight_decay"]) for g in groups})
+
+
+def test_layerwise_groups_with_decay_one_give_one_rate():
+    groups = ff.layerwise_param_groups(tiny_bert(), 3e-4, 1.0, 0.1)
+    assert {g["lr"] for g in groups} == {3e-4}
+
+
+def test_layerwise_groups_skip_frozen_parameters():
+    model = tiny_bert()
+    model.bert.embeddings.requires_grad_(False)
+    model.bert.encoder.layer[0].requires_grad_(False)
+    groups = ff.layerwise_param_groups(model, 1.0, 0.5, 0.0)
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
+    assert {g["depth"] for g in groups} == {2, 3}
+    model.requires_grad_(False)
+    assert ff.layerwise_param_groups(model, 1.0, 0.5, 0.0) == []
+
+
+# --- the head ------------------------------------------------------------------------------------
+
+def trainable_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_freeze_backbone_bert_keeps_pooler_and_classifier():
+    model = ff.freeze_backbone(tiny_bert())
+    assert trainable_names(model) == {"bert.pooler.dense.weight", "bert.pooler.dense.bias",
+                                      "classifier.weight", "classifier.bias"}
+
+
+def test_freeze_backbone_llama_keeps_score():
+    model = ff.freeze_backbone(tiny_llama_classifier())
+    assert trainable_names(model) == {"score.weight"}
+    assert len(list(model.parameters())) > 1
+
+
+def test_freeze_backbone_unfreezes_a_previously_frozen_head():
+    model = tiny_bert().requires_grad_(False)
+    assert "classifier.weight" in trainable_names(ff.freeze_backbone(model))
+
+
+def test_freeze_backbone_without_head_raises():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"Sequential.*classifier.*score.*pooler"):
+        ff.freeze_backbone(model)
+    assert all(p.requires_grad for p in model.parameters())  # nothing was frozen
+    # an explicit head name works
+    ff.freeze_backbone(model, head_modules=("2",))
+    assert trainable_names(model) == {"2.weight", "2.bias"}
+
+
+# --- the training loop ---------------------------------------------------------------------------
+
+def train(model, tokenizer, dataset, **overrides):
+    kwargs = dict(steps=20, lr=3e-3, batch_size=8, max_len=16, seed=0, warmup_ratio=0.1,
+                  bf16=False)
+    return ff.train_classifier(model, tokenizer, dataset, **{**kwargs, **overrides})
+
+
+def test_train_classifier_learns_and_logs(quiet, encoder_tokenizer, sentiment):
+    model = tiny_bert(vocab_size=encoder_tokenizer.vocab_size, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    evals = []
+    log = train(model, encoder_tokenizer, sentiment, steps=40, lr=1e-2, eval_every=10,
+                eval_fn=lambda step: evals.append(step) or {"marker": step})
+    assert len(log.losses) == len(log.step_seconds) == 40
+    assert all(math.isfinite(x) for x in log.losses)
+    assert all(s > 0 for s in log.step_seconds)
+    assert log.trainable_parameters == n_trainable
+    assert log.median_step_seconds == sorted(log.step_seconds)[20]
+    assert evals == [0, 10, 20, 30, 40]
+    assert log.evals == [{"step": s, "marker": s} for s in (0, 10, 20, 30, 40)]
+    first, last = sum(log.losses[:5]) / 5, sum(log.losses[-5:]) / 5
+    assert first > 0.5 and last < 0.5 * first, log.losses
+    assert ff.evaluate_accuracy(model, encoder_tokenizer, sentiment, max_len=16) == 1.0
+
+
+def test_train_classifier_counts_only_trainable_parameters(quiet, encoder_tokenizer, sentiment):
+    model = ff.freeze_backbone(tiny_bert(vocab_size=encoder_tokenizer.vocab_size))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    log = train(model, encoder_tokenizer, sentiment, steps=3)
+    assert log.trainable_parameters == (32 * 32 + 32) + (32 * 2 + 2)  # pooler + classifier
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+
+
+def test_train_classifier_is_deterministic(quiet, encoder_tokenizer, sentiment):
+    model = tiny_bert(vocab_size=encoder_tokenizer.vocab_size)  # dropout on: the seed fixes it
+    twin = copy.deepcopy(model)
+    first = train(model, encoder_tokenizer, sentiment, steps=4)
+    second = train(twin, encoder_tokenizer, sentiment, steps=4)
+    assert first.losses == second.losses
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    other = train(tiny_bert(vocab_size=encoder_tokenizer.vocab_size), encoder_tokenizer,
+                  sentiment, steps=4, seed=1)
+    assert other.losses != first.losses
+
+
+def test_train_classifier_without_trainable_parameters_raises(quiet, encoder_tokenizer,
+                                                              sentiment):
+    model = tiny_bert(vocab_size=encoder_tokenizer.vocab_size).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter requires grad"):
+        train(model, encoder_tokenizer, sentiment, steps=2)
+
+
+def test_nan_weight_stops_training_at_step_0(quiet, encoder_tokenizer, sentiment):
+    model = tiny_bert(vocab_size=encoder_tokenizer.vocab_size)
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 0\b"):
+        train(model, encoder_tokenizer, sentiment, steps=3)
+
+
+def test_non_finite_loss_later_names_its_step(quiet, encoder_tokenizer, sentiment):
+    model = tiny_bert(vocab_size=encoder_tokenizer.vocab_size)
+    calls = []
+
+    def poison_third_step(module, inputs, output):
+        calls.append(1)
+        return output * float("inf") if len(calls) == 3 else output
+
+    model.classifier.register_forward_hook(poison_third_step)
+    with pytest.raises(FloatingPointError, match=r"became (nan|inf) at step 2\b") as info:
+        train(model, encoder_tokenizer, sentiment, steps=5, desc="probe run")
+    assert "probe run loss" in str(info.value)
+    assert len(calls) == 3  # stopped right there
+
+
+# --- accuracy ------------------------------------------------------------------------------------
+
+def test_evaluate_accuracy_matches_logits(encoder_tokenizer, sentiment):
+    model = tiny_bert(vocab_size=encoder_tokenizer.vocab_size, seed=3).eval()
+    sentences = list(sentiment["sentence"])
+    with torch.no_grad():
+        batch = encoder_tokenizer(sentences, padding=True, return_tensors="pt")
+        predictions = model(**batch).logits.argmax(-1).tolist()
+    # labels agree with the prediction on exactly the first 5 rows: accuracy 5/16
+    labels = [p if i < 5 else 1 - p for i, p in enumerate(predictions)]
+    from datasets import Dataset
+
+    rows = Dataset.from_dict({"sentence": sentences, "label": labels})
+    model.train()
+    assert ff.evaluate_accuracy(model, encoder_tokenizer, rows, max_len=32,
+                                batch_size=3) == pytest.approx(5 / 16)
+    assert not model.training
+    flipped = Dataset.from_dict({"sentence": sentences, "label": [1 - y for y in labels]})
+    assert ff.evaluate_accuracy(model, encoder_tokenizer, flipped, max_len=32) == pytest.approx(
+        11 / 16)
+
+
+# --- forgetting: the backbone under the LM head --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lm_tokenizer(tmp_path_factory):
+    return bm.train_tokenizer(LM_TEXTS, vocab_size=400, folder=tmp_path_factory.mktemp("tok"))
+
+
+def test_backbone_perplexity_uses_the_classifier_backbone_and_tied_head(lm_tokenizer):
+    config = llama_config(vocab_size=len(lm_tokenizer), pad_token_id=lm_tokenizer.pad_token_id,
+                          tie_word_embeddings=True, bos_token_id=lm_tokenizer.bos_token_id,
+                          eos_token_id=lm_tokenizer.eos_token_id)
+    texts = ["the film is a gripping , funny ride .", "What is 3 plus 4? The answer is 7.",
+             "a dull movie ."]
+    torch.manual_seed(0)
+    reference = LlamaForCausalLM(config).eval()  # the backbone we want to score
+    torch.manual_seed(1)
+    classifier = LlamaForSequenceClassification(config)
+    classifier.model.load_state_dict(reference.model.state_dict())
+    torch.manual_seed(2)
+    scratch = LlamaForCausalLM(config)
+    assert not torch.equal(scratch.lm_head.weight, reference.lm_head.weight)
+    expected = bm.perplexity(reference, lm_tokenizer, texts)
+    assert ff.backbone_perplexity(classifier, scratch, lm_tokenizer, texts) == pytest.approx(
+        expected, rel=1e-5)
+    assert torch.equal(scratch.lm_head.weight, classifier.model.embed_tokens.weight)
+    # perturbing the classifier's embeddings changes the score
+    with torch.no_grad():
+        classifier.model.embed_tokens.weight.add_(0.5 * torch.randn_like(
+            classifier.model.embed_tokens.weight))
+    perturbed = ff.backbone_perplexity(classifier, copy.deepcopy(scratch), lm_tokenizer, texts)
+    assert perturbed != pytest.approx(expected, rel=1e-3)
+
+
+# --- weight deltas -------------------------------------------------------------------------------
+
+def test_linear_weight_deltas_are_after_minus_before():
+    model = tiny_bert()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    linear_names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert len(linear_names) == 6 * L + 2  # q, k, v, attn out, ffn in, ffn out; pooler, classifier
+    torch.manual_seed(5)
+    added = {}
+    with torch.no_grad():
+        for name in sorted(linear_names):
+            module = model.get_submodule(name)
+            added[name] = torch.randn_like(module.weight)
+            module.weight.add_(added[name])
+        model.bert.embeddings.word_embeddings.weight.add_(1.0)  # not a Linear: ignored
+    deltas = ff.linear_weight_deltas(before, model)
+    assert set(deltas) == linear_names
+    for name, delta in deltas.items():
+        assert delta.dtype == torch.float32 and delta.device.type == "cpu"
+        assert delta.shape == model.get_submodule(name).weight.shape
+        torch.testing.assert_close(delta, added[name], rtol=0, atol=1e-6)
+    # a Linear whose weight is not in `before` is skipped
+    del before["classifier.weight"]
+    assert set(ff.linear_weight_deltas(before, model)) == linear_names - {"classifier"}
