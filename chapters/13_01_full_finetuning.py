@@ -577,11 +577,11 @@ print(f"perplexity of the pretrained backbone on held-out English: {base_ppl:.2f
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
 for run in lm_runs:
     ev = run["evals"]
-    axes[0].plot(ev["step"], ev["perplexity"], marker="o", label=run["label"])
-    axes[1].plot(ev["dev_accuracy"], ev["perplexity"], marker="o", label=run["label"])
-axes[0].set(xlabel="step", ylabel="held-out English perplexity", yscale="log",
-            title="Forgetting during fine-tuning")
-axes[1].set(xlabel="SST-2 dev accuracy", ylabel="held-out English perplexity", yscale="log",
+    axes[0].plot(ev["step"], ev["perplexity"] / base_ppl, marker="o", label=run["label"])
+    axes[1].plot(ev["dev_accuracy"], ev["perplexity"] / base_ppl, marker="o", label=run["label"])
+axes[0].set(xlabel="step", ylabel="perplexity / pretrained perplexity",
+            title="Forgetting during fine-tuning (held-out English)")
+axes[1].set(xlabel="SST-2 dev accuracy", ylabel="perplexity / pretrained perplexity",
             title="Task accuracy vs forgetting")
 axes[0].legend(fontsize=8)
 show_figure(fig, "forgetting", CHAPTER)
