@@ -18,7 +18,7 @@
 # :class: tip
 # **Prerequisites:** 6-04 (transfer learning), 10-04 (pretrained transformers); {ref}`workbench`,
 # {ref}`data`, {ref}`base-models`. **Reading time:** ~10 min; the tiny profile runs in about
-# 4 minutes on 2 CPU cores.
+# 6 minutes on 2 CPU cores.
 # **You will build** `ftbook.full_finetuning`: one training loop for sequence classifiers that
 # trains either the head alone (feature extraction) or every parameter (full fine-tuning), with
 # warmup schedules and layer-wise (discriminative) learning rates; a measurement of catastrophic

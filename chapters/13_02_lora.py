@@ -17,7 +17,7 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** {ref}`full-finetuning`, 1-06 (matrix factorisation and the SVD).
-# **Reading time:** ~10 min; the tiny profile runs in about 4 minutes on 2 CPU cores.
+# **Reading time:** ~10 min; the tiny profile runs in about 6 minutes on 2 CPU cores.
 # **You will build** `ftbook.lora`: `LoRALinear`, `apply_lora`, `merge_lora`, and PEFT-format
 # `save_adapter`/`load_adapter`; checked against PEFT to float32 precision, and measured against
 # full fine-tuning and feature extraction from 13-01.
@@ -309,8 +309,15 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold (alpha/r) B A into each base weight and put the plain `nn.Linear` back, in place."""
+    """Fold (alpha/r) B A into each base weight and put the plain `nn.Linear` back, in place.
+
+    Only plain `nn.Linear` bases are merged; a quantized base (13-03) raises TypeError, since
+    adding ΔW to a 4-bit weight needs a dequantize-merge-requantize that changes outputs.
+    """
     for name, layer in lora_layers(model).items():
+        if type(layer.base) is not nn.Linear:
+            raise TypeError(f"{name}: cannot merge into a {type(layer.base).__name__} base; "
+                            "for a 4-bit base use ftbook.qlora.merge_lora_nf4")
         with torch.no_grad():
             layer.base.weight += layer.delta_weight().to(layer.base.weight.dtype)
         parent_name, _, child = name.rpartition(".")
@@ -554,10 +561,12 @@ assert diff_peft_loads_ours < PARITY_TOLERANCE and diff_we_load_peft < PARITY_TO
 #
 # Merging folds (2.1) into the weights. The merged model must give the same logits (up to float
 # rounding of $W_0 + \Delta W$) and run exactly as fast as the base model, since it *is* a base
-# model with different numbers in it. The unmerged model pays for the extra thin matmuls.
+# model with different numbers in it. The unmerged model adds two thin matmuls per adapted layer,
+# $r(d_\text{in} + d_\text{out})$ multiply-adds per token against $d_\text{in} d_\text{out}$;
+# the cell prints what that is for the whole model, to compare with the timing noise.
 
 # %%
-from ftbook.workbench import Timer
+from ftbook.workbench import Timer, linear_weight_count
 
 merged = merge_lora(copy.deepcopy(ours)).eval()
 assert not lora_layers(merged), "merge_lora leaves plain nn.Linear layers"
@@ -578,7 +587,11 @@ def forward_seconds(model, repeats: int) -> float:
     return float(np.median(times))
 
 
-repeats = {"smoke": 3, "tiny": 15, "full": 30}[PROFILE]
+extra = sum(layer.rank * (layer.in_features + layer.out_features)
+            for layer in lora_layers(ours).values())
+print(f"unmerged LoRA adds {extra:,} multiply-adds per token to the encoder's "
+      f"{linear_weight_count(base_model):,} ({100 * extra / linear_weight_count(base_model):.2f}%)")
+repeats = {"smoke": 3, "tiny": 40, "full": 60}[PROFILE]
 latency = pd.DataFrame({"median forward s": [forward_seconds(m, repeats) for m in
                                              (base_model, merged, ours)]},
                        index=["base model", "LoRA merged", "LoRA unmerged"])

@@ -10,4 +10,5 @@ __version__ = "0.1.0"
 #   ftbook.data
 #   ftbook.full_finetuning
 #   ftbook.lora
+#   ftbook.qlora
 #   ftbook.workbench

@@ -116,8 +116,15 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold (alpha/r) B A into each base weight and put the plain `nn.Linear` back, in place."""
+    """Fold (alpha/r) B A into each base weight and put the plain `nn.Linear` back, in place.
+
+    Only plain `nn.Linear` bases are merged; a quantized base (13-03) raises TypeError, since
+    adding ΔW to a 4-bit weight needs a dequantize-merge-requantize that changes outputs.
+    """
     for name, layer in lora_layers(model).items():
+        if type(layer.base) is not nn.Linear:
+            raise TypeError(f"{name}: cannot merge into a {type(layer.base).__name__} base; "
+                            "for a 4-bit base use ftbook.qlora.merge_lora_nf4")
         with torch.no_grad():
             layer.base.weight += layer.delta_weight().to(layer.base.weight.dtype)
         parent_name, _, child = name.rpartition(".")
