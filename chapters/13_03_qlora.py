@@ -194,11 +194,14 @@ ax.legend(fontsize=8)
 show_figure(fig, "nf4_code_usage", CHAPTER)
 
 # %% [markdown]
-# On normal data NF4 uses its codes almost evenly (the entropy is close to the 4-bit maximum; it
-# is not exactly 4 because each block is divided by its own maximum, which makes the scaled values
-# slightly less spread than a normal). The uniform grid wastes more than a bit: most values fall
-# into the few central bins. Real weights come out close to the normal case: their
-# heavier tails (the excess kurtosis column; 0 for a normal) push a little mass to the outer levels.
+# NF4 comes much closer to equal use than a uniform grid: the printed entropies put it a small
+# fraction of a bit below the 4-bit maximum, where the uniform grid loses several times as much. The
+# remaining gap has a simple cause visible in the figure: NF4's levels are the quantiles of a normal
+# scaled so that its $\delta$-quantile lands at 1, but a block of 64 values is divided by its
+# *maximum*, which is typically further out than that quantile, so the scaled values are less
+# spread than the levels assume and the central codes are used more often than the outer ones.
+# Real weights behave like the normal sample, even the heavy-tailed encoder (see the excess
+# kurtosis column; 0 for a normal): blockwise scaling confines each outlier to its own block.
 #
 # ## Quantize, pack, dequantize
 #

@@ -8,22 +8,14 @@ import json
 
 import pytest
 import torch
+from tiny_models import FFN, D, L, bert_batch, tiny_bert  # noqa: F401
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from ftbook import lora
 
-L, D, R, ALPHA = 2, 32, 4, 8.0  # layers, hidden size, rank, alpha of the tiny models below
+R, ALPHA = 4, 8.0  # rank and alpha of the adapters below
 TOL = 1e-5
-
-
-def tiny_bert(seed: int = 0):
-    """A random 2-layer BERT classifier without dropout (train mode is then deterministic)."""
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=100, hidden_size=D, num_hidden_layers=L, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config).eval()
 
 
 def tiny_llama(seed: int = 0):
@@ -32,14 +24,6 @@ def tiny_llama(seed: int = 0):
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=0)
     return LlamaForCausalLM(config).eval()
-
-
-def bert_batch(seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, 100, (4, 9), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 6:] = 0  # one padded row
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def randomize_b(model: nn.Module, seed: int = 7) -> None:

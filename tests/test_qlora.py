@@ -14,32 +14,15 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import FFN, D, L, bert_batch, tiny_bert  # noqa: F401
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
 
 from ftbook import lora, qlora
 
-L, D, FFN, R, ALPHA = 2, 32, 64, 4, 8.0  # layers, hidden, FFN size, LoRA rank and alpha
+R, ALPHA = 4, 8.0  # LoRA rank and alpha
 ENCODER_LINEARS = sorted(f"bert.encoder.layer.{i}.{name}" for i in range(L) for name in (
     "attention.self.query", "attention.self.key", "attention.self.value",
     "attention.output.dense", "intermediate.dense", "output.dense"))
-
-
-def tiny_bert(seed: int = 0):
-    """A random 2-layer BERT classifier without dropout (train mode is then deterministic)."""
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=100, hidden_size=D, num_hidden_layers=L, num_attention_heads=2,
-                        intermediate_size=FFN, max_position_embeddings=64, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return BertForSequenceClassification(config).eval()
-
-
-def bert_batch(seed: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(1, 100, (4, 9), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 6:] = 0  # one padded row
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 LABELS = torch.tensor([0, 1, 1, 0])
