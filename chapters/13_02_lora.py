@@ -17,7 +17,7 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** {ref}`full-finetuning`, 1-06 (matrix factorisation and the SVD).
-# **Reading time:** ~10 min; the tiny profile runs in about 6 minutes on 2 CPU cores.
+# **Reading time:** ~10 min; the tiny profile runs in about 4 minutes on 2 CPU cores.
 # **You will build** `ftbook.lora`: `LoRALinear`, `apply_lora`, `merge_lora`, and PEFT-format
 # `save_adapter`/`load_adapter`; checked against PEFT to float32 precision, and measured against
 # full fine-tuning and feature extraction from 13-01.
@@ -657,9 +657,9 @@ LORA_CONFIGS = {
     "smoke": LoRAExperimentConfig(rank=4, alpha=8, lr=1e-3, sweep_steps=3, ranks=(1, 8),
                                   alphas=(2, 32), placements=("attention q,v", "all linear"),
                                   seeds=(0,), speed_steps=2),
-    "tiny": LoRAExperimentConfig(rank=8, alpha=16, lr=3e-3, sweep_steps=50, ranks=(1, 8, 32),
+    "tiny": LoRAExperimentConfig(rank=8, alpha=16, lr=3e-3, sweep_steps=40, ranks=(1, 8, 32),
                                  alphas=(4, 16, 64), placements=tuple(ENCODER_TARGETS),
-                                 seeds=(0,), speed_steps=20),
+                                 seeds=(0,), speed_steps=12),
     "full": LoRAExperimentConfig(rank=8, alpha=8, lr=5e-4, sweep_steps=1000,
                                  ranks=(1, 2, 4, 8, 16, 64), alphas=(2, 8, 32),
                                  placements=tuple(ENCODER_TARGETS), seeds=(0, 1, 2),

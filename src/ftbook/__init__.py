@@ -6,9 +6,11 @@
 __version__ = "0.1.0"
 
 # Generated modules:
+#   ftbook.adapters
 #   ftbook.base_models
 #   ftbook.data
 #   ftbook.full_finetuning
 #   ftbook.lora
+#   ftbook.prompt_tuning
 #   ftbook.qlora
 #   ftbook.workbench

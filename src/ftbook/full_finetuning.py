@@ -40,6 +40,7 @@ class FineTuneConfig:
     lm_lrs: tuple[float, ...]  # learning-rate sweep for the forgetting curve
     lm_eval_every: int
     lm_eval_texts: int  # general-English texts for perplexity
+    lm_n_dev: int | None  # SST-2 dev rows for the LM runs' evaluations (None = all)
     llrd_decay: float  # xi of eq. (1.2)
     bf16: bool = True
     seed: int = 0
@@ -48,16 +49,16 @@ class FineTuneConfig:
 FT_CONFIGS = {
     "smoke": FineTuneConfig(n_train=64, n_dev=32, max_len=32, batch_size=8, steps=4, lr_full=5e-5,
                             lr_head=1e-3, warmup_ratio=0.25, weight_decay=0.01, lm_steps=4,
-                            lm_lrs=(1e-4, 1e-3), lm_eval_every=2, lm_eval_texts=4,
+                            lm_lrs=(1e-4, 1e-3), lm_eval_every=2, lm_eval_texts=4, lm_n_dev=32,
                             llrd_decay=0.5),
-    "tiny": FineTuneConfig(n_train=4000, n_dev=None, max_len=64, batch_size=32, steps=100,
+    "tiny": FineTuneConfig(n_train=4000, n_dev=None, max_len=64, batch_size=16, steps=100,
                            lr_full=1e-4, lr_head=3e-3, warmup_ratio=0.1, weight_decay=0.01,
-                           lm_steps=100, lm_lrs=(3e-4, 1e-3, 3e-3), lm_eval_every=50,
-                           lm_eval_texts=16, llrd_decay=0.5),
+                           lm_steps=60, lm_lrs=(3e-4, 1e-3, 3e-3), lm_eval_every=30,
+                           lm_eval_texts=16, lm_n_dev=400, llrd_decay=0.5),
     "full": FineTuneConfig(n_train=None, n_dev=None, max_len=66, batch_size=32, steps=2000,
                            lr_full=2e-5, lr_head=1e-3, warmup_ratio=0.06, weight_decay=0.01,
                            lm_steps=600, lm_lrs=(1e-5, 5e-5, 2e-4), lm_eval_every=100,
-                           lm_eval_texts=200, llrd_decay=0.8),
+                           lm_eval_texts=200, lm_n_dev=None, llrd_decay=0.8),
 }
 
 
