@@ -29,8 +29,9 @@
 # what the frozen network *sees*. Prompt tuning (Lester et al. 2021, arXiv:2104.08691) learns $P$
 # vectors that are prepended to the input like the embeddings of $P$ extra tokens. Prefix tuning
 # (Li & Liang 2021, arXiv:2101.00190) learns $P$ extra keys and values in *every* attention layer.
-# Both store a few thousand numbers per task, and one batch can serve many tasks at once, each row
-# with its own prompt.
+# Per task, both store one small table ($P d$ or $2 L P d_{kv}$ numbers, kilobytes where a full
+# fine-tune stores the whole model), and one batch can serve many tasks at once, each row with
+# its own prompt.
 
 # %%
 from ftbook.workbench import device_cell, get_device, get_profile, pick, seed_everything
@@ -411,10 +412,9 @@ class PrefixTuning(nn.Module):
 
 
 # %% [markdown]
-# Quick checks on random tiny models: a soft prompt changes the output and trains only $Pd$
-# numbers; a zero-influence prefix is impossible to write down (keys always receive some
-# attention), but a prefix whose keys score $-\infty$ must be: we check the mechanics instead by
-# folding, which must not change a single output, and by counting the parameters against (5.3).
+# Quick checks on a random tiny Llama with grouped-query attention: prompt tuning trains only the
+# $P \times d$ prompt; the prefix encoder has exactly the parameters that (5.3) counts; and
+# folding the MLP into its table changes no output, bit for bit.
 
 # %%
 import copy
@@ -842,8 +842,8 @@ PT_CONFIGS = {
                                     lr_prefix=1e-3, lr_lora=1e-3, prefix_projection=16,
                                     lora_rank=2),
     "tiny": PromptExperimentConfig(n_train=4000, n_select=256, n_dev=400, num_virtual_tokens=8,
-                                   batch_size=16, lm_steps=80, lm_lr_prompt=3e-2,
-                                   lm_lr_prefix=1e-3, encoder_steps=50, lr_prompt=1e-2,
+                                   batch_size=16, lm_steps=60, lm_lr_prompt=3e-2,
+                                   lm_lr_prefix=1e-3, encoder_steps=35, lr_prompt=1e-2,
                                    lr_prefix=1e-3, lr_lora=3e-3, prefix_projection=256,
                                    lora_rank=8),
     "full": PromptExperimentConfig(n_train=None, n_select=1000, n_dev=None,
@@ -1093,8 +1093,8 @@ if PROFILE != "smoke":
 #
 # - *Depth.* At the same $P$, the prefix, which conditions every layer (eq. 5.4), is well ahead
 #   of every soft prompt, which conditions only the input (asserted above). The soft prompts end
-#   near what the new head alone reaches (feature extraction in 13-01): at this scale a prompt
-#   at the input adds little to the head. The prefix pays in parameters: $2 L P d_{kv}$ numbers
+#   about where the new head alone ends at the same budget (feature extraction in 13-04's
+#   harness): at this scale a prompt at the input adds little to the head. The prefix pays in parameters: $2 L P d_{kv}$ numbers
 #   after folding against $P d$, and during training the MLP of eq. (5.3), which is why its
 #   trainable count is the largest in the table.
 # - *Initialisation.* The three soft-prompt starts differ by a few points, in the order printed.

@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 #   ftbook.base_models
 #   ftbook.data
 #   ftbook.full_finetuning
+#   ftbook.instruction_tuning
 #   ftbook.lora
 #   ftbook.prompt_tuning
 #   ftbook.qlora

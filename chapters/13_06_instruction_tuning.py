@@ -1,0 +1,792 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# (instruction-tuning)=
+# # 13-06 Instruction tuning and dataset construction
+#
+# ```{admonition} At a glance
+# :class: tip
+# **Prerequisites:** 10-01 (language modelling), {ref}`full-finetuning`. **Reading time:** ~12 min.
+# **You will build** `ftbook.instruction_tuning`: one conversation schema for Alpaca, Dolly and
+# OpenAssistant records; the SFT helpers with the function contracts of Stanford CS336
+# Assignment 5; and sequence packing with correct document boundaries.
+# ```
+#
+# ```{admonition} Work in progress
+# :class: warning
+# This chapter is being written (issue "Chapter 13-06"). Done so far: formats, the CS336
+# contracts, packing and gradient accumulation, each with its numerical check. Still to come:
+# synthetic instruction data, quality filtering, mixing and curriculum, TRL parity, the SFT
+# experiments and the saved SFT model.
+# ```
+#
+# Supervised fine-tuning (SFT) on instruction-response pairs turns a language model that continues
+# text into an assistant that answers. It is behavioural cloning for language models (Module 14,
+# 14-10): maximise the likelihood of a demonstrated response given its prompt,
+#
+# $$
+# \mathcal{L}_\text{SFT}(\theta) = -\frac{1}{\sum_i |y^{(i)}|} \sum_i \sum_{t=1}^{|y^{(i)}|}
+# \log \pi_\theta\big(y^{(i)}_t \mid x^{(i)}, y^{(i)}_{<t}\big),
+# \tag{6.1}
+# $$
+#
+# with the loss on response tokens only (the prompt is given, not demonstrated) and normalised by
+# the number of response tokens in the batch.
+
+# %%
+from ftbook.workbench import device_cell, get_device, get_profile, seed_everything
+
+CHAPTER = "13_06_instruction_tuning"
+PROFILE = get_profile()
+SEED = 0
+seed_everything(SEED)
+DEVICE = get_device()
+device_cell(PROFILE, SEED, DEVICE)
+
+# %% [markdown]
+# ## One conversation schema
+#
+# Instruction datasets come in several shapes. We convert each into a list of messages
+# `{"role": "system" | "user" | "assistant", "content": str}`, which is what chat templates
+# consume:
+#
+# - **Alpaca** (Taori et al. 2023): `instruction`, optional `input`, `output`. The input, when
+#   present, follows the instruction in the user turn.
+# - **Dolly** (Conover et al. 2023): `instruction`, `context`, `response`, `category`.
+# - **OpenAssistant** (Köpf et al. 2023, arXiv:2304.07327): a flat list of messages, each with
+#   `message_id`, `parent_id`, `role` (`prompter` or `assistant`), `text`, and a `rank` among its
+#   siblings (0 is best). A conversation is a path from a root prompt down the tree; we follow the
+#   best-ranked reply at every branch.
+#
+# Every converter validates what it reads and names the record and field it rejects.
+
+# %%
+#| export
+"""Instruction tuning: conversation formats, the SFT helpers with CS336 Assignment 5's contracts,
+and sequence packing.
+
+Chapter 13-06. Ouyang et al. 2022 (arXiv:2203.02155) for SFT as the first stage of RLHF; the
+contracts follow Stanford CS336 (Spring 2025) Assignment 5.
+"""
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+ROLES = ("system", "user", "assistant")
+
+
+class FormatError(ValueError):
+    """A malformed instruction record; the message names the record and the field."""
+
+
+def _text(record: dict, field: str, where: str, required: bool = True) -> str:
+    value = record.get(field, "" if not required else None)
+    if value is None:
+        raise FormatError(f"{where}: missing field {field!r}")
+    if not isinstance(value, str):
+        raise FormatError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise FormatError(f"{where}: field {field!r} is empty")
+    return value.strip()
+
+
+def validate_conversation(messages: Sequence[dict], where: str = "conversation") -> list[dict]:
+    """Check a list of messages: known roles, non-empty string content, an optional system
+    message first, then user and assistant turns alternating, ending with the assistant."""
+    if not messages:
+        raise FormatError(f"{where}: no messages")
+    turns = list(messages)
+    if turns[0].get("role") == "system":
+        turns = turns[1:]
+    for i, message in enumerate(messages):
+        if message.get("role") not in ROLES:
+            raise FormatError(f"{where}, message {i}: role {message.get('role')!r} is not one "
+                              f"of {ROLES}")
+        _text(message, "content", f"{where}, message {i}")
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise FormatError(f"{where}: turn {i} is {message['role']!r}, expected {expected!r}"
+                              " (user and assistant must alternate, starting with the user)")
+    if not turns or turns[-1]["role"] != "assistant":
+        raise FormatError(f"{where}: the last message must be the assistant's")
+    return [{"role": m["role"], "content": m["content"].strip()} for m in messages]
+
+
+def from_alpaca(record: dict, index: int = 0) -> list[dict]:
+    """An Alpaca record (instruction, input, output) as a conversation."""
+    where = f"alpaca record {index}"
+    instruction = _text(record, "instruction", where)
+    extra = _text(record, "input", where, required=False)
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    return validate_conversation([{"role": "user", "content": user},
+                                  {"role": "assistant",
+                                   "content": _text(record, "output", where)}], where)
+
+
+def from_dolly(record: dict, index: int = 0) -> list[dict]:
+    """A Dolly record (instruction, context, response, category) as a conversation."""
+    where = f"dolly record {index}"
+    instruction = _text(record, "instruction", where)
+    context = _text(record, "context", where, required=False)
+    _text(record, "category", where)
+    user = f"{instruction}\n\n{context}" if context else instruction
+    return validate_conversation([{"role": "user", "content": user},
+                                  {"role": "assistant",
+                                   "content": _text(record, "response", where)}], where)
+
+
+def from_oasst(messages: Sequence[dict], tree: str = "tree") -> list[dict]:
+    """The best-ranked conversation of one OpenAssistant message tree: from the root prompt,
+    follow at every branch the reply of lowest `rank` (unranked replies last, deleted ones
+    skipped) until a message has no replies."""
+    by_parent: dict[Any, list[dict]] = {}
+    for i, m in enumerate(messages):
+        where = f"{tree}, message {i}"
+        for field in ("message_id", "role", "text"):
+            if field not in m:
+                raise FormatError(f"{where}: missing field {field!r}")
+        if m["role"] not in ("prompter", "assistant"):
+            raise FormatError(f"{where}: role {m['role']!r} is not 'prompter' or 'assistant'")
+        if not m.get("deleted", False):
+            by_parent.setdefault(m.get("parent_id"), []).append(m)
+    roots = by_parent.get(None, [])
+    if len(roots) != 1:
+        raise FormatError(f"{tree}: expected one root message (parent_id None), found {len(roots)}")
+    path, node = [], roots[0]
+    while node is not None:
+        path.append(node)
+        replies = by_parent.get(node["message_id"], [])
+        ranked = sorted(replies, key=lambda m: (m.get("rank") is None, m.get("rank") or 0))
+        node = ranked[0] if ranked else None
+    if path[-1]["role"] != "assistant":
+        path = path[:-1]  # a trailing prompt has no answer to learn from
+    role = {"prompter": "user", "assistant": "assistant"}
+    return validate_conversation([{"role": role[m["role"]], "content": m["text"]} for m in path],
+                                 tree)
+
+
+# %% [markdown]
+# The three formats on records written exactly as published (Dolly and OpenAssistant records are
+# built here; the Alpaca record is the first of the data folder's sample), and the errors for
+# broken ones.
+
+# %%
+from ftbook.data import load_alpaca
+
+alpaca = load_alpaca()
+print(from_alpaca(alpaca[0], 0))
+dolly_record = {"instruction": "Which is a species of fish? Tope or Rope",
+                "context": "", "response": "Tope", "category": "classification"}
+print(from_dolly(dolly_record))
+oasst_tree = [
+    {"message_id": "a", "parent_id": None, "role": "prompter", "text": "Name a prime number.",
+     "rank": None, "deleted": False},
+    {"message_id": "b", "parent_id": "a", "role": "assistant", "text": "9 is prime.", "rank": 1,
+     "deleted": False},
+    {"message_id": "c", "parent_id": "a", "role": "assistant", "text": "7 is a prime number.",
+     "rank": 0, "deleted": False},
+    {"message_id": "d", "parent_id": "c", "role": "prompter", "text": "And an even one?",
+     "rank": None, "deleted": False},
+    {"message_id": "e", "parent_id": "d", "role": "assistant", "text": "2.", "rank": 0,
+     "deleted": False},
+]
+conversation = from_oasst(oasst_tree, "oasst tree 0")
+print(conversation)
+assert [m["content"] for m in conversation] == ["Name a prime number.", "7 is a prime number.",
+                                                "And an even one?", "2."]
+for broken, convert in (({"instruction": "Say hi", "output": ""}, from_alpaca),
+                        ({"instruction": "Say hi", "context": "", "response": "hi"}, from_dolly)):
+    try:
+        convert(broken, 7)
+    except FormatError as error:
+        print("rejected:", error)
+
+# %% [markdown]
+# ## The SFT helpers: CS336 Assignment 5's contracts
+#
+# Stanford CS336's fifth assignment builds SFT from five functions. We keep their names, keyword
+# arguments and semantics, so a student can check their own implementation against these.
+#
+# **Tokenization.** Prompt and output are tokenized separately and concatenated; the sequence is
+# right-padded, and split into `input_ids` (all but the last token) and `labels` (all but the
+# first), so position $t$ of the logits predicts `labels[t]`. `response_mask` marks the label
+# positions that hold output tokens:
+#
+# $$
+# m_t = \mathbb{1}\big[\,|x| \le t + 1 < |x| + |y| + 1\,\big] \quad (t = 0, \dots, T - 2).
+# \tag{6.2}
+# $$
+#
+# **Entropy** of the next-token distribution, computed stably from the logits $z$:
+# $H(p) = \operatorname{logsumexp}(z) - \sum_v p_v z_v$.
+#
+# **The microbatch step.** With $G$ gradient-accumulation steps and a normalising constant $c$,
+# each microbatch contributes
+#
+# $$
+# \ell = -\frac{1}{G\, b} \sum_{i=1}^{b} \frac{1}{c} \sum_t m_{i,t} \log \pi_\theta(y_{i,t}),
+# \tag{6.3}
+# $$
+#
+# and calls `backward()`. Summed over the $G$ microbatches, the gradient equals that of one batch
+# of $G b$ rows *with the same $c$*. Equation (6.1) normalises by the number of response tokens
+# $N$ in the whole batch instead; choosing $c = N / (G b)$ makes (6.3) sum to exactly (6.1), which
+# is what "gradient accumulation equals the large batch" requires. Normalising each microbatch by
+# its own token count does not: microbatches with short responses would weigh more.
+
+# %%
+#| export
+def tokenize_prompt_and_output(prompt_strs: Sequence[str], output_strs: Sequence[str],
+                               tokenizer: Any) -> dict[str, torch.Tensor]:
+    """CS336 A5: tokenize prompts and outputs separately, concatenate, right-pad; return
+    `input_ids` and `labels` (batch, max_len - 1), shifted by one, and `response_mask` (batch,
+    max_len - 1), true on the label positions holding output tokens, eq. (6.2)."""
+    if len(prompt_strs) != len(output_strs):
+        raise ValueError(f"{len(prompt_strs)} prompts but {len(output_strs)} outputs")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer needs a pad token")
+    rows, starts = [], []
+    for prompt, output in zip(prompt_strs, output_strs, strict=True):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        output_ids = tokenizer(output, add_special_tokens=False)["input_ids"]
+        rows.append(prompt_ids + output_ids)
+        starts.append(len(prompt_ids))
+    width = max(len(r) for r in rows)
+    full = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        full[i, :len(row)] = torch.tensor(row)
+        mask[i, start:len(row)] = True
+    return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": mask[:, 1:]}
+
+
+def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """CS336 A5: entropy of the next-token distribution, (batch, seq, vocab) -> (batch, seq)."""
+    log_z = torch.logsumexp(logits, dim=-1)  # (batch, seq)
+    probs = torch.softmax(logits, dim=-1)
+    return log_z - (probs * logits).sum(dim=-1)
+
+
+def get_response_log_probs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                           return_token_entropy: bool = False) -> dict[str, torch.Tensor]:
+    """CS336 A5: per-token log-probabilities log p(labels_t | input_ids_{<=t}), (batch, seq),
+    and optionally the per-token entropy."""
+    logits = model(input_ids).logits.float()  # (batch, seq, vocab)
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    result = {"log_probs": log_probs}
+    if return_token_entropy:
+        result["token_entropy"] = compute_entropy(logits)
+    return result
+
+
+def masked_normalize(tensor: torch.Tensor, mask: torch.Tensor, normalize_constant: float,
+                     dim: int | None = None) -> torch.Tensor:
+    """CS336 A5: sum of `tensor` where `mask` is true, along `dim` (all if None), divided by
+    `normalize_constant`."""
+    masked = tensor * mask.to(tensor.dtype)
+    total = masked.sum() if dim is None else masked.sum(dim=dim)
+    return total / normalize_constant
+
+
+def sft_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: torch.Tensor,
+                              gradient_accumulation_steps: int, normalize_constant: float = 1.0
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CS336 A5: the loss of eq. (6.3) for one microbatch; calls `backward()` and returns the
+    (scaled) loss and metadata."""
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, "
+                         f"got {gradient_accumulation_steps}")
+    per_example = masked_normalize(policy_log_probs, response_mask, normalize_constant, dim=-1)
+    loss = -per_example.mean() / gradient_accumulation_steps
+    loss.backward()
+    return loss.detach(), {"response_tokens": response_mask.sum().detach(),
+                           "per_example_loss": -per_example.detach()}
+
+
+# %% [markdown]
+# Checks on a random tiny Llama: the entropy formula against `torch.distributions`, the mask of
+# (6.2) on a hand-made example, and gradient accumulation. Four rows with very different response
+# lengths, split into two microbatches of two: with $c = N/(Gb)$ the accumulated gradient equals
+# the gradient of (6.1) on all four rows, while normalising each microbatch by its own token count
+# does not.
+
+# %%
+import copy
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+torch.manual_seed(0)
+toy = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, pad_token_id=0,
+                                   attn_implementation="eager"))
+logits = torch.randn(2, 5, 64) * 3
+reference = torch.distributions.Categorical(logits=logits).entropy()
+print(f"max |entropy - torch.distributions| = {(compute_entropy(logits) - reference).abs().max():.2e}")
+assert torch.allclose(compute_entropy(logits), reference, atol=1e-5)
+
+
+class CharTokenizer:
+    """One token per character (ids 1..63), pad 0: enough to check the contracts."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + (ord(c) % 63) for c in text]}
+
+
+tok = CharTokenizer()
+batch = tokenize_prompt_and_output(["ab", "a"], ["XYZ", "Q"], tok)
+print("response_mask:", batch["response_mask"].int().tolist())
+assert batch["response_mask"].int().tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]  # eq. (6.2)
+
+prompts = ["Q: 1+1?", "Name it:", "Say:", "Why?"]
+outputs = ["A: 2", "a very long answer that goes on and on", "ok", "because of the rain"]
+batch = tokenize_prompt_and_output(prompts, outputs, tok)
+N = batch["response_mask"].sum().item()
+
+
+def sft_gradient(split: list[slice], constant) -> torch.Tensor:
+    model = copy.deepcopy(toy)
+    for part in split:
+        logps = get_response_log_probs(model, batch["input_ids"][part],
+                                       batch["labels"][part])["log_probs"]
+        mask = batch["response_mask"][part]
+        sft_microbatch_train_step(logps, mask, len(split), constant(mask, len(split)))
+    return model.model.embed_tokens.weight.grad.clone()
+
+
+whole = sft_gradient([slice(0, 4)], lambda mask, G: N / 4)  # eq. (6.1) on the large batch
+accumulated = sft_gradient([slice(0, 2), slice(2, 4)], lambda mask, G: N / (G * 2))
+per_micro = sft_gradient([slice(0, 2), slice(2, 4)], lambda mask, G: mask.sum().item() / 2)
+gap_right = (whole - accumulated).abs().max().item()
+gap_wrong = (whole - per_micro).abs().max().item()
+print(f"max |grad(large batch) - grad(accumulated, c = N/(Gb))| = {gap_right:.2e}; "
+      f"with per-microbatch token counts: {gap_wrong:.2e}")
+assert gap_right < 1e-6 and gap_wrong > 1e-4
+
+# %% [markdown]
+# ## Packing
+#
+# SFT examples vary in length; padding each batch to its longest example wastes the compute
+# spent on pad tokens. Packing concatenates examples into rows of a fixed length $T$. Done
+# naively, an example attends to the tail of the one before it and continues its positions. Done
+# correctly, each example keeps its own world inside the row: positions restart at 0, the
+# attention mask is block-diagonal (causal within an example, nothing across), and the label of
+# an example's first token is not predicted from the previous example. Then the logits of every
+# example equal those it would get alone, which we check.
+
+# %%
+#| export
+def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int,
+                  pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Greedily pack (input_ids, labels) pairs, in order, into rows of `seq_len` tokens.
+
+    Returns `input_ids`, `labels` (-100 on padding), `position_ids` (restarting at 0 for every
+    example) and `document_ids` (the example's index in its row, -1 on padding), each
+    (rows, seq_len). An example longer than `seq_len` is an error, not silently cut.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    rows: list[list[tuple[Sequence[int], Sequence[int]]]] = [[]]
+    used = 0
+    for i, (ids, labels) in enumerate(examples):
+        if len(ids) != len(labels):
+            raise ValueError(f"example {i}: {len(ids)} input ids but {len(labels)} labels")
+        if len(ids) > seq_len:
+            raise ValueError(f"example {i} has {len(ids)} tokens, more than seq_len={seq_len}")
+        if used + len(ids) > seq_len:
+            rows.append([])
+            used = 0
+        rows[-1].append((ids, labels))
+        used += len(ids)
+    shape = (len(rows), seq_len)
+    out = {"input_ids": torch.full(shape, pad_token_id, dtype=torch.long),
+           "labels": torch.full(shape, -100, dtype=torch.long),
+           "position_ids": torch.zeros(shape, dtype=torch.long),
+           "document_ids": torch.full(shape, -1, dtype=torch.long)}
+    for r, row in enumerate(rows):
+        start = 0
+        for d, (ids, labels) in enumerate(row):
+            end = start + len(ids)
+            out["input_ids"][r, start:end] = torch.tensor(list(ids))
+            out["labels"][r, start:end] = torch.tensor(list(labels))
+            out["position_ids"][r, start:end] = torch.arange(len(ids))
+            out["document_ids"][r, start:end] = d
+            start = end
+    return out
+
+
+def packed_attention_mask(document_ids: torch.Tensor, dtype: torch.dtype = torch.float32
+                          ) -> torch.Tensor:
+    """(rows, 1, T, T) additive mask: position i may attend to j <= i of the same example;
+    padding attends only to itself (so no row of the softmax is empty)."""
+    T = document_ids.shape[1]
+    same = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)  # (rows, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    allowed = same & causal & (document_ids.unsqueeze(2) >= 0)
+    allowed |= torch.eye(T, dtype=torch.bool, device=document_ids.device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=document_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def token_utilization(attention_or_labels: torch.Tensor, pad_value: int) -> float:
+    """Fraction of the positions in a batch that are not padding."""
+    return (attention_or_labels != pad_value).float().mean().item()
+
+
+# %%
+generator = torch.Generator().manual_seed(0)
+lengths = [5, 9, 3, 7, 6, 2]
+docs = [torch.randint(1, 64, (n,), generator=generator).tolist() for n in lengths]
+packed = pack_examples([(d, d) for d in docs], seq_len=16, pad_token_id=0)
+print("rows:", packed["input_ids"].shape[0], "| document ids of row 0:",
+      packed["document_ids"][0].tolist())
+with torch.no_grad():
+    packed_logits = toy(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                        attention_mask=packed_attention_mask(packed["document_ids"])).logits
+    gap, naive_gap, k = 0.0, 0.0, 0
+    naive_logits = toy(input_ids=packed["input_ids"]).logits  # no boundaries
+    for r in range(packed["input_ids"].shape[0]):
+        for d in range(int(packed["document_ids"][r].max()) + 1):
+            where = packed["document_ids"][r] == d
+            alone = toy(input_ids=torch.tensor([docs[k]])).logits[0]
+            gap = max(gap, (packed_logits[r, where] - alone).abs().max().item())
+            naive_gap = max(naive_gap, (naive_logits[r, where] - alone).abs().max().item())
+            k += 1
+print(f"max |logits packed - alone| = {gap:.2e} with boundaries, {naive_gap:.2e} without")
+assert gap < 1e-5 and naive_gap > 1e-3
+padded_rows = len(docs) * max(lengths)
+print(f"token utilization: packed {token_utilization(packed['labels'], -100):.2f}, padded "
+      f"{sum(lengths) / padded_rows:.2f}")
+
+# %% [markdown]
+# ## From conversations to SFT examples: the chat template and EOS
+#
+# A conversation becomes a (prompt, output) pair through the tokenizer's chat template: the prompt
+# is everything up to and including the assistant header (`add_generation_prompt=True`), the
+# output is the assistant's reply *followed by the end-of-sequence token*. The EOS token must be
+# in the labels and in the response mask, or the model never learns to stop. A common way to lose
+# it is to use EOS as the pad token: the loss then masks padding by token id and removes every EOS
+# with it. The book's tokenizers keep pad and EOS distinct (Appendix C), and the check below
+# confirms that the EOS of each reply carries loss.
+
+# %%
+#| export
+def conversation_to_prompt_and_output(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, str]:
+    """(prompt, output) strings of a conversation for SFT: the chat template up to the last
+    assistant header, and the last assistant message followed by the EOS token."""
+    messages = validate_conversation(messages)
+    if tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no EOS token: the model could not learn to stop")
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError("pad and EOS are the same token: masking padding would mask every EOS")
+    prompt = tokenizer.apply_chat_template(list(messages[:-1]), add_generation_prompt=True,
+                                           tokenize=False)
+    return prompt, messages[-1]["content"] + tokenizer.eos_token
+
+
+# %%
+from ftbook.base_models import load_causal_lm
+
+lm, lm_tokenizer = load_causal_lm(PROFILE)
+conversation = from_alpaca(alpaca[0], 0)
+prompt, output = conversation_to_prompt_and_output(lm_tokenizer, conversation)
+rendered = lm_tokenizer.apply_chat_template(conversation, tokenize=False)
+print(repr(prompt + output)[:200])
+assert prompt + output == rendered, "prompt + output must be the full chat-template rendering"
+example = tokenize_prompt_and_output([prompt], [output], lm_tokenizer)
+last_response = int(example["response_mask"][0].nonzero().max())
+assert example["labels"][0, last_response].item() == lm_tokenizer.eos_token_id
+print(f"{int(example['response_mask'].sum())} response tokens; the last one is EOS "
+      f"(id {lm_tokenizer.eos_token_id}), pad is id {lm_tokenizer.pad_token_id}")
+
+# %% [markdown]
+# ## Quality filtering
+#
+# Instruction data collected or generated at scale contains empty answers, placeholders, answers
+# that refuse, duplicates and near-duplicates, and toxic text. Each filter below is a function
+# from a conversation (or a list of them) to a decision, and each is reported as what it removes
+# from the real Alpaca sample.
+#
+# **Near-duplicates with MinHash.** Represent a text by its set $S$ of word 5-grams
+# ("shingles"). For a random hash function $h$, the probability that the minimum hash over two
+# sets coincides is their Jaccard similarity (Broder 1997):
+#
+# $$
+# \Pr\big[\min_{s \in S_1} h(s) = \min_{s \in S_2} h(s)\big] = J(S_1, S_2)
+# = \frac{|S_1 \cap S_2|}{|S_1 \cup S_2|} .
+# \tag{6.4}
+# $$
+#
+# A signature of $k$ such minima estimates $J$ by the fraction of agreeing entries. Locality-
+# sensitive hashing splits the signature into $b$ bands of $r$ rows and calls two texts
+# candidates when any band agrees entirely, which happens with probability
+#
+# $$
+# P(J) = 1 - \big(1 - J^r\big)^b ,
+# \tag{6.5}
+# $$
+#
+# an S-curve with its threshold near $(1/b)^{1/r}$. Candidates are then verified by their
+# estimated similarity. The next cells check (6.4) and (6.5) by simulation.
+
+# %%
+#| export
+import hashlib
+import re
+
+_PRIME = (1 << 31) - 1  # a Mersenne prime: a x + b (a, x < p) fits in int64 and wraps
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    """The set of word n-grams of a lower-cased text (the whole text if it is shorter)."""
+    words = re.findall(r"\w+", text.lower())
+    if len(words) <= n:
+        return {" ".join(words)}
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def _base_hash(item: str) -> int:
+    return int.from_bytes(hashlib.blake2b(item.encode(), digest_size=8).digest(), "little")
+
+
+def minhash_signature(items: set[str], num_perm: int = 128, seed: int = 0) -> torch.Tensor:
+    """(num_perm,) MinHash signature: minima of `num_perm` universal hashes (a x + b mod p)."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randint(1, _PRIME, (num_perm,), generator=generator, dtype=torch.int64)
+    b = torch.randint(0, _PRIME, (num_perm,), generator=generator, dtype=torch.int64)
+    base = torch.tensor([_base_hash(x) % _PRIME for x in items] or [0], dtype=torch.int64)
+    hashed = (a[:, None] * base[None, :] + b[:, None]) % _PRIME  # (num_perm, |items|)
+    return hashed.min(dim=1).values
+
+
+def lsh_candidate_pairs(signatures: torch.Tensor, bands: int) -> set[tuple[int, int]]:
+    """Pairs (i, j), i < j, whose signatures agree on every row of at least one band, eq. (6.5)."""
+    n, k = signatures.shape
+    if k % bands:
+        raise ValueError(f"signature length {k} is not divisible by {bands} bands")
+    rows = k // bands
+    pairs: set[tuple[int, int]] = set()
+    for band in range(bands):
+        buckets: dict[tuple[int, ...], list[int]] = {}
+        for i in range(n):
+            key = tuple(signatures[i, band * rows:(band + 1) * rows].tolist())
+            buckets.setdefault(key, []).append(i)
+        for members in buckets.values():
+            pairs.update((members[x], members[y]) for x in range(len(members))
+                         for y in range(x + 1, len(members)))
+    return pairs
+
+
+def near_duplicates(texts: Sequence[str], threshold: float = 0.7, num_perm: int = 128,
+                    bands: int = 32, seed: int = 0) -> list[tuple[int, int, float]]:
+    """(i, j, estimated Jaccard) for the LSH candidate pairs whose MinHash estimate reaches
+    `threshold`; the later text of each pair is the one to drop."""
+    signatures = torch.stack([minhash_signature(shingles(t), num_perm, seed) for t in texts])
+    found = []
+    for i, j in sorted(lsh_candidate_pairs(signatures, bands)):
+        estimate = (signatures[i] == signatures[j]).float().mean().item()
+        if estimate >= threshold:
+            found.append((i, j, estimate))
+    return found
+
+
+def exact_duplicates(texts: Sequence[str]) -> list[int]:
+    """Indices of texts equal (after lower-casing and collapsing whitespace) to an earlier one."""
+    seen: set[str] = set()
+    dropped = []
+    for i, text in enumerate(texts):
+        key = " ".join(text.lower().split())
+        if key in seen:
+            dropped.append(i)
+        seen.add(key)
+    return dropped
+
+
+# %%
+import random
+
+rng = random.Random(0)
+vocabulary = [f"w{i}" for i in range(400)]
+rows = []
+for _ in range(40):
+    s1 = set(rng.sample(vocabulary, 60))
+    keep = rng.randint(0, 60)
+    s2 = set(rng.sample(sorted(s1), keep)) | set(rng.sample(vocabulary, 60 - keep))
+    exact = len(s1 & s2) / len(s1 | s2)
+    sig1, sig2 = minhash_signature(s1, 256, seed=1), minhash_signature(s2, 256, seed=1)
+    rows.append((exact, (sig1 == sig2).float().mean().item()))
+errors = [abs(e - m) for e, m in rows]
+print(f"eq. (6.4): |MinHash estimate - Jaccard| over 40 pairs, k = 256: mean {sum(errors) / 40:.3f}"
+      f", max {max(errors):.3f} (binomial standard error at J = 0.5: {(0.25 / 256) ** 0.5:.3f})")
+assert max(errors) < 0.1
+bands, r = 32, 4  # 128 hashes
+for J in (0.2, 0.4, 0.6):
+    flagged = 0
+    for trial in range(60):
+        # two sets of 50 items sharing m, with m chosen so that J = m / (100 - m)
+        m = round(100 * J / (1 + J))
+        shared = {f"s{trial}_{i}" for i in range(m)}
+        s1 = shared | {f"a{trial}_{i}" for i in range(50 - m)}
+        s2 = shared | {f"b{trial}_{i}" for i in range(50 - m)}
+        signatures = torch.stack([minhash_signature(s1, bands * r, seed=trial),
+                                  minhash_signature(s2, bands * r, seed=trial)])
+        flagged += bool(lsh_candidate_pairs(signatures, bands))
+    exact_J = m / (100 - m)
+    predicted = 1 - (1 - exact_J ** r) ** bands
+    print(f"eq. (6.5): J = {exact_J:.2f}: candidate in {flagged / 60:.2f} of 60 pairs, "
+          f"predicted {predicted:.2f}")
+    assert abs(flagged / 60 - predicted) < 0.2
+
+# %% [markdown]
+# **Rule-based filters.** Length bounds on the user turn and the reply; format rules that catch
+# what is known to be broken in Alpaca-style data (placeholders such as `<nooutput>`, replies
+# that refuse as "an AI language model", instructions that point at a URL or an image the model
+# cannot see); and a lexicon check for toxic language. The lexicon is deliberately small and
+# errs on the side of precision: a classifier (Detoxify, Perspective) is what a production
+# pipeline would use, and needs a download this book cannot make.
+
+# %%
+#| export
+PLACEHOLDERS = ("<nooutput>", "<noinput>", "n/a")
+REFUSALS = ("as an ai language model", "as an ai, i", "i am an ai", "i'm sorry, but i cannot")
+UNSEEABLE = (r"https?://", r"\bthis (image|picture|photo|video)\b", r"\battached\b")
+TOXIC_WORDS = ("idiot", "idiots", "stupid", "moron", "morons", "dumb", "retard", "retarded",
+               "shut up", "kill yourself", "hate you", "loser", "scum", "trash")
+
+
+def length_problem(messages: Sequence[dict], min_words: int = 1, max_words: int = 400
+                   ) -> str | None:
+    """Why the conversation fails the length bounds (words per message), or None."""
+    for m in messages:
+        n = len(m["content"].split())
+        if n < min_words or n > max_words:
+            return f"{m['role']} has {n} words (bounds {min_words}..{max_words})"
+    return None
+
+
+def format_problem(messages: Sequence[dict]) -> str | None:
+    """Why the conversation fails the format rules, or None."""
+    reply = messages[-1]["content"].strip().lower()
+    prompt = " ".join(m["content"] for m in messages[:-1]).lower()
+    if reply in PLACEHOLDERS or any(p in reply for p in PLACEHOLDERS[:2]):
+        return "placeholder reply"
+    if any(r in reply for r in REFUSALS):
+        return "refusal"
+    if any(re.search(u, prompt) for u in UNSEEABLE):
+        return "refers to a link or media the model cannot see"
+    return None
+
+
+def toxicity_problem(messages: Sequence[dict]) -> str | None:
+    """The first lexicon entry found (as a whole word or phrase) in any message, or None."""
+    text = " ".join(m["content"] for m in messages).lower()
+    for word in TOXIC_WORDS:
+        if re.search(rf"\b{re.escape(word)}\b", text):
+            return f"contains {word!r}"
+    return None
+
+
+def filter_conversations(conversations: Sequence[list[dict]], near_threshold: float = 0.7,
+                         seed: int = 0) -> tuple[list[int], dict[str, list[tuple[int, str]]]]:
+    """Apply every filter in turn; return the indices kept and, per filter, the (index, reason)
+    pairs it removed (each conversation is charged to the first filter that removes it)."""
+    removed: dict[str, list[tuple[int, str]]] = {
+        "length": [], "format": [], "toxicity": [], "exact duplicate": [],
+        "near duplicate": []}
+    alive = []
+    for i, conv in enumerate(conversations):
+        for name, check in (("length", length_problem), ("format", format_problem),
+                            ("toxicity", toxicity_problem)):
+            reason = check(conv)
+            if reason:
+                removed[name].append((i, reason))
+                break
+        else:
+            alive.append(i)
+    texts = [" ".join(m["content"] for m in conversations[i]) for i in alive]
+    exact = set(exact_duplicates(texts))
+    removed["exact duplicate"] = [(alive[j], "same text as an earlier record") for j in exact]
+    survivors = [j for j in range(len(alive)) if j not in exact]
+    near = near_duplicates([texts[j] for j in survivors], near_threshold, seed=seed)
+    dropped = set()
+    for a, b, estimate in near:
+        if a not in dropped and b not in dropped:
+            dropped.add(b)
+            removed["near duplicate"].append(
+                (alive[survivors[b]], f"~{estimate:.2f} Jaccard with record {alive[survivors[a]]}"))
+    kept = [alive[survivors[j]] for j in range(len(survivors)) if j not in dropped]
+    return kept, removed
+
+
+# %%
+import pandas as pd
+
+from ftbook.workbench import show_table
+
+conversations, rejected = [], 0
+for i, record in enumerate(alpaca):
+    try:
+        conversations.append(from_alpaca(record, i))
+    except FormatError:
+        rejected += 1
+kept, removed = filter_conversations(conversations, seed=SEED)
+report = pd.DataFrame([{
+    "filter": name, "removed": len(items),
+    "example": (f"#{items[0][0]}: {items[0][1]}; "
+                f"{conversations[items[0][0]][0]['content'][:50]!r}") if items else "",
+} for name, items in removed.items()]).set_index("filter")
+show_table(report, "alpaca_filters", CHAPTER)
+print(f"Alpaca sample: {len(alpaca)} records, {rejected} malformed, {len(conversations)} "
+      f"converted, {len(kept)} kept ({100 * len(kept) / len(conversations):.1f}%)")
+
+# %% [markdown]
+# ## Pitfalls
+#
+# - **Pad equal to EOS.** Masking padding by token id then masks every EOS, and the model never
+#   learns to stop; `conversation_to_prompt_and_output` refuses such a tokenizer.
+# - **Loss on the prompt.** Without `response_mask` the model is also trained to produce user
+#   turns; eq. (6.1) sums over response tokens only.
+# - **Per-microbatch normalisation.** Dividing each microbatch by its own token count makes
+#   gradient accumulation differ from the large batch (checked above); normalise by the batch's
+#   response tokens.
+# - **Packing without boundaries.** Concatenated examples that attend to each other, or continue
+#   each other's positions, train on contexts that never occur at inference (checked above).
+#
+# ## Summary
+#
+# - Alpaca, Dolly and OpenAssistant records convert to one validated conversation schema; the
+#   OpenAssistant converter follows the best-ranked path through the message tree.
+# - The SFT helpers keep CS336 Assignment 5's contracts; with the normalising constant
+#   $c = N / (G b)$, gradient accumulation reproduces the large batch exactly.
+# - Packing with restarted positions and a block-diagonal mask gives every example the logits it
+#   would have alone.
+#
+# ## Exercises
+#
+# 1. Pack with a best-fit instead of a greedy first-fit order. How much does the token
+#    utilisation improve on the Alpaca sample?
+# 2. Show that with $c$ fixed to 1, gradient accumulation equals the large batch exactly when
+#    every row has the same number of response tokens, and only then.
+#
+# ## References
+#
+# - Ouyang et al. (2022), *Training language models to follow instructions with human
+#   feedback*, arXiv:2203.02155, §3.5 (SFT).
+# - Taori et al. (2023), *Stanford Alpaca*; Conover et al. (2023), *Free Dolly*; Köpf et al.
+#   (2023), *OpenAssistant Conversations*, arXiv:2304.07327.
+# - Stanford CS336 (Spring 2025), Assignment 5: alignment and reasoning RL, §3 (SFT).

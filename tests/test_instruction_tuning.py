@@ -1,0 +1,320 @@
+"""Tests of ftbook.instruction_tuning (chapter 13-06, in progress): conversation formats, the CS336
+Assignment 5 contracts (eqs. 6.2, 6.3), gradient accumulation, and packing."""
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ftbook.instruction_tuning import (
+    FormatError,
+    compute_entropy,
+    from_alpaca,
+    from_dolly,
+    from_oasst,
+    get_response_log_probs,
+    masked_normalize,
+    pack_examples,
+    packed_attention_mask,
+    sft_microbatch_train_step,
+    tokenize_prompt_and_output,
+    validate_conversation,
+)
+
+
+class CharTokenizer:
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + (ord(c) % 63) for c in text]}
+
+
+def toy_lm(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, pad_token_id=0,
+                                        attn_implementation="eager"))
+
+
+# --- formats --------------------------------------------------------------------------------------
+
+def test_alpaca_puts_the_input_after_the_instruction():
+    conv = from_alpaca({"instruction": "Sum these.", "input": "2 3", "output": "5"})
+    assert conv == [{"role": "user", "content": "Sum these.\n\n2 3"},
+                    {"role": "assistant", "content": "5"}]
+    assert from_alpaca({"instruction": "Hi", "input": "", "output": "Hello"})[0]["content"] == "Hi"
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"instruction": "x", "input": "", "output": " "}, "output"),
+    ({"input": "", "output": "y"}, "instruction"),
+    ({"instruction": 3, "input": "", "output": "y"}, "instruction"),
+])
+def test_alpaca_errors_name_record_and_field(record, field):
+    with pytest.raises(FormatError, match=rf"alpaca record 12: .*{field}"):
+        from_alpaca(record, 12)
+
+
+def test_dolly_requires_category_and_uses_context():
+    conv = from_dolly({"instruction": "Q?", "context": "ctx", "response": "A",
+                       "category": "closed_qa"})
+    assert conv[0]["content"] == "Q?\n\nctx"
+    with pytest.raises(FormatError, match="category"):
+        from_dolly({"instruction": "Q?", "context": "", "response": "A"}, 3)
+
+
+def oasst(*rows):
+    keys = ("message_id", "parent_id", "role", "text", "rank")
+    return [dict(zip(keys, r, strict=True)) | {"deleted": False} for r in rows]
+
+
+def test_oasst_follows_the_best_ranked_path_and_drops_a_trailing_prompt():
+    tree = oasst(("r", None, "prompter", "hello", None),
+                 ("a1", "r", "assistant", "worse", 1), ("a0", "r", "assistant", "best", 0),
+                 ("p", "a0", "prompter", "more?", None))
+    conv = from_oasst(tree)
+    assert [m["content"] for m in conv] == ["hello", "best"]
+
+
+def test_oasst_skips_deleted_and_unranked_go_last():
+    tree = oasst(("r", None, "prompter", "hello", None),
+                 ("u", "r", "assistant", "unranked", None), ("k", "r", "assistant", "kept", 3))
+    assert from_oasst(tree)[1]["content"] == "kept"
+    tree[2]["deleted"] = True
+    assert from_oasst(tree)[1]["content"] == "unranked"
+
+
+def test_oasst_errors():
+    with pytest.raises(FormatError, match="one root"):
+        from_oasst(oasst(("a", "x", "assistant", "hi", 0)), "tree 5")
+    with pytest.raises(FormatError, match="role"):
+        from_oasst(oasst(("r", None, "bot", "hi", None)))
+
+
+def test_validate_conversation_rules():
+    ok = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+          {"role": "assistant", "content": "hello"}]
+    assert validate_conversation(ok) == ok
+    with pytest.raises(FormatError, match="alternate"):
+        validate_conversation([{"role": "assistant", "content": "x"}])
+    with pytest.raises(FormatError, match="last message"):
+        validate_conversation([{"role": "user", "content": "x"}])
+    with pytest.raises(FormatError, match="empty"):
+        validate_conversation([{"role": "user", "content": "x"},
+                               {"role": "assistant", "content": ""}])
+
+
+# --- CS336 contracts ------------------------------------------------------------------------------
+
+def test_tokenize_prompt_and_output_shapes_shift_and_mask():
+    out = tokenize_prompt_and_output(["ab", "a"], ["XYZ", "Q"], CharTokenizer())
+    assert set(out) == {"input_ids", "labels", "response_mask"}
+    assert out["input_ids"].shape == out["labels"].shape == (2, 4)
+    full0 = CharTokenizer()("abXYZ")["input_ids"]
+    assert out["input_ids"][0].tolist() == full0[:-1]
+    assert out["labels"][0].tolist() == full0[1:]
+    assert out["response_mask"].int().tolist() == [[0, 1, 1, 1], [1, 0, 0, 0]]
+    assert out["labels"][1, 1:].tolist() == [0, 0, 0]  # right padding
+    with pytest.raises(ValueError, match="2 prompts but 1 outputs"):
+        tokenize_prompt_and_output(["a", "b"], ["c"], CharTokenizer())
+
+
+def test_compute_entropy_matches_categorical_and_is_stable():
+    logits = torch.randn(3, 4, 50) * 5
+    want = torch.distributions.Categorical(logits=logits).entropy()
+    assert torch.allclose(compute_entropy(logits), want, atol=1e-5)
+    huge = torch.tensor([[[1e4, 0.0, -1e4]]])
+    assert torch.isfinite(compute_entropy(huge)).all()
+
+
+def test_get_response_log_probs_gathers_labels():
+    model = toy_lm()
+    ids = torch.randint(1, 64, (2, 6))
+    labels = torch.randint(1, 64, (2, 6))
+    out = get_response_log_probs(model, ids, labels, return_token_entropy=True)
+    logp = torch.log_softmax(model(ids).logits, -1)
+    assert torch.allclose(out["log_probs"], logp.gather(-1, labels[..., None])[..., 0], atol=1e-6)
+    assert out["token_entropy"].shape == (2, 6)
+    assert "token_entropy" not in get_response_log_probs(model, ids, labels)
+
+
+def test_masked_normalize():
+    t = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    m = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)
+    assert masked_normalize(t, m, 2.0).item() == (1 + 3 + 5 + 6) / 2
+    assert masked_normalize(t, m, 1.0, dim=-1).tolist() == [4.0, 11.0]
+    assert masked_normalize(t, m, 1.0, dim=0).tolist() == [1.0, 5.0, 9.0]
+
+
+def test_sft_microbatch_train_step_value_and_backward():
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -4.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1]], dtype=torch.bool)
+    loss, meta = sft_microbatch_train_step(logps, mask, gradient_accumulation_steps=2,
+                                           normalize_constant=3.0)
+    assert loss.item() == pytest.approx(((3 / 3) + (4.5 / 3)) / 2 / 2)
+    assert torch.allclose(logps.grad, -mask.float() / (3.0 * 2 * 2))
+    assert meta["response_tokens"].item() == 4
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        sft_microbatch_train_step(logps, mask, 0)
+
+
+def test_gradient_accumulation_equals_the_large_batch():
+    tok = CharTokenizer()
+    batch = tokenize_prompt_and_output(["Q: 1+1?", "Name:", "Say:", "Why?"],
+                                       ["2", "a very long answer indeed", "ok", "rain"], tok)
+    N = batch["response_mask"].sum().item()
+    base = toy_lm()
+
+    def grad(split, constant):
+        model = copy.deepcopy(base)
+        for part in split:
+            logps = get_response_log_probs(model, batch["input_ids"][part],
+                                           batch["labels"][part])["log_probs"]
+            mask = batch["response_mask"][part]
+            sft_microbatch_train_step(logps, mask, len(split), constant(mask, len(split)))
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    whole = grad([slice(0, 4)], lambda m, G: N / 4)
+    accumulated = grad([slice(0, 2), slice(2, 4)], lambda m, G: N / (G * 2))
+    per_micro = grad([slice(0, 2), slice(2, 4)], lambda m, G: m.sum().item() / 2)
+    assert torch.allclose(whole, accumulated, atol=1e-6)
+    assert (whole - per_micro).abs().max() > 1e-4
+
+
+# --- packing --------------------------------------------------------------------------------------
+
+def test_pack_examples_layout():
+    packed = pack_examples([([1, 2, 3], [1, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8], [6, 7, 8])],
+                           seq_len=6, pad_token_id=0)
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 0, 0, 0]]
+    assert packed["labels"].tolist() == [[1, 2, 3, -100, 5, -100], [6, 7, 8, -100, -100, -100]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 0, 0, 0]]
+    assert packed["document_ids"].tolist() == [[0, 0, 0, 1, 1, -1], [0, 0, 0, -1, -1, -1]]
+
+
+def test_pack_examples_errors():
+    with pytest.raises(ValueError, match="more than seq_len"):
+        pack_examples([([1] * 5, [1] * 5)], seq_len=4, pad_token_id=0)
+    with pytest.raises(ValueError, match="labels"):
+        pack_examples([([1, 2], [1])], seq_len=4, pad_token_id=0)
+
+
+def test_packed_mask_is_block_diagonal_causal():
+    mask = packed_attention_mask(torch.tensor([[0, 0, 1, 1, -1]]))[0, 0] == 0
+    want = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0],
+                         [0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mask, want)
+
+
+def test_packed_logits_equal_each_example_alone():
+    model = toy_lm().eval()
+    generator = torch.Generator().manual_seed(0)
+    docs = [torch.randint(1, 64, (n,), generator=generator).tolist() for n in (4, 7, 3, 5)]
+    packed = pack_examples([(d, d) for d in docs], seq_len=12, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                       attention_mask=packed_attention_mask(packed["document_ids"])).logits
+        k = 0
+        for r in range(logits.shape[0]):
+            for d in range(int(packed["document_ids"][r].max()) + 1):
+                where = packed["document_ids"][r] == d
+                alone = model(input_ids=torch.tensor([docs[k]])).logits[0]
+                assert (logits[r, where] - alone).abs().max() < 1e-5
+                k += 1
+    assert k == len(docs)
+
+
+# --- chat template and EOS ---------------------------------------------------------------------
+
+def test_conversation_to_prompt_and_output_keeps_eos_in_the_loss(real_env):
+    from ftbook.base_models import load_causal_lm
+    from ftbook.instruction_tuning import conversation_to_prompt_and_output
+
+    _, tok = load_causal_lm("smoke")
+    conv = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
+    prompt, output = conversation_to_prompt_and_output(tok, conv)
+    assert prompt + output == tok.apply_chat_template(conv, tokenize=False)
+    assert output.endswith(tok.eos_token) and prompt.endswith("<|assistant|>\n")
+    batch = tokenize_prompt_and_output([prompt], [output], tok)
+    last = int(batch["response_mask"][0].nonzero().max())
+    assert batch["labels"][0, last].item() == tok.eos_token_id
+
+
+def test_conversation_to_prompt_and_output_refuses_pad_equal_to_eos():
+    from ftbook.instruction_tuning import conversation_to_prompt_and_output
+
+    class Tok:
+        eos_token, eos_token_id, pad_token_id = "</s>", 2, 2
+
+    conv = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    with pytest.raises(ValueError, match="pad and EOS"):
+        conversation_to_prompt_and_output(Tok(), conv)
+
+
+# --- filtering ------------------------------------------------------------------------------------
+
+def test_minhash_estimates_jaccard():
+    import random
+
+    from ftbook.instruction_tuning import minhash_signature
+
+    rng = random.Random(1)
+    words = [f"w{i}" for i in range(300)]
+    for _ in range(10):
+        a = set(rng.sample(words, 50))
+        b = set(rng.sample(sorted(a), 25)) | set(rng.sample(words, 25))
+        exact = len(a & b) / len(a | b)
+        estimate = (minhash_signature(a, 512, 3) == minhash_signature(b, 512, 3)).float().mean()
+        assert abs(estimate.item() - exact) < 0.08
+    same = minhash_signature({"x y", "z"}, 64)
+    assert torch.equal(same, minhash_signature({"z", "x y"}, 64))
+
+
+def test_lsh_finds_near_duplicates_and_not_strangers():
+    from ftbook.instruction_tuning import lsh_candidate_pairs, near_duplicates
+
+    base = " ".join(f"word{i}" for i in range(60))  # 56 shingles; one changed word touches 5
+    texts = [base, base.replace("word59", "other"), "completely different words about cats " * 3]
+    found = near_duplicates(texts, threshold=0.7)
+    assert [(i, j) for i, j, _ in found] == [(0, 1)]
+    with pytest.raises(ValueError, match="divisible"):
+        lsh_candidate_pairs(torch.zeros(2, 10, dtype=torch.long), 3)
+
+
+def test_exact_duplicates_normalise_case_and_space():
+    from ftbook.instruction_tuning import exact_duplicates
+
+    assert exact_duplicates(["A b", "a  B", "c", "A b "]) == [1, 3]
+
+
+def conv(user, reply):
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+
+
+def test_rule_filters():
+    from ftbook.instruction_tuning import format_problem, length_problem, toxicity_problem
+
+    assert format_problem(conv("Describe it", "<nooutput>")) == "placeholder reply"
+    assert format_problem(conv("Hi", "As an AI language model, I can't.")) == "refusal"
+    assert "link" in format_problem(conv("Summarise https://x.org", "ok"))
+    assert format_problem(conv("Name a color", "Blue.")) is None
+    assert length_problem(conv("a " * 500, "b"), max_words=400) is not None
+    assert length_problem(conv("hi", "there")) is None
+    assert toxicity_problem(conv("hi", "you are an idiot")) == "contains 'idiot'"
+    assert toxicity_problem(conv("hi", "idiomatic phrasing")) is None  # whole words only
+
+
+def test_filter_conversations_charges_each_removal_once():
+    from ftbook.instruction_tuning import filter_conversations
+
+    long = " ".join(f"word{i}" for i in range(60))
+    data = [conv("Name a color", "Blue."), conv("Name a color", "Blue."),
+            conv("Describe it", "<nooutput>"), conv("Write", long),
+            conv("Write", long.replace("word59", "other")), conv("hi", "you idiot")]
+    kept, removed = filter_conversations(data)
+    assert kept == [0, 3]
+    assert [i for i, _ in removed["exact duplicate"]] == [1]
+    assert [i for i, _ in removed["format"]] == [2]
+    assert [i for i, _ in removed["near duplicate"]] == [4]
+    assert [i for i, _ in removed["toxicity"]] == [5]
