@@ -318,3 +318,87 @@ def test_filter_conversations_charges_each_removal_once():
     assert [i for i, _ in removed["format"]] == [2]
     assert [i for i, _ in removed["near duplicate"]] == [4]
     assert [i for i, _ in removed["toxicity"]] == [5]
+
+
+# --- synthetic data, mixing, the SFT loop -----------------------------------------------------
+
+def test_synthetic_instructions_are_checkable_and_held_out_is_disjoint():
+    from ftbook.instruction_tuning import SYNTHETIC_TASKS, answer_is_correct, synthetic_instructions
+
+    sentences = [f"this film number {i} is fine and long enough" for i in range(50)]
+    labels = [i % 2 for i in range(50)]
+    train = synthetic_instructions(sentences, labels, 6, seed=0)
+    assert [sum(e["category"] == t for e in train) for t in SYNTHETIC_TASKS] == [6] * 5
+    for e in train:
+        reply = e["messages"][1]["content"]
+        if e["answer"] is not None:
+            assert answer_is_correct(reply, e["answer"])
+        if e["category"] == "arithmetic":
+            a, op, b = e["messages"][0]["content"][8:-1].split()
+            assert int(reply) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+        if e["category"] == "uppercase":
+            assert reply == reply.upper()
+    seen = {e["messages"][0]["content"] for e in train}
+    held = synthetic_instructions(sentences, labels, 3, seed=1, exclude=seen)
+    assert not seen & {e["messages"][0]["content"] for e in held}
+    with pytest.raises(ValueError, match="labels"):
+        synthetic_instructions(["a"], [0, 1], 1, seed=0)
+
+
+def test_mixture_weights_temperature():
+    from ftbook.instruction_tuning import mixture_weights
+
+    natural = mixture_weights({"a": 900, "b": 100}, 1.0)
+    assert natural == pytest.approx({"a": 0.9, "b": 0.1})
+    flat = mixture_weights({"a": 900, "b": 100}, 1e9)
+    assert flat["a"] == pytest.approx(0.5, abs=1e-6)
+    sqrt = mixture_weights({"a": 900, "b": 100}, 2.0)
+    assert sqrt["a"] == pytest.approx(30 / 40)
+    with pytest.raises(ValueError, match="temperature"):
+        mixture_weights({"a": 1}, 0)
+    with pytest.raises(ValueError, match="at least one"):
+        mixture_weights({"a": 0}, 1)
+
+
+def test_sft_loss_is_mean_over_response_tokens_and_respects_boundaries():
+    from ftbook.instruction_tuning import sft_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 5, 7)
+    labels = torch.tensor([[-100, 3, 4, -100, 6]])
+    loss, n = sft_loss(logits, labels)
+    logp = torch.log_softmax(logits, -1)
+    want = -(logp[0, 0, 3] + logp[0, 1, 4] + logp[0, 3, 6]) / 3
+    assert n == 3 and torch.allclose(loss, want)
+    docs = torch.tensor([[0, 0, 0, 1, 1]])  # position 3 starts a new example
+    loss_b, n_b = sft_loss(logits, torch.tensor([[-100, 3, 4, 5, 6]]), docs)
+    assert n_b == 3  # the target at position 3 belongs to the next example: not predicted
+    assert torch.allclose(loss_b, want)
+
+
+def test_pad_examples():
+    from ftbook.instruction_tuning import pad_examples
+
+    out = pad_examples([([1, 2, 3], [-100, 2, 3]), ([4], [4])], pad_token_id=0)
+    assert out["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_sft_train_packs_rows_full_and_learns():
+    from ftbook.instruction_tuning import sft_train
+
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for n in [5, 7, 3, 6, 4, 8, 5, 6] * 4:
+        ids = torch.randint(1, 64, (n,), generator=generator).tolist()
+        examples.append((ids, [-100, -100] + ids[2:]))
+    model = toy_lm()
+    packed = sft_train(model, examples, steps=30, lr=1e-2, seq_len=16, pad_token_id=0,
+                       packing=True, seed=0, rows_per_step=2)
+    assert packed.utilization > 0.8
+    assert all(slots == 32 for slots in packed.slots)
+    assert sum(packed.losses[-5:]) < sum(packed.losses[:5])
+    padded = sft_train(toy_lm(), examples, steps=2, lr=0.0, seq_len=16, pad_token_id=0,
+                       packing=False, seed=0, examples_per_step=4)
+    assert padded.utilization < 1 and len(padded.losses) == 2

@@ -87,9 +87,9 @@ def from_oasst(messages: Sequence[dict], tree: str = "tree") -> list[dict]:
     by_parent: dict[Any, list[dict]] = {}
     for i, m in enumerate(messages):
         where = f"{tree}, message {i}"
-        for field in ("message_id", "role", "text"):
-            if field not in m:
-                raise FormatError(f"{where}: missing field {field!r}")
+        for key in ("message_id", "role", "text"):
+            if key not in m:
+                raise FormatError(f"{where}: missing field {key!r}")
         if m["role"] not in ("prompter", "assistant"):
             raise FormatError(f"{where}: role {m['role']!r} is not 'prompter' or 'assistant'")
         if not m.get("deleted", False):
@@ -392,3 +392,202 @@ def filter_conversations(conversations: Sequence[list[dict]], near_threshold: fl
                 (alive[survivors[b]], f"~{estimate:.2f} Jaccard with record {alive[survivors[a]]}"))
     kept = [alive[survivors[j]] for j in range(len(survivors)) if j not in dropped]
     return kept, removed
+
+
+# --- chapters/13_06_instruction_tuning.py :: Synthetic instruction data the tiny LM can learn ---
+SYNTHETIC_TASKS = ("sentiment", "arithmetic", "copy", "uppercase", "review")
+
+
+def synthetic_instructions(sentences: Sequence[str], labels: Sequence[int], n_per_task: int,
+                           seed: int, exclude: set[str] | None = None) -> list[dict]:
+    """`n_per_task` examples of each task in `SYNTHETIC_TASKS`, as dicts with `category`,
+    `messages` (a conversation) and `answer` (the exact expected reply, None for reviews).
+    Prompts whose user turn is in `exclude` are skipped (held-out splits)."""
+    import random
+
+    if len(sentences) != len(labels):
+        raise ValueError(f"{len(sentences)} sentences but {len(labels)} labels")
+    rng = random.Random(seed)
+    exclude = exclude or set()
+    pool = [(s.strip(), int(y)) for s, y in zip(sentences, labels, strict=True) if s.strip()]
+    examples: list[dict] = []
+
+    def add(category: str, user: str, reply: str, answer: str | None) -> bool:
+        if user in exclude:
+            return False
+        examples.append({"category": category, "answer": answer, "messages": [
+            {"role": "user", "content": user}, {"role": "assistant", "content": reply}]})
+        return True
+
+    for task in SYNTHETIC_TASKS:
+        made, attempts = 0, 0
+        while made < n_per_task:
+            attempts += 1
+            if attempts > 50 * n_per_task:
+                raise ValueError(f"could not make {n_per_task} new {task!r} examples")
+            sentence, label = rng.choice(pool)
+            phrase = " ".join(sentence.split()[:rng.randint(3, 6)])
+            if task == "sentiment":
+                reply = "positive" if label else "negative"
+                made += add(task, "Is this movie review positive or negative?\n\n" + sentence,
+                            reply, reply)
+            elif task == "arithmetic":
+                a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice("+-")
+                result = str(a + b if op == "+" else a - b)
+                made += add(task, f"What is {a} {op} {b}?", result, result)
+            elif task == "copy":
+                made += add(task, f"Repeat exactly: {phrase}", phrase, phrase)
+            elif task == "uppercase":
+                made += add(task, f"Rewrite in capital letters: {phrase}", phrase.upper(),
+                            phrase.upper())
+            else:
+                polarity = "positive" if label else "negative"
+                made += add(task, f"Write a {polarity} movie review that starts with: {phrase}",
+                            sentence, None)
+    return examples
+
+
+def answer_is_correct(generated: str, answer: str) -> bool:
+    """Exact match after stripping whitespace (the tasks have single, short answers)."""
+    return generated.strip() == answer.strip()
+
+
+def mixture_weights(counts: dict[str, int], temperature: float) -> dict[str, float]:
+    """Sampling probability of each category, p_c proportional to n_c^(1/T): T = 1 keeps the
+    natural proportions, T -> infinity makes them uniform."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if any(n <= 0 for n in counts.values()):
+        raise ValueError(f"every category needs at least one example: {counts}")
+    scores = {c: n ** (1.0 / temperature) for c, n in counts.items()}
+    total = sum(scores.values())
+    return {c: v / total for c, v in scores.items()}
+
+
+# --- chapters/13_06_instruction_tuning.py :: The SFT loop, packed and padded ---
+from dataclasses import dataclass, field
+
+
+def tokenize_for_sft(tokenizer: Any, conversations: Sequence[Sequence[dict]], max_len: int
+                     ) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per conversation: labels are the ids on the final assistant reply
+    (EOS included) and -100 elsewhere. Examples longer than `max_len` keep their first
+    `max_len` tokens (a truncated reply loses its EOS, so the loop reports how many)."""
+    examples = []
+    for conversation in conversations:
+        prompt, output = conversation_to_prompt_and_output(tokenizer, conversation)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        output_ids = tokenizer(output, add_special_tokens=False)["input_ids"]
+        ids = (prompt_ids + output_ids)[:max_len]
+        labels = ([-100] * len(prompt_ids) + output_ids)[:max_len]
+        examples.append((ids, labels))
+    return examples
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor,
+             document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Eq. (6.1) for one step: the summed negative log-likelihood of the response tokens divided
+    by their number, and that number. Position t predicts labels[t + 1]; with `document_ids`,
+    no position predicts a token of the next packed example."""
+    targets = labels[:, 1:].clone()  # (batch, seq - 1)
+    if document_ids is not None:
+        targets[document_ids[:, 1:] != document_ids[:, :-1]] = -100
+    n_tokens = int((targets != -100).sum())
+    nll = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                      ignore_index=-100, reduction="sum")
+    return nll / max(n_tokens, 1), n_tokens
+
+
+def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int
+                 ) -> dict[str, torch.Tensor]:
+    """Right-pad examples to the longest: `input_ids`, `labels` (-100 on padding),
+    `attention_mask`."""
+    width = max(len(ids) for ids, _ in examples)
+    out = {"input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
+           "labels": torch.full((len(examples), width), -100, dtype=torch.long),
+           "attention_mask": torch.zeros(len(examples), width, dtype=torch.long)}
+    for i, (ids, labels) in enumerate(examples):
+        out["input_ids"][i, :len(ids)] = torch.tensor(list(ids))
+        out["labels"][i, :len(ids)] = torch.tensor(list(labels))
+        out["attention_mask"][i, :len(ids)] = 1
+    return out
+
+
+@dataclass
+class SFTLog:
+    """What `sft_train` measured."""
+
+    losses: list[float] = field(default_factory=list)
+    response_tokens: list[int] = field(default_factory=list)
+    real_tokens: list[int] = field(default_factory=list)  # non-pad tokens processed
+    slots: list[int] = field(default_factory=list)  # tokens processed, padding included
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def utilization(self) -> float:
+        return sum(self.real_tokens) / max(1, sum(self.slots))
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Real tokens per second of step time, the first (warm-up) step excluded."""
+        skip = 1 if len(self.step_seconds) > 1 else 0
+        return sum(self.real_tokens[skip:]) / max(1e-9, sum(self.step_seconds[skip:]))
+
+
+def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]], *, steps: int,
+              lr: float, seq_len: int, pad_token_id: int, packing: bool, seed: int,
+              examples_per_step: int = 16, rows_per_step: int = 4, bf16: bool = False,
+              desc: str = "SFT") -> SFTLog:
+    """Train `model` on `examples` with AdamW and eq. (6.1), reading them in a seeded shuffled
+    order (cycling). Padded: `examples_per_step` examples padded to the longest. Packed: the
+    stream fills `rows_per_step` rows of `seq_len` tokens; an example that does not fit opens
+    the next row, or waits for the next step."""
+    import time
+
+    from ftbook.workbench import check_finite, progress
+
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    stream = (examples[order[i % len(order)]] for i in range(10**12))
+    waiting = None
+    log = SFTLog()
+    for step in progress(range(steps), desc=desc):
+        if packing:
+            chosen, rows, used = [], 1, 0
+            while True:
+                example = waiting if waiting is not None else next(stream)
+                waiting = None
+                if used + len(example[0]) > seq_len:
+                    if rows == rows_per_step:
+                        waiting = example
+                        break
+                    rows, used = rows + 1, 0
+                chosen.append(example)
+                used += len(example[0])
+            batch = pack_examples(chosen, seq_len, pad_token_id)
+            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                      "attention_mask": packed_attention_mask(batch["document_ids"])}
+            documents = batch["document_ids"].to(device)
+            real = int((batch["document_ids"] >= 0).sum())
+        else:
+            batch = pad_examples([next(stream) for _ in range(examples_per_step)], pad_token_id)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            documents = None
+            real = int(batch["attention_mask"].sum())
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        model.train()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(**inputs).logits  # (rows, seq, vocab)
+        loss, n_tokens = sft_loss(logits, batch["labels"].to(device), documents)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.step_seconds.append(time.perf_counter() - start)
+        log.losses.append(check_finite(loss, f"{desc} loss", step))
+        log.response_tokens.append(n_tokens)
+        log.real_tokens.append(real)
+        log.slots.append(batch["input_ids"].numel())
+    return log
