@@ -28,10 +28,10 @@
 # This chapter is being written (issue "Chapter 13-06") and is not yet in the table of
 # contents. Done: formats, the CS336 contracts, gradient accumulation, packing, quality
 # filtering (rules, exact and MinHash/LSH near-duplicates, a toxicity lexicon), synthetic
-# tasks, mixture weights and the SFT loop (packed and padded), each with its check. To come:
-# the curriculum, parity with TRL's `SFTTrainer`, the SFT experiments (before/after samples,
-# held-out loss, task accuracy, EOS rate, the effect of filtering and mixing) and the saved SFT
-# model for 13-07 to 13-10.
+# tasks, mixture weights, the SFT loop (packed and padded) and parity with TRL's `SFTTrainer`
+# pipeline, each with its check. To come: the curriculum, the SFT experiments (before/after
+# samples, held-out loss, task accuracy, EOS rate, the effect of filtering and mixing) and the
+# saved SFT model for 13-07 to 13-10.
 # ```
 #
 # Supervised fine-tuning (SFT) on instruction-response pairs turns a language model that continues
@@ -879,16 +879,20 @@ from dataclasses import dataclass, field
 def tokenize_for_sft(tokenizer: Any, conversations: Sequence[Sequence[dict]], max_len: int
                      ) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per conversation: labels are the ids on the final assistant reply
-    (EOS included) and -100 elsewhere. Examples longer than `max_len` keep their first
-    `max_len` tokens (a truncated reply loses its EOS, so the loop reports how many)."""
+    (EOS included) and -100 elsewhere. The whole rendered conversation is tokenized at once and
+    the prompt's tokens located at its start (as TRL does): tokenizing the reply on its own
+    would let a SentencePiece tokenizer prepend a word-boundary mark that inference never sees.
+    Examples longer than `max_len` keep their first `max_len` tokens."""
     examples = []
-    for conversation in conversations:
+    for i, conversation in enumerate(conversations):
         prompt, output = conversation_to_prompt_and_output(tokenizer, conversation)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        output_ids = tokenizer(output, add_special_tokens=False)["input_ids"]
-        ids = (prompt_ids + output_ids)[:max_len]
-        labels = ([-100] * len(prompt_ids) + output_ids)[:max_len]
-        examples.append((ids, labels))
+        full_ids = tokenizer(prompt + output, add_special_tokens=False)["input_ids"]
+        if full_ids[:len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"conversation {i}: the prompt's tokens change when the reply "
+                             "follows; the chat template must end the prompt on a token boundary")
+        labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+        examples.append((full_ids[:max_len], labels[:max_len]))
     return examples
 
 
@@ -1039,12 +1043,57 @@ print(f"packing: utilization {runs['padded'].utilization:.2f} -> {runs['packed']
       f", real-token throughput x{runs['packed'].tokens_per_second / runs['padded'].tokens_per_second:.2f}")
 
 # %% [markdown]
+# ### Parity with TRL's `SFTTrainer` data pipeline
+#
+# TRL's `SFTTrainer` with a prompt-completion dataset and `completion_only_loss=True` tokenizes
+# prompt and completion, appends EOS when the completion lacks it, and masks the prompt with
+# $-100$. We give it the same (prompt, output) strings and compare its input ids and labels with
+# `tokenize_for_sft`, then compare our loss, eq. (6.1), with the mean next-token cross-entropy
+# over TRL's labels that its loss computes. (TRL 1.15 computes that loss with a fused Triton
+# kernel that needs a GPU: `SFTTrainer.compute_loss` fails on a CPU-only PyTorch, so the last
+# step of the comparison uses transformers' loss on the same batch instead.)
+
+# %%
+import tempfile
+import warnings
+
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+pairs = [conversation_to_prompt_and_output(lm_tokenizer, c) for c in conversations_mix[:8]]
+with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    trainer = SFTTrainer(
+        model=copy.deepcopy(lm), processing_class=lm_tokenizer,
+        train_dataset=Dataset.from_dict({"prompt": [p for p, _ in pairs],
+                                         "completion": [o for _, o in pairs]}),
+        args=SFTConfig(output_dir=folder, completion_only_loss=True, report_to=[],
+                       max_length=seq_len, use_cpu=True, per_device_train_batch_size=8))
+    trl_rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+ours_rows = tokenize_for_sft(lm_tokenizer, conversations_mix[:8], max_len=seq_len)
+same_ids = all(r["input_ids"] == ids for r, (ids, _) in zip(trl_rows, ours_rows, strict=True))
+same_labels = all(r["labels"] == labels for r, (_, labels) in zip(trl_rows, ours_rows, strict=True))
+trl_batch = trainer.data_collator(trl_rows)
+with torch.no_grad():
+    out = lm(input_ids=trl_batch["input_ids"], attention_mask=trl_batch["attention_mask"],
+             labels=trl_batch["labels"])
+    ours_loss, _ = sft_loss(out.logits, trl_batch["labels"])
+print(f"TRL vs ours on 8 conversations: input ids identical {same_ids}, labels identical "
+      f"{same_labels}; loss {ours_loss:.6f} (ours) vs {out.loss:.6f} (mean CE over TRL's labels)")
+assert same_ids and same_labels and abs(ours_loss - out.loss) < 1e-5
+
+# %% [markdown]
 # ## Pitfalls
 #
 # - **Pad equal to EOS.** Masking padding by token id then masks every EOS, and the model never
 #   learns to stop; `conversation_to_prompt_and_output` refuses such a tokenizer.
 # - **Loss on the prompt.** Without `response_mask` the model is also trained to produce user
 #   turns; eq. (6.1) sums over response tokens only.
+# - **Tokenizing the reply on its own.** A SentencePiece tokenizer that adds a prefix space
+#   turns the reply's first "hi" into "▁hi", a token the model never produces after the
+#   assistant header at inference. CS336's `tokenize_prompt_and_output` tokenizes the two parts
+#   separately by contract (fine for Qwen's byte-level BPE); `tokenize_for_sft` tokenizes the
+#   whole conversation, as TRL does, and the parity check above compares the two pipelines.
 # - **Per-microbatch normalisation.** Dividing each microbatch by its own token count makes
 #   gradient accumulation differ from the large batch (checked above); normalise by the batch's
 #   response tokens.

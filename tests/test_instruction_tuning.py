@@ -402,3 +402,31 @@ def test_sft_train_packs_rows_full_and_learns():
     padded = sft_train(toy_lm(), examples, steps=2, lr=0.0, seq_len=16, pad_token_id=0,
                        packing=False, seed=0, examples_per_step=4)
     assert padded.utilization < 1 and len(padded.losses) == 2
+
+
+def test_tokenize_for_sft_matches_trl_completion_only_pipeline(real_env, tmp_path):
+    import warnings
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from ftbook.base_models import load_causal_lm
+    from ftbook.instruction_tuning import conversation_to_prompt_and_output, tokenize_for_sft
+
+    lm, tok = load_causal_lm("smoke")
+    convs = [[{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi there"}],
+             [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]]
+    pairs = [conversation_to_prompt_and_output(tok, c) for c in convs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = SFTTrainer(
+            model=lm, processing_class=tok,
+            train_dataset=Dataset.from_dict({"prompt": [p for p, _ in pairs],
+                                             "completion": [o for _, o in pairs]}),
+            args=SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, report_to=[],
+                           use_cpu=True))
+    ours = tokenize_for_sft(tok, convs, max_len=64)
+    for i, (ids, labels) in enumerate(ours):
+        assert trainer.train_dataset[i]["input_ids"] == ids
+        assert trainer.train_dataset[i]["labels"] == labels
+        assert labels[-1] == tok.eos_token_id

@@ -471,16 +471,20 @@ from dataclasses import dataclass, field
 def tokenize_for_sft(tokenizer: Any, conversations: Sequence[Sequence[dict]], max_len: int
                      ) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per conversation: labels are the ids on the final assistant reply
-    (EOS included) and -100 elsewhere. Examples longer than `max_len` keep their first
-    `max_len` tokens (a truncated reply loses its EOS, so the loop reports how many)."""
+    (EOS included) and -100 elsewhere. The whole rendered conversation is tokenized at once and
+    the prompt's tokens located at its start (as TRL does): tokenizing the reply on its own
+    would let a SentencePiece tokenizer prepend a word-boundary mark that inference never sees.
+    Examples longer than `max_len` keep their first `max_len` tokens."""
     examples = []
-    for conversation in conversations:
+    for i, conversation in enumerate(conversations):
         prompt, output = conversation_to_prompt_and_output(tokenizer, conversation)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        output_ids = tokenizer(output, add_special_tokens=False)["input_ids"]
-        ids = (prompt_ids + output_ids)[:max_len]
-        labels = ([-100] * len(prompt_ids) + output_ids)[:max_len]
-        examples.append((ids, labels))
+        full_ids = tokenizer(prompt + output, add_special_tokens=False)["input_ids"]
+        if full_ids[:len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"conversation {i}: the prompt's tokens change when the reply "
+                             "follows; the chat template must end the prompt on a token boundary")
+        labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+        examples.append((full_ids[:max_len], labels[:max_len]))
     return examples
 
 
