@@ -17,7 +17,7 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** 8-04 (attention), 10-02 (prompting). **Reading time:** ~8 min; the tiny
-# profile runs in about 3 minutes on 2 CPU cores.
+# profile runs in about 2½ minutes on 2 CPU cores.
 # **You will build** `ftbook.prompt_tuning`: soft prompts prepended to the input embeddings (three
 # initialisations), prefix tuning with learned keys and values in every attention layer and the
 # reparameterisation MLP of Li & Liang, a verbalizer harness that scores a causal LM as a
