@@ -101,9 +101,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
+from ftbook.lora import _matches, linear_layer_names  # target matching as in 13-02 (and PEFT)
 
 
 class IA3Linear(nn.Module):
@@ -155,7 +153,7 @@ def apply_ia3(model: nn.Module, target_modules: Sequence[str],
     """Wrap the targeted `nn.Linear` layers of `model` (name suffixes, as in PEFT) in `IA3Linear`,
     in place; `feedforward_modules` (a subset of the targets) get input scaling. Everything else
     is frozen except modules named in `modules_to_save`. Returns `model`."""
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = linear_layer_names(model)
     if not target_modules:
         raise ValueError("target_modules is empty: name at least one linear layer")
     for target in target_modules:
@@ -842,11 +840,11 @@ def combine_lora(states: Sequence[dict[str, torch.Tensor]], scalings: Sequence[f
 from peft import LoraConfig
 
 scaling = cfg.lora_alpha / cfg.lora_rank
-peft_targets = encoder_target_modules(load_encoder_classifier(PROFILE, seed=SEED)[0],
-                                      "attention q,v")
+peft_base = load_encoder_classifier(PROFILE, seed=SEED)[0]
+peft_targets = encoder_target_modules(peft_base, "attention q,v")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    peft_bank = get_peft_model(load_encoder_classifier(PROFILE, seed=SEED)[0], LoraConfig(
+    peft_bank = get_peft_model(peft_base, LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=peft_targets), "sentiment")
     peft_bank.add_adapter("review detection", LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=peft_targets))

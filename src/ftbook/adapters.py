@@ -20,9 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
+from ftbook.lora import _matches, linear_layer_names  # target matching as in 13-02 (and PEFT)
 
 
 class IA3Linear(nn.Module):
@@ -74,7 +72,7 @@ def apply_ia3(model: nn.Module, target_modules: Sequence[str],
     """Wrap the targeted `nn.Linear` layers of `model` (name suffixes, as in PEFT) in `IA3Linear`,
     in place; `feedforward_modules` (a subset of the targets) get input scaling. Everything else
     is frozen except modules named in `modules_to_save`. Returns `model`."""
-    linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = linear_layer_names(model)
     if not target_modules:
         raise ValueError("target_modules is empty: name at least one linear layer")
     for target in target_modules:
