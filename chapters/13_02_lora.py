@@ -566,7 +566,7 @@ assert diff_peft_loads_ours < PARITY_TOLERANCE and diff_we_load_peft < PARITY_TO
 # the cell prints what that is for the whole model, to compare with the timing noise.
 
 # %%
-from ftbook.workbench import Timer, linear_weight_count
+from ftbook.workbench import Timer, linear_weight_count, median_forward_seconds
 
 merged = merge_lora(copy.deepcopy(ours)).eval()
 assert not lora_layers(merged), "merge_lora leaves plain nn.Linear layers"
@@ -576,28 +576,13 @@ print(f"max |merged - unmerged| logits: {diff_merged:.2e}")
 assert diff_merged < 1e-4
 
 
-def forward_seconds(models: dict, repeats: int) -> dict[str, float]:
-    """Median forward time of each model, measured round-robin so that all see the same machine
-    state (the first model timed on a CPU otherwise pays for cold caches)."""
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            model(**batch)  # warm-up
-        for _ in range(repeats):
-            for name, model in models.items():
-                with Timer(DEVICE) as t:
-                    model(**batch)
-                times[name].append(t.seconds)
-    return {name: float(np.median(ts)) for name, ts in times.items()}
-
-
 extra = sum(layer.rank * (layer.in_features + layer.out_features)
             for layer in lora_layers(ours).values())
 print(f"unmerged LoRA adds {extra:,} multiply-adds per token to the encoder's "
       f"{linear_weight_count(base_model):,} ({100 * extra / linear_weight_count(base_model):.2f}%)")
 repeats = {"smoke": 3, "tiny": 40, "full": 60}[PROFILE]
-latency = pd.DataFrame({"median forward s": forward_seconds(
-    {"base model": base_model, "LoRA merged": merged, "LoRA unmerged": ours}, repeats)})
+latency = pd.DataFrame({"median forward s": median_forward_seconds(
+    {"base model": base_model, "LoRA merged": merged, "LoRA unmerged": ours}, batch, repeats)})
 latency["vs base"] = latency["median forward s"] / latency.loc["base model", "median forward s"]
 show_table(latency, "merged_latency", CHAPTER)
 del reference, from_ours, from_peft, merged

@@ -303,7 +303,8 @@ assert grad_gap < 1e-6 and merged_vs_peft < PARITY_TOLERANCE
 # 1. dev accuracy, per seed;
 # 2. trainable parameters and their fraction of the model's parameters;
 # 3. median training step time, and 4. peak training memory (the loop's own meters);
-# 5. inference latency on a fixed batch, after merging wherever the method allows it;
+# 5. inference latency on a fixed batch, after merging wherever the method allows it (round-robin
+#    timing, `median_forward_seconds` of Appendix A);
 # 6. the adapter's size on disk: the trained tensors written with safetensors (the whole model
 #    for full fine-tuning; the head alone for feature extraction).
 #
@@ -439,25 +440,6 @@ def bytes_on_disk(state: dict[str, torch.Tensor]) -> int:
         return path.stat().st_size
 
 
-def median_forward_seconds(models: dict[str, nn.Module], batch: dict[str, torch.Tensor],
-                           repeats: int) -> dict[str, float]:
-    """Median forward time of each model on `batch`, measured round-robin so that every model
-    sees the same machine state."""
-    from ftbook.workbench import Timer
-
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            model.eval()(**batch)  # warm-up
-        for _ in range(repeats):
-            for name, model in models.items():
-                device = next(model.parameters()).device
-                with Timer(device) as timer:
-                    model(**batch)
-                times[name].append(timer.seconds)
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-
-
 def run_method(method: str, profile: str, cfg: AdapterConfig, train: Any, dev: Any, seed: int,
                device: torch.device, max_len: int = 64, bf16: bool = True
                ) -> tuple[dict[str, Any], nn.Module]:
@@ -506,7 +488,7 @@ import numpy as np
 from ftbook.base_models import load_encoder_classifier
 from ftbook.data import load_sst2, subset
 from ftbook.full_finetuning import FT_CONFIGS, collate
-from ftbook.workbench import show_figure
+from ftbook.workbench import median_forward_seconds, show_figure
 
 cfg = pick(PROFILE, ADAPTER_CONFIGS)
 ft_cfg = pick(PROFILE, FT_CONFIGS)

@@ -143,3 +143,26 @@ def test_bert_flops_matches_flop_counter():
 def test_matmul_peak_is_positive_and_finite():
     peak = wb.measure_matmul_peak(torch.float32, n=128, device=torch.device("cpu"), repeats=2)
     assert math.isfinite(peak) and peak > 1e8
+
+
+def test_median_forward_seconds_times_every_model_round_robin():
+    import torch
+
+    from ftbook.workbench import median_forward_seconds
+
+    calls = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.w = name, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x + self.w
+
+    models = {"a": Probe("a"), "b": Probe("b")}
+    result = median_forward_seconds(models, {"x": torch.ones(2)}, repeats=3)
+    assert set(result) == {"a", "b"} and all(v >= 0 for v in result.values())
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up, then alternating
+    assert not any(m.training for m in models.values())

@@ -258,25 +258,6 @@ def bytes_on_disk(state: dict[str, torch.Tensor]) -> int:
         return path.stat().st_size
 
 
-def median_forward_seconds(models: dict[str, nn.Module], batch: dict[str, torch.Tensor],
-                           repeats: int) -> dict[str, float]:
-    """Median forward time of each model on `batch`, measured round-robin so that every model
-    sees the same machine state."""
-    from ftbook.workbench import Timer
-
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            model.eval()(**batch)  # warm-up
-        for _ in range(repeats):
-            for name, model in models.items():
-                device = next(model.parameters()).device
-                with Timer(device) as timer:
-                    model(**batch)
-                times[name].append(timer.seconds)
-    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-
-
 def run_method(method: str, profile: str, cfg: AdapterConfig, train: Any, dev: Any, seed: int,
                device: torch.device, max_len: int = 64, bf16: bool = True
                ) -> tuple[dict[str, Any], nn.Module]:

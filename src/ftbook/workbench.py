@@ -237,6 +237,22 @@ class Timer:
         self.seconds = time.perf_counter() - self._start
 
 
+def median_forward_seconds(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor],
+                           repeats: int) -> dict[str, float]:
+    """Median forward time of each model on `batch`, measured round-robin so that every model
+    sees the same machine state (the first model timed on a CPU otherwise pays for cold caches)."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            model.eval()(**batch)  # warm-up
+        for _ in range(repeats):
+            for name, model in models.items():
+                with Timer(next(model.parameters()).device) as timer:
+                    model(**batch)
+                times[name].append(timer.seconds)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def process_rss_bytes() -> int:
     """Resident set size of this process, from `/proc/self/statm` (Linux), else `ru_maxrss`."""
     try:
