@@ -16,22 +16,13 @@
 #
 # ```{admonition} At a glance
 # :class: tip
-# **Prerequisites:** 10-01 (language modelling), {ref}`full-finetuning`. **Reading time:** ~12 min.
+# **Prerequisites:** 10-01 (language modelling), {ref}`full-finetuning`. **Reading time:** ~12 min;
+# the tiny profile runs in about 5 minutes on 2 CPU cores.
 # **You will build** `ftbook.instruction_tuning`: one conversation schema for Alpaca, Dolly and
 # OpenAssistant records; quality filters with MinHash near-duplicate detection; synthetic tasks
 # the tiny LM can learn; the SFT helpers with the function contracts of Stanford CS336
-# Assignment 5; and an SFT loop with sequence packing and correct document boundaries.
-# ```
-#
-# ```{admonition} Work in progress
-# :class: warning
-# This chapter is being written (issue "Chapter 13-06") and is not yet in the table of
-# contents. Done: formats, the CS336 contracts, gradient accumulation, packing, quality
-# filtering (rules, exact and MinHash/LSH near-duplicates, a toxicity lexicon), synthetic
-# tasks, mixture weights, the SFT loop (packed and padded) and parity with TRL's `SFTTrainer`
-# pipeline, each with its check. To come: the curriculum, the SFT experiments (before/after
-# samples, held-out loss, task accuracy, EOS rate, the effect of filtering and mixing) and the
-# saved SFT model for 13-07 to 13-10.
+# Assignment 5; an SFT loop with sequence packing and correct document boundaries; temperature
+# mixing and a curriculum; and the SFT model that 13-07 to 13-10 start from.
 # ```
 #
 # Supervised fine-tuning (SFT) on instruction-response pairs turns a language model that continues
@@ -759,25 +750,30 @@ print(f"Alpaca sample: {len(alpaca)} records, {rejected} malformed, {len(convers
       f"converted, {len(kept)} kept ({100 * len(kept) / len(conversations):.1f}%)")
 
 # %% [markdown]
-# ## Synthetic instruction data the tiny LM can learn
+# ## Synthetic instruction data with checkable answers
 #
-# The book's tiny LM (Appendix C) cannot learn open-ended instruction following from 2,000 Alpaca
-# records. It can learn tasks whose answers are short and checkable, written from data it has
-# seen: labelling the sentiment of an SST-2 sentence, adding and subtracting two-digit numbers,
-# copying a phrase, rewriting it in capitals, and continuing the opening words of a review of a
-# given polarity (not checkable exactly; we check only that it stops). Training prompts come from SST-2's training
-# sentences and held-out prompts from its validation sentences; held-out arithmetic problems
-# exclude every problem seen in training.
+# The book's tiny LM (Appendix C) cannot learn open-ended instruction following from 2,000
+# Alpaca records. It can be taught tasks whose answers are short and checkable, written from
+# data it has seen: labelling the sentiment of an SST-2 sentence, adding and subtracting
+# two-digit numbers, copying a phrase, rewriting it in capitals, and continuing the opening
+# words of a review, with or without a requested polarity (not checkable exactly; we check that
+# the model stops). The polarity-free continuation, `REVIEW_PROMPT`, is the running task of
+# 13-07 to 13-09: there, the SFT model is steered towards positive reviews by a reward. Training
+# prompts come from SST-2's training sentences and held-out prompts from its validation
+# sentences; held-out arithmetic problems exclude every problem seen in training.
 
 # %%
 #| export
-SYNTHETIC_TASKS = ("sentiment", "arithmetic", "copy", "uppercase", "review")
+SYNTHETIC_TASKS = ("sentiment", "arithmetic", "copy", "uppercase", "review", "continue")
+# The running task of 13-07 to 13-09: continue the opening of a movie review.
+REVIEW_PROMPT = "Continue this movie review: {opening}"
 
 
 def synthetic_instructions(sentences: Sequence[str], labels: Sequence[int], n_per_task: int,
                            seed: int, exclude: set[str] | None = None) -> list[dict]:
     """`n_per_task` examples of each task in `SYNTHETIC_TASKS`, as dicts with `category`,
-    `messages` (a conversation) and `answer` (the exact expected reply, None for reviews).
+    `messages` (a conversation) and `answer` (the exact expected reply, None for the two review
+    tasks, whose replies are the SST-2 sentence the opening was cut from).
     Prompts whose user turn is in `exclude` are skipped (held-out splits)."""
     import random
 
@@ -809,6 +805,8 @@ def synthetic_instructions(sentences: Sequence[str], labels: Sequence[int], n_pe
                             reply, reply)
             elif task == "arithmetic":
                 a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice("+-")
+                if op == "-" and b > a:  # non-negative, as in the pretraining corpus
+                    a, b = b, a
                 result = str(a + b if op == "+" else a - b)
                 made += add(task, f"What is {a} {op} {b}?", result, result)
             elif task == "copy":
@@ -816,28 +814,18 @@ def synthetic_instructions(sentences: Sequence[str], labels: Sequence[int], n_pe
             elif task == "uppercase":
                 made += add(task, f"Rewrite in capital letters: {phrase}", phrase.upper(),
                             phrase.upper())
-            else:
+            elif task == "review":
                 polarity = "positive" if label else "negative"
                 made += add(task, f"Write a {polarity} movie review that starts with: {phrase}",
                             sentence, None)
+            else:
+                made += add(task, REVIEW_PROMPT.format(opening=phrase), sentence, None)
     return examples
 
 
 def answer_is_correct(generated: str, answer: str) -> bool:
     """Exact match after stripping whitespace (the tasks have single, short answers)."""
     return generated.strip() == answer.strip()
-
-
-def mixture_weights(counts: dict[str, int], temperature: float) -> dict[str, float]:
-    """Sampling probability of each category, p_c proportional to n_c^(1/T): T = 1 keeps the
-    natural proportions, T -> infinity makes them uniform."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if any(n <= 0 for n in counts.values()):
-        raise ValueError(f"every category needs at least one example: {counts}")
-    scores = {c: n ** (1.0 / temperature) for c, n in counts.items()}
-    total = sum(scores.values())
-    return {c: v / total for c, v in scores.items()}
 
 
 # %%
@@ -855,10 +843,95 @@ for task in SYNTHETIC_TASKS:
     example = next(e for e in synthetic_train if e["category"] == task)
     print(f"{task:>10}: {example['messages'][0]['content'][:60]!r} -> "
           f"{example['messages'][1]['content'][:40]!r}")
-weights = {T: mixture_weights({"alpaca": len(kept), "synthetic": len(synthetic_train)}, T)
-           for T in (1.0, 2.0, 1e9)}
+# %% [markdown]
+# ## Mixing and curriculum
+#
+# An SFT mix has categories of very different sizes: here 2,000 Alpaca records against a few
+# hundred examples of each synthetic task; in FLAN or Tülu, hundreds of tasks spanning four
+# orders of magnitude. Sampling in proportion to size lets the largest categories dominate;
+# sampling uniformly upsamples the smallest ones for many epochs. Temperature sampling
+# interpolates (Arivazhagan et al. 2019, arXiv:1907.05019, §4.2):
+#
+# $$
+# p_c = rac{n_c^{1/T}}{\sum_{c'} n_{c'}^{1/T}},
+# 	ag{6.6}
+# $$
+#
+# $T = 1$ keeps the natural proportions, $T 	o \infty$ gives every category the same share.
+# `build_mixture` draws a fixed number of examples with these proportions, upsampling a category
+# beyond its size when its share demands it.
+#
+# A *curriculum* orders the examples instead of weighting them: easy before hard (Bengio et al.
+# 2009). Our difficulty is the number of response tokens, a proxy that needs no model; the
+# experiment below measures whether the order matters at this scale.
+
+# %%
+#| export
+def mixture_weights(counts: dict[str, int], temperature: float) -> dict[str, float]:
+    """Sampling probability of each category, p_c proportional to n_c^(1/T): T = 1 keeps the
+    natural proportions, T -> infinity makes them uniform."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if any(n <= 0 for n in counts.values()):
+        raise ValueError(f"every category needs at least one example: {counts}")
+    scores = {c: n ** (1.0 / temperature) for c, n in counts.items()}
+    total = sum(scores.values())
+    return {c: v / total for c, v in scores.items()}
+
+
+def build_mixture(groups: dict[str, Sequence], weights: dict[str, float], n_total: int,
+                  seed: int) -> list:
+    """`n_total` items, round(n_total * w_c) from each group c, in a seeded shuffled order. A
+    group is drawn without replacement while it lasts, then again from a fresh shuffle: a
+    category whose weight exceeds its share is upsampled (seen for several epochs)."""
+    import random
+
+    missing = set(weights) ^ set(groups)
+    if missing:
+        raise ValueError(f"groups and weights must name the same categories; differ on {missing}")
+    rng = random.Random(seed)
+    mix = []
+    for category in sorted(groups):
+        items = list(groups[category])
+        if not items:
+            raise ValueError(f"category {category!r} has no examples")
+        wanted, taken = round(n_total * weights[category]), []
+        while len(taken) < wanted:
+            shuffled = items[:]
+            rng.shuffle(shuffled)
+            taken += shuffled[:wanted - len(taken)]
+        mix += taken
+    rng.shuffle(mix)
+    return mix
+
+
+def curriculum_order(difficulty: Sequence[float], seed: int) -> list[int]:
+    """Indices from easiest to hardest (ascending `difficulty`), ties broken by a seeded shuffle:
+    the ordering curriculum of Bengio et al. (2009)."""
+    import random
+
+    tie_break = list(range(len(difficulty)))
+    random.Random(seed).shuffle(tie_break)
+    return sorted(range(len(difficulty)), key=lambda i: (difficulty[i], tie_break[i]))
+
+
+# %%
+counts = {"alpaca": len(kept)} | {t: n_per_task for t in SYNTHETIC_TASKS}
+weights = {T: mixture_weights(counts, T) for T in (1.0, 2.0, 1e9)}
 print("share of Alpaca in the mix at T = 1, 2, inf:",
-      ", ".join(f"{w['alpaca']:.2f}" for w in weights.values()))
+      ", ".join(f"{w['alpaca']:.3f}" for w in weights.values()))
+assert abs(weights[1.0]["alpaca"] - len(kept) / sum(counts.values())) < 1e-12  # T = 1: natural
+assert abs(weights[1e9]["alpaca"] - 1 / len(counts)) < 1e-6  # T -> inf: uniform
+groups = {"alpaca": [("alpaca", i) for i in range(len(kept))]} | {
+    t: [(t, i) for i in range(n_per_task)] for t in SYNTHETIC_TASKS}
+mix = build_mixture(groups, weights[2.0], 1000, seed=SEED)
+drawn = pd.Series([c for c, _ in mix]).value_counts(normalize=True)
+print("eq. (6.6) at T = 2, drawn vs target share:",
+      ", ".join(f"{c} {drawn[c]:.3f}/{weights[2.0][c]:.3f}" for c in sorted(counts)))
+assert all(abs(drawn[c] - weights[2.0][c]) < 1.5e-3 for c in counts)  # rounding only
+order = curriculum_order([len(e["messages"][1]["content"]) for e in synthetic_train], SEED)
+lengths = [len(synthetic_train[i]["messages"][1]["content"]) for i in order]
+assert lengths == sorted(lengths)
 
 # %% [markdown]
 # ## The SFT loop, packed and padded
@@ -949,18 +1022,24 @@ class SFTLog:
 def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]], *, steps: int,
               lr: float, seq_len: int, pad_token_id: int, packing: bool, seed: int,
               examples_per_step: int = 16, rows_per_step: int = 4, bf16: bool = False,
-              desc: str = "SFT") -> SFTLog:
-    """Train `model` on `examples` with AdamW and eq. (6.1), reading them in a seeded shuffled
-    order (cycling). Padded: `examples_per_step` examples padded to the longest. Packed: the
-    stream fills `rows_per_step` rows of `seq_len` tokens; an example that does not fit opens
-    the next row, or waits for the next step."""
+              warmup: int = 0, order: Sequence[int] | None = None, desc: str = "SFT") -> SFTLog:
+    """Train `model` on `examples` with AdamW and eq. (6.1), reading them in `order` (default: a
+    seeded shuffle), cycling. Padded: `examples_per_step` examples padded to the longest.
+    Packed: the stream fills `rows_per_step` rows of `seq_len` tokens; an example that does not
+    fit opens the next row, or waits for the next step. With `warmup` > 0 the learning rate
+    warms up linearly and decays on a cosine to lr / 10."""
     import time
 
+    from ftbook.base_models import cosine_lr
     from ftbook.workbench import check_finite, progress
 
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    if order is None:
+        order = torch.randperm(len(examples),
+                               generator=torch.Generator().manual_seed(seed)).tolist()
+    elif sorted(order) != list(range(len(examples))):
+        raise ValueError("order must be a permutation of the example indices")
     stream = (examples[order[i % len(order)]] for i in range(10**12))
     waiting = None
     log = SFTLog()
@@ -989,6 +1068,9 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
             real = int(batch["attention_mask"].sum())
         inputs = {k: v.to(device) for k, v in inputs.items()}
         model.train()
+        if warmup > 0:
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, steps, warmup, lr)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(**inputs).logits  # (rows, seq, vocab)
@@ -1005,14 +1087,47 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
     return log
 
 
+@dataclass(frozen=True)
+class SFTRecipe:
+    """Sizes and hyperparameters of one profile's SFT run."""
+
+    n_per_task: int  # synthetic training examples per task
+    n_heldout_per_task: int
+    n_alpaca_heldout: int
+    mix_size: int  # examples in the temperature-sampled mixture
+    temperature: float  # mixture temperature T (eq. 6.6)
+    steps: int
+    ablation_steps: int  # the mixing, curriculum and filtering runs
+    lr: float
+    warmup: int
+    seq_len: int  # packed row length: the context the base LM was pretrained on
+    rows_per_step: int
+    max_new_tokens: int
+    bf16: bool
+
+
+SFT_RECIPES = {
+    "smoke": SFTRecipe(n_per_task=8, n_heldout_per_task=4, n_alpaca_heldout=8, mix_size=64,
+                       temperature=2.0, steps=4, ablation_steps=2, lr=1e-3, warmup=1, seq_len=128,
+                       rows_per_step=2, max_new_tokens=8, bf16=False),
+    "tiny": SFTRecipe(n_per_task=300, n_heldout_per_task=30, n_alpaca_heldout=100, mix_size=3000,
+                      temperature=2.0, steps=240, ablation_steps=80, lr=1e-3, warmup=20,
+                      seq_len=256, rows_per_step=4, max_new_tokens=32, bf16=True),
+    "full": SFTRecipe(n_per_task=2000, n_heldout_per_task=100, n_alpaca_heldout=200,
+                      mix_size=20000, temperature=2.0, steps=1200, ablation_steps=400, lr=2e-5,
+                      warmup=50, seq_len=1024, rows_per_step=8, max_new_tokens=64, bf16=True),
+}
+
+
 # %% [markdown]
 # Packing changes which tokens share a forward pass, never what each token sees: the loss of a
 # packed batch equals the loss of the same examples padded (checked first, on one batch). Then
 # throughput: a few steps of each mode on the profile's base LM, counting only real tokens.
 
 # %%
+RECIPE = SFT_RECIPES[PROFILE]
 conversations_mix = [e["messages"] for e in synthetic_train] + [conversations[i] for i in kept]
-seq_len = min(lm.config.max_position_embeddings, 2048)  # the context the LM was trained for
+seq_len = RECIPE.seq_len  # the context the base LM was pretrained on
 sft_examples = tokenize_for_sft(lm_tokenizer, conversations_mix, max_len=seq_len)
 same = sft_examples[:12]
 with torch.no_grad():
@@ -1034,6 +1149,7 @@ for packing in (False, True):
     runs["packed" if packing else "padded"] = sft_train(
         copy.deepcopy(lm).to(DEVICE), sft_examples, steps=probe_steps, lr=0.0, seq_len=seq_len,
         pad_token_id=lm_tokenizer.pad_token_id, packing=packing, seed=SEED,
+        rows_per_step=RECIPE.rows_per_step, bf16=RECIPE.bf16,
         desc="packed" if packing else "padded")
 speed = pd.DataFrame({name: {"token utilization": log.utilization,
                              "real tokens / s": log.tokens_per_second}
@@ -1083,6 +1199,401 @@ print(f"TRL vs ours on 8 conversations: input ids identical {same_ids}, labels i
 assert same_ids and same_labels and abs(ours_loss - out.loss) < 1e-5
 
 # %% [markdown]
+# ## Generation and evaluation
+#
+# To evaluate, the model answers held-out prompts: the chat template renders the user turn up to
+# the assistant header (`render_prompt`), `generate` continues it, and we record the reply, whether
+# it ended with EOS within the token budget, and, for tasks with a single answer, whether it is
+# exactly right. Sampling (for 13-07 to 13-09) draws from the model's distribution itself:
+# temperature 1 with top-k and top-p switched off, so that sampled log-probabilities are the
+# policy's.
+
+# %%
+#| export
+def render_prompt(tokenizer: Any, user_text: str) -> str:
+    """The chat-template string of one user turn, up to and including the assistant header."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+@torch.no_grad()
+def sample_replies(model: nn.Module, tokenizer: Any, prompt_strs: Sequence[str], *,
+                   max_new_tokens: int, do_sample: bool, temperature: float = 1.0, seed: int = 0,
+                   batch_size: int = 32) -> list[dict]:
+    """One reply per rendered prompt: `text` (special tokens removed), `ids` (the generated ids,
+    EOS included when produced) and `finished` (True when the reply ended with EOS). Greedy or
+    pure sampling (no top-k, no top-p); the tokenizer pads on the left."""
+    if tokenizer.padding_side != "left":
+        raise ValueError("generation needs a tokenizer that pads on the left")
+    device = next(model.parameters()).device
+    model.eval()
+    torch.manual_seed(seed)
+    eos, replies = tokenizer.eos_token_id, []
+    for start in range(0, len(prompt_strs), batch_size):
+        batch = tokenizer(list(prompt_strs[start:start + batch_size]), return_tensors="pt",
+                          padding=True, add_special_tokens=False).to(device)
+        sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                                   **sampling)  # (batch, prompt + new)
+        for row in generated[:, batch["input_ids"].shape[1]:].tolist():
+            ids = row[:row.index(eos) + 1] if eos in row else row
+            replies.append({"text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                            "ids": ids, "finished": eos in row})
+    return replies
+
+
+def generate_responses(model: nn.Module, tokenizer: Any, prompt_strs: Sequence[str], *,
+                       max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
+                       seed: int = 0, batch_size: int = 32) -> list[str]:
+    """The decoded replies of `sample_replies`."""
+    return [r["text"] for r in sample_replies(
+        model, tokenizer, prompt_strs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+        temperature=temperature, seed=seed, batch_size=batch_size)]
+
+
+def evaluate_tasks(model: nn.Module, tokenizer: Any, examples: Sequence[dict], *,
+                   max_new_tokens: int, batch_size: int = 32) -> list[dict]:
+    """Greedy replies to held-out synthetic examples: per example its `category`, `reply`,
+    `finished` (ended with EOS) and `correct` (exact answer; None for the review tasks)."""
+    prompts = [render_prompt(tokenizer, e["messages"][0]["content"]) for e in examples]
+    replies = sample_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                             do_sample=False, batch_size=batch_size)
+    return [{"category": e["category"], "reply": r["text"], "finished": r["finished"],
+             "correct": None if e["answer"] is None else answer_is_correct(r["text"], e["answer"])}
+            for e, r in zip(examples, replies, strict=True)]
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
+                 pad_token_id: int, batch_size: int = 32) -> float:
+    """Eq. (6.1) over all `examples` (response tokens only), in padded batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = pad_examples(examples[start:start + batch_size], pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        loss, n = sft_loss(logits, batch["labels"].to(device))
+        total, count = total + float(loss) * n, count + n
+    return total / max(count, 1)
+
+
+# %% [markdown]
+# ## The SFT recipe
+#
+# One function builds the training data of a profile: synthetic tasks from SST-2's training
+# sentences, the filtered Alpaca records (a held-out slice set aside), drawn into a mixture of
+# `mix_size` examples with temperature $T$; another trains the base LM on it; a third saves the
+# result where 13-07 to 13-10 load it (`load_sft_model`, which trains and saves first when the
+# cache is empty). The cache folder is keyed by the recipe, so a changed recipe never loads a stale
+# model.
+
+# %%
+#| export
+def build_sft_data(recipe: SFTRecipe, seed: int = 0) -> dict[str, Any]:
+    """The profile's SFT data: `synthetic_train` / `synthetic_heldout` (dicts of
+    `synthetic_instructions`), `alpaca_train` / `alpaca_heldout` (conversations that passed every
+    filter), and `alpaca_removed` (what each filter removed) and `alpaca_malformed` (count)."""
+    import random
+
+    from ftbook.data import load_alpaca, load_sst2
+
+    train, dev = load_sst2("train"), load_sst2("validation")
+    synthetic_train = synthetic_instructions(train["sentence"], train["label"], recipe.n_per_task,
+                                             seed=seed)
+    seen = {e["messages"][0]["content"] for e in synthetic_train}
+    synthetic_heldout = synthetic_instructions(dev["sentence"], dev["label"],
+                                               recipe.n_heldout_per_task, seed=seed + 1,
+                                               exclude=seen)
+    conversations, malformed = [], 0
+    for i, record in enumerate(load_alpaca()):
+        try:
+            conversations.append(from_alpaca(record, i))
+        except FormatError:
+            malformed += 1
+    kept, removed = filter_conversations(conversations, seed=seed)
+    random.Random(seed).shuffle(kept)
+    held = kept[:recipe.n_alpaca_heldout]
+    return {"synthetic_train": synthetic_train, "synthetic_heldout": synthetic_heldout,
+            "alpaca_train": [conversations[i] for i in kept[recipe.n_alpaca_heldout:]],
+            "alpaca_heldout": [conversations[i] for i in held], "alpaca_removed": removed,
+            "alpaca_malformed": malformed}
+
+
+def sft_mixture(data: dict[str, Any], recipe: SFTRecipe, temperature: float, seed: int = 0
+                ) -> list[list[dict]]:
+    """`recipe.mix_size` training conversations drawn with `mixture_weights(temperature)` over
+    the synthetic tasks and Alpaca (each one category)."""
+    groups: dict[str, list] = {"alpaca": data["alpaca_train"]}
+    for e in data["synthetic_train"]:
+        groups.setdefault(e["category"], []).append(e["messages"])
+    weights = mixture_weights({c: len(g) for c, g in groups.items()}, temperature)
+    return build_mixture(groups, weights, recipe.mix_size, seed)
+
+
+def train_sft_model(profile: str, conversations: Sequence[Sequence[dict]], *,
+                    device: torch.device | None = None, steps: int | None = None, seed: int = 0,
+                    curriculum: bool = False, desc: str = "SFT") -> tuple[nn.Module, Any, SFTLog]:
+    """SFT of the profile's base LM on `conversations` (packed, eq. 6.1), reading them in a
+    seeded shuffle or, with `curriculum`, from the fewest response tokens to the most."""
+    from ftbook.base_models import load_causal_lm
+    from ftbook.workbench import seed_everything
+
+    recipe = SFT_RECIPES[profile]
+    seed_everything(seed)
+    model, tokenizer = load_causal_lm(profile, device)
+    examples = tokenize_for_sft(tokenizer, conversations, max_len=recipe.seq_len)
+    order = None
+    if curriculum:
+        order = curriculum_order([sum(t != -100 for t in labels) for _, labels in examples], seed)
+    log = sft_train(model, examples, steps=steps or recipe.steps, lr=recipe.lr,
+                    seq_len=recipe.seq_len, pad_token_id=tokenizer.pad_token_id, packing=True,
+                    seed=seed, rows_per_step=recipe.rows_per_step, bf16=recipe.bf16,
+                    warmup=recipe.warmup, order=order, desc=desc)
+    return model.eval(), tokenizer, log
+
+
+def sft_model_path(profile: str) -> Any:
+    """The cache folder of the profile's SFT model, keyed by its recipe and base LM."""
+    import hashlib
+
+    from ftbook.base_models import causal_lm_name
+    from ftbook.workbench import cache_dir
+
+    key = hashlib.sha256(f"{SFT_RECIPES[profile]}|{causal_lm_name(profile)}".encode())
+    return cache_dir("13_06_instruction_tuning", f"sft-{profile}-{key.hexdigest()[:12]}")
+
+
+def save_sft_model(model: nn.Module, tokenizer: Any, profile: str, log: SFTLog) -> Any:
+    """Save with `save_pretrained` (model, tokenizer) plus the training log, where
+    `load_sft_model` finds it."""
+    import json
+
+    folder = sft_model_path(profile)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "sft_log.json").write_text(json.dumps({
+        "losses": log.losses, "response_tokens": log.response_tokens,
+        "utilization": log.utilization, "tokens_per_second": log.tokens_per_second}))
+    return folder
+
+
+def load_sft_model(profile: str, device: torch.device | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of the profile's SFT model, loaded with `from_pretrained` from the
+    cache; trained with the chapter's recipe and saved first when the cache has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftbook.base_models import attention_implementation
+
+    folder = sft_model_path(profile)
+    if not (folder / "model.safetensors").exists():
+        recipe = SFT_RECIPES[profile]
+        mixture = sft_mixture(build_sft_data(recipe), recipe, recipe.temperature)
+        model, tokenizer, log = train_sft_model(profile, mixture, device=device)
+        save_sft_model(model, tokenizer, profile, log)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation=attention_implementation(profile))
+    return model.to(device or torch.device("cpu")).eval(), tokenizer
+
+
+# %% [markdown]
+# ## Experiments
+#
+# **SFT of the base LM.** The profile's recipe: the mixture at $T = 2$, packed rows, AdamW with
+# a warmup and a cosine decay. We evaluate the base LM and the SFT model on the same held-out
+# prompts (SST-2 validation sentences; arithmetic problems not seen in training): exact-match
+# accuracy on the four tasks with a single answer, the share of replies that end with EOS within
+# the token budget, and eq. (6.1) on held-out synthetic and Alpaca examples.
+
+# %%
+import matplotlib.pyplot as plt
+
+from ftbook.workbench import Timer, show_figure
+
+data = build_sft_data(RECIPE, SEED)
+mixture = sft_mixture(data, RECIPE, RECIPE.temperature, SEED)
+heldout_synthetic = tokenize_for_sft(lm_tokenizer, [e["messages"] for e in data["synthetic_heldout"]],
+                                     RECIPE.seq_len)
+heldout_alpaca = tokenize_for_sft(lm_tokenizer, data["alpaca_heldout"], RECIPE.seq_len)
+CHECKABLE = ("sentiment", "arithmetic", "copy", "uppercase")
+
+
+def evaluate(model, tokenizer) -> dict:
+    """Held-out task accuracy, EOS rate, junk rate and eq. (6.1) losses of one model."""
+    rows = pd.DataFrame(evaluate_tasks(model, tokenizer, data["synthetic_heldout"],
+                                       max_new_tokens=RECIPE.max_new_tokens))
+    junk = [format_problem([{"role": "assistant", "content": r}]) is not None
+            for r in rows["reply"]]
+    return {"rows": rows,
+            "accuracy": rows[rows.category.isin(CHECKABLE)].groupby("category")["correct"]
+            .mean().astype(float),
+            "mean accuracy": float(rows[rows.category.isin(CHECKABLE)]["correct"].mean()),
+            "EOS rate": float(rows["finished"].mean()), "junk rate": float(sum(junk) / len(junk)),
+            "held-out loss (synthetic)": heldout_loss(model, heldout_synthetic,
+                                                      tokenizer.pad_token_id),
+            "held-out loss (Alpaca)": heldout_loss(model, heldout_alpaca, tokenizer.pad_token_id)}
+
+
+base_eval = evaluate(lm.to(DEVICE), lm_tokenizer)
+with Timer() as sft_time:
+    sft_model, sft_tokenizer, sft_log = train_sft_model(PROFILE, mixture, device=DEVICE,
+                                                        seed=SEED, desc="SFT (T = 2)")
+sft_eval = evaluate(sft_model, sft_tokenizer)
+sft_folder = save_sft_model(sft_model, sft_tokenizer, PROFILE, sft_log)
+print(f"SFT: {len(sft_log.losses)} steps in {sft_time.seconds:.0f} s, "
+      f"{sum(sft_log.real_tokens):,} tokens, utilization {sft_log.utilization:.2f}, "
+      f"{sft_log.tokens_per_second:,.0f} tokens/s; saved to {sft_folder.name}")
+
+summary_keys = ("mean accuracy", "EOS rate", "junk rate", "held-out loss (synthetic)",
+                "held-out loss (Alpaca)")
+before_after = pd.DataFrame({"base LM": {k: base_eval[k] for k in summary_keys}
+                             | {f"accuracy: {t}": base_eval["accuracy"][t] for t in CHECKABLE},
+                             "SFT": {k: sft_eval[k] for k in summary_keys}
+                             | {f"accuracy: {t}": sft_eval["accuracy"][t] for t in CHECKABLE}})
+show_table(before_after, "before_after", CHAPTER, floatfmt="{:.3f}")
+
+fig, ax = plt.subplots(figsize=(6, 3.2))
+ax.plot(sft_log.losses, lw=1)
+ax.set(xlabel="step", ylabel="eq. (6.1), training batch", title=f"SFT of the base LM ({PROFILE})")
+show_figure(fig, "sft_loss", CHAPTER)
+
+# %% [markdown]
+# One held-out prompt per task, answered greedily by the base LM and by the SFT model:
+
+# %%
+samples = []
+for task in SYNTHETIC_TASKS:
+    i = next(j for j, e in enumerate(data["synthetic_heldout"]) if e["category"] == task)
+    samples.append({"task": task,
+                    "prompt": data["synthetic_heldout"][i]["messages"][0]["content"][:70],
+                    "base LM": base_eval["rows"]["reply"][i][:60],
+                    "SFT": sft_eval["rows"]["reply"][i][:60]})
+show_table(pd.DataFrame(samples).set_index("task"), "samples", CHAPTER)
+
+# %% [markdown]
+# **Mixing, curriculum and filtering.** Shorter runs (`ablation_steps`), all from the same base
+# LM with the same seed, each changing one thing:
+#
+# - the mixture temperature, $T = 1$ (natural: Alpaca dominates), $2$ and $\infty$ (uniform);
+# - the order: at $T = 2$, the curriculum (fewest response tokens first) against the shuffle;
+# - the data: the $T = 2$ mixture with 30% of its conversations corrupted the way scraped
+#   instruction data is (a placeholder reply, a refusal, or one record copied over and over),
+#   trained on as is and after `filter_conversations`.
+
+# %%
+import random
+
+
+def corrupt(conversations: list, fraction: float, seed: int) -> list:
+    """Replace `fraction` of the conversations by junk: a placeholder or refusal reply to the
+    same prompt, or a copy of one fixed record (a duplicate cluster)."""
+    rng = random.Random(seed)
+    spam = conversations[0]
+    noisy = []
+    for conversation in conversations:
+        u = rng.random()
+        if u < fraction / 3:
+            conversation = conversation[:-1] + [{"role": "assistant", "content": "<nooutput>"}]
+        elif u < 2 * fraction / 3:
+            conversation = conversation[:-1] + [{"role": "assistant", "content":
+                                                 "As an AI language model, I cannot do that."}]
+        elif u < fraction:
+            conversation = spam
+        noisy.append(conversation)
+    return noisy
+
+
+noisy_mixture = corrupt(mixture, 0.3, SEED)
+filtered_idx, noisy_removed = filter_conversations(noisy_mixture, seed=SEED)
+print(f"corrupted mixture: {len(noisy_mixture)} conversations; the filters remove "
+      + ", ".join(f"{len(v)} ({k})" for k, v in noisy_removed.items() if v)
+      + f"; {len(filtered_idx)} kept")
+ablations = {
+    "T = 1": dict(conversations=sft_mixture(data, RECIPE, 1.0, SEED)),
+    "T = 2": dict(conversations=mixture),
+    "T = inf": dict(conversations=sft_mixture(data, RECIPE, 1e9, SEED)),
+    "T = 2, curriculum": dict(conversations=mixture, curriculum=True),
+    "T = 2, 30% junk": dict(conversations=noisy_mixture),
+    "T = 2, 30% junk, filtered": dict(conversations=[noisy_mixture[i] for i in filtered_idx]),
+}
+ablation_results = {}
+alpaca_ids = {id(c) for c in data["alpaca_train"]}
+for name, run in ablations.items():
+    model, tokenizer, log = train_sft_model(PROFILE, run["conversations"], device=DEVICE,
+                                            steps=RECIPE.ablation_steps, seed=SEED,
+                                            curriculum=run.get("curriculum", False), desc=name)
+    result = evaluate(model, tokenizer)
+    alpaca_share = sum(id(c) in alpaca_ids for c in run["conversations"]) / len(run["conversations"])
+    ablation_results[name] = {"Alpaca share": alpaca_share} | {k: result[k] for k in summary_keys} | {
+        f"accuracy: {t}": result["accuracy"][t] for t in CHECKABLE}
+    del model
+ablation_table = pd.DataFrame(ablation_results).T
+show_table(ablation_table, "ablations", CHAPTER, floatfmt="{:.3f}")
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+ablation_table[[f"accuracy: {t}" for t in CHECKABLE]].plot.barh(ax=axes[0])
+axes[0].set(xlabel="held-out exact-match accuracy", xlim=(0, 1))
+axes[0].invert_yaxis()
+ablation_table[["held-out loss (synthetic)", "held-out loss (Alpaca)"]].plot.barh(ax=axes[1])
+axes[1].set(xlabel="eq. (6.1), held out")
+axes[1].invert_yaxis()
+axes[1].set_yticklabels([])
+fig.tight_layout()
+show_figure(fig, "ablations", CHAPTER)
+
+
+# %% [markdown]
+# ## Results and discussion
+#
+# **What SFT changed.** The base LM answers none of the held-out prompts: it continues the
+# template with pretraining-like text and ends with EOS on only about half of them. After SFT the
+# replies have the form of answers. A sentiment prompt gets a bare label word, an arithmetic
+# prompt a bare number, and about three quarters of the replies end with EOS within the 32-token
+# budget. The loss on held-out responses, eq. (6.1), falls by almost a nat on the synthetic tasks
+# and by about half a nat on held-out Alpaca replies. This is the sense in which SFT "teaches the
+# format": the template, where the answer starts, and when to stop.
+#
+# **What it did not change.** A 5.8M-parameter model, pretrained on 1.7M tokens (Appendix C),
+# cannot do what these tasks ask. Its sentiment labels are at chance (the dev set is balanced).
+# It almost never gets a sum right: a probe of the base LM on the pretraining format itself, "17 + 25 =",
+# finds it guessing. It cannot copy or capitalise a phrase either; BPE gives a capitalised word
+# different tokens from the lower-case one. The review continuations repeat fragments of
+# pretraining text. The exact-match accuracies of this run are therefore near zero, and the
+# table says so rather than a prompt tuned until something passes. The full profile's 0.5B
+# instruct model is where accuracy becomes the interesting column. In this profile the numbers
+# to read are the losses, the EOS rate and the junk rate.
+#
+# **Mixing** shows the trade-off of eq. (6.6) cleanly. Raising $T$ from 1 to $\infty$ lowers
+# Alpaca's share of the mixture (from about one half to one seventh) and moves held-out loss
+# from Alpaca to the synthetic tasks: the synthetic loss falls monotonically with $T$ and the
+# Alpaca loss rises. No temperature is best at both. $T = 2$, the recipe's choice, sits between
+# the two ends, as intended.
+#
+# **The curriculum hurt**, and the reason is instructive. Sorted by response length, the
+# mixture starts with one-token labels and short numbers, and the 80-step run never reaches the
+# long Alpaca replies or the reviews. A curriculum cut short by the budget is a different
+# mixture, and a worse one: both held-out losses are the highest in the table. Curricula help
+# when the whole ordered stream is consumed, usually more than once. Bengio et al. (2009) train
+# to convergence.
+#
+# **Filtering.** In the corrupted mixture the format filter removes the placeholder and refusal
+# replies, and the exact-duplicate filter removes the copied cluster. Trained on it unfiltered,
+# the model produces placeholders or refusals for about a fifth of the held-out prompts: junk is
+# learned in proportion to its share, as behavioural cloning predicts. After filtering, the junk
+# rate is zero again and the held-out losses are back near those of the clean $T = 2$ run.
+#
+# **Packing.** Packing raises the share of real tokens in the batch from about a third to over
+# 80%, yet the speedup in real tokens per second is smaller than that ratio. A packed row of 256
+# tokens pays for $256^2$ attention scores, most of them masked. It also pays for the
+# 4,096-way softmax at every position, while padded batches of short examples are cheap per
+# step. On a GPU with a varlen attention kernel (FlashAttention's `cu_seqlens`) the masked
+# blocks are skipped, and the speedup approaches the utilisation ratio.
+
+# %% [markdown]
 # ## Pitfalls
 #
 # - **Pad equal to EOS.** Masking padding by token id then masks every EOS, and the model never
@@ -1110,6 +1621,11 @@ assert same_ids and same_labels and abs(ours_loss - out.loss) < 1e-5
 #   would have alone, and the loss of a packed batch equals that of the same examples padded.
 # - MinHash estimates Jaccard similarity, eq. (6.4), and banded LSH turns it into an S-shaped
 #   candidate probability, eq. (6.5); both checked by simulation.
+# - Temperature sampling, eq. (6.6), trades one category's held-out loss for another's; a
+#   curriculum truncated by the budget is a different, worse mixture; junk in the data is learned
+#   in proportion to its share, and the filters remove it.
+# - The SFT model is saved with `save_pretrained`, keyed by its recipe; `load_sft_model` gives
+#   13-07 to 13-10 the same model (and trains it when the cache is empty).
 #
 # ## Exercises
 #
@@ -1117,6 +1633,10 @@ assert same_ids and same_labels and abs(ours_loss - out.loss) < 1e-5
 #    utilisation improve on the Alpaca sample?
 # 2. Show that with $c$ fixed to 1, gradient accumulation equals the large batch exactly when
 #    every row has the same number of response tokens, and only then.
+# 3. Run the curriculum ablation for as many steps as it takes to consume the whole ordered
+#    stream once. Does the order still hurt?
+# 4. Replace the exact-duplicate filter by MinHash at threshold 0.9 on the corrupted mixture:
+#    what does it remove that the exact filter misses, and what does it remove wrongly?
 #
 # ## References
 #
@@ -1125,3 +1645,8 @@ assert same_ids and same_labels and abs(ours_loss - out.loss) < 1e-5
 # - Taori et al. (2023), *Stanford Alpaca*; Conover et al. (2023), *Free Dolly*; Köpf et al.
 #   (2023), *OpenAssistant Conversations*, arXiv:2304.07327.
 # - Stanford CS336 (Spring 2025), Assignment 5: alignment and reasoning RL, §3 (SFT).
+# - Arivazhagan et al. (2019), *Massively multilingual neural machine translation in the wild*,
+#   arXiv:1907.05019, §4.2 (temperature sampling).
+# - Bengio et al. (2009), *Curriculum learning*, ICML.
+# - Broder (1997), *On the resemblance and containment of documents* (MinHash); Leskovec,
+#   Rajaraman and Ullman, *Mining of Massive Datasets*, §3.4 (banded LSH).

@@ -1,4 +1,4 @@
-"""Tests of ftbook.instruction_tuning (chapter 13-06, in progress): conversation formats, the CS336
+"""Tests of ftbook.instruction_tuning (chapter 13-06): conversation formats, the CS336
 Assignment 5 contracts (eqs. 6.2, 6.3), gradient accumulation, and packing."""
 import copy
 
@@ -328,7 +328,7 @@ def test_synthetic_instructions_are_checkable_and_held_out_is_disjoint():
     sentences = [f"this film number {i} is fine and long enough" for i in range(50)]
     labels = [i % 2 for i in range(50)]
     train = synthetic_instructions(sentences, labels, 6, seed=0)
-    assert [sum(e["category"] == t for e in train) for t in SYNTHETIC_TASKS] == [6] * 5
+    assert [sum(e["category"] == t for e in train) for t in SYNTHETIC_TASKS] == [6] * 6
     for e in train:
         reply = e["messages"][1]["content"]
         if e["answer"] is not None:
@@ -336,8 +336,12 @@ def test_synthetic_instructions_are_checkable_and_held_out_is_disjoint():
         if e["category"] == "arithmetic":
             a, op, b = e["messages"][0]["content"][8:-1].split()
             assert int(reply) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert int(reply) >= 0  # as in the pretraining corpus
         if e["category"] == "uppercase":
             assert reply == reply.upper()
+        if e["category"] == "continue":  # the running task of 13-07 to 13-09
+            opening = e["messages"][0]["content"].removeprefix("Continue this movie review: ")
+            assert reply.startswith(opening) and reply in sentences
     seen = {e["messages"][0]["content"] for e in train}
     held = synthetic_instructions(sentences, labels, 3, seed=1, exclude=seen)
     assert not seen & {e["messages"][0]["content"] for e in held}
@@ -430,3 +434,88 @@ def test_tokenize_for_sft_matches_trl_completion_only_pipeline(real_env, tmp_pat
         assert trainer.train_dataset[i]["input_ids"] == ids
         assert trainer.train_dataset[i]["labels"] == labels
         assert labels[-1] == tok.eos_token_id
+
+
+# --- mixing, curriculum, generation, the saved SFT model -----------------------------------------
+
+def test_mixture_weights_limits_and_build_mixture_proportions():
+    from ftbook.instruction_tuning import build_mixture, mixture_weights
+
+    counts = {"big": 900, "small": 100}
+    assert mixture_weights(counts, 1.0)["big"] == pytest.approx(0.9)
+    assert mixture_weights(counts, 1e9)["big"] == pytest.approx(0.5, abs=1e-6)
+    # eq. (6.6) at T = 2: sqrt(900) / (sqrt(900) + sqrt(100)) = 0.75
+    weights = mixture_weights(counts, 2.0)
+    assert weights["big"] == pytest.approx(0.75)
+    groups = {"big": list(range(900)), "small": list(range(1000, 1100))}
+    mix = build_mixture(groups, weights, 400, seed=0)
+    assert sum(x < 1000 for x in mix) == 300 and sum(x >= 1000 for x in mix) == 100
+    assert len(set(x for x in mix if x >= 1000)) == 100  # no repeat before the group is used up
+    upsampled = build_mixture(groups, mixture_weights(counts, 1e9), 400, seed=0)
+    assert sum(x >= 1000 for x in upsampled) == 200  # 100 items seen twice
+    with pytest.raises(ValueError, match="same categories"):
+        build_mixture(groups, {"big": 1.0}, 10, seed=0)
+    with pytest.raises(ValueError, match="temperature"):
+        mixture_weights(counts, 0.0)
+
+
+def test_curriculum_order_sorts_and_sft_train_rejects_a_bad_order():
+    from ftbook.instruction_tuning import curriculum_order, sft_train
+
+    difficulty = [3, 1, 2, 1, 5, 2]
+    order = curriculum_order(difficulty, seed=0)
+    assert sorted(order) == list(range(6))
+    assert [difficulty[i] for i in order] == sorted(difficulty)
+    with pytest.raises(ValueError, match="permutation"):
+        sft_train(toy_lm(), [([1, 2], [1, 2])] * 3, steps=1, lr=0.0, seq_len=8, pad_token_id=0,
+                  packing=True, seed=0, order=[0, 0, 1])
+
+
+def test_sample_replies_marks_eos_and_cuts_after_it(real_env):
+    from ftbook.base_models import load_causal_lm
+    from ftbook.instruction_tuning import render_prompt, sample_replies
+
+    lm, tok = load_causal_lm("smoke")
+    head = torch.nn.Linear(lm.config.hidden_size, lm.config.vocab_size)
+    with torch.no_grad():  # a head that always prefers EOS
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 10.0
+    lm.lm_head = head
+    prompts = [render_prompt(tok, "Say hi."), render_prompt(tok, "What is 2 + 3? Answer.")]
+    replies = sample_replies(lm, tok, prompts, max_new_tokens=5, do_sample=False)
+    assert [r["ids"] for r in replies] == [[tok.eos_token_id]] * 2
+    assert all(r["finished"] and r["text"] == "" for r in replies)
+    tok.padding_side = "right"
+    with pytest.raises(ValueError, match="left"):
+        sample_replies(lm, tok, prompts, max_new_tokens=2, do_sample=False)
+
+
+def test_heldout_loss_equals_token_weighted_mean_of_batches():
+    from ftbook.instruction_tuning import heldout_loss, pad_examples, sft_loss
+
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (5, 9, 4, 7, 6):
+        ids = torch.randint(1, 64, (n,), generator=generator).tolist()
+        examples.append((ids, [-100] * 2 + ids[2:]))
+    model = toy_lm().eval()
+    with torch.no_grad():
+        batch = pad_examples(examples, 0)
+        expected, _ = sft_loss(model(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).logits,
+                               batch["labels"])
+    assert heldout_loss(model, examples, 0, batch_size=2) == pytest.approx(float(expected),
+                                                                          rel=1e-5)
+
+
+def test_load_sft_model_trains_saves_and_reloads_the_same_weights(real_env):
+    from ftbook.instruction_tuning import load_sft_model, sft_model_path
+
+    model, tok = load_sft_model("smoke")
+    assert (sft_model_path("smoke") / "sft_log.json").exists()
+    again, _ = load_sft_model("smoke")
+    assert tok.padding_side == "left" and tok.pad_token_id != tok.eos_token_id
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name

@@ -394,14 +394,17 @@ def filter_conversations(conversations: Sequence[list[dict]], near_threshold: fl
     return kept, removed
 
 
-# --- chapters/13_06_instruction_tuning.py :: Synthetic instruction data the tiny LM can learn ---
-SYNTHETIC_TASKS = ("sentiment", "arithmetic", "copy", "uppercase", "review")
+# --- chapters/13_06_instruction_tuning.py :: Synthetic instruction data with checkable answers ---
+SYNTHETIC_TASKS = ("sentiment", "arithmetic", "copy", "uppercase", "review", "continue")
+# The running task of 13-07 to 13-09: continue the opening of a movie review.
+REVIEW_PROMPT = "Continue this movie review: {opening}"
 
 
 def synthetic_instructions(sentences: Sequence[str], labels: Sequence[int], n_per_task: int,
                            seed: int, exclude: set[str] | None = None) -> list[dict]:
     """`n_per_task` examples of each task in `SYNTHETIC_TASKS`, as dicts with `category`,
-    `messages` (a conversation) and `answer` (the exact expected reply, None for reviews).
+    `messages` (a conversation) and `answer` (the exact expected reply, None for the two review
+    tasks, whose replies are the SST-2 sentence the opening was cut from).
     Prompts whose user turn is in `exclude` are skipped (held-out splits)."""
     import random
 
@@ -433,6 +436,8 @@ def synthetic_instructions(sentences: Sequence[str], labels: Sequence[int], n_pe
                             reply, reply)
             elif task == "arithmetic":
                 a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice("+-")
+                if op == "-" and b > a:  # non-negative, as in the pretraining corpus
+                    a, b = b, a
                 result = str(a + b if op == "+" else a - b)
                 made += add(task, f"What is {a} {op} {b}?", result, result)
             elif task == "copy":
@@ -440,10 +445,12 @@ def synthetic_instructions(sentences: Sequence[str], labels: Sequence[int], n_pe
             elif task == "uppercase":
                 made += add(task, f"Rewrite in capital letters: {phrase}", phrase.upper(),
                             phrase.upper())
-            else:
+            elif task == "review":
                 polarity = "positive" if label else "negative"
                 made += add(task, f"Write a {polarity} movie review that starts with: {phrase}",
                             sentence, None)
+            else:
+                made += add(task, REVIEW_PROMPT.format(opening=phrase), sentence, None)
     return examples
 
 
@@ -452,6 +459,7 @@ def answer_is_correct(generated: str, answer: str) -> bool:
     return generated.strip() == answer.strip()
 
 
+# --- chapters/13_06_instruction_tuning.py :: Mixing and curriculum ---
 def mixture_weights(counts: dict[str, int], temperature: float) -> dict[str, float]:
     """Sampling probability of each category, p_c proportional to n_c^(1/T): T = 1 keeps the
     natural proportions, T -> infinity makes them uniform."""
@@ -462,6 +470,42 @@ def mixture_weights(counts: dict[str, int], temperature: float) -> dict[str, flo
     scores = {c: n ** (1.0 / temperature) for c, n in counts.items()}
     total = sum(scores.values())
     return {c: v / total for c, v in scores.items()}
+
+
+def build_mixture(groups: dict[str, Sequence], weights: dict[str, float], n_total: int,
+                  seed: int) -> list:
+    """`n_total` items, round(n_total * w_c) from each group c, in a seeded shuffled order. A
+    group is drawn without replacement while it lasts, then again from a fresh shuffle: a
+    category whose weight exceeds its share is upsampled (seen for several epochs)."""
+    import random
+
+    missing = set(weights) ^ set(groups)
+    if missing:
+        raise ValueError(f"groups and weights must name the same categories; differ on {missing}")
+    rng = random.Random(seed)
+    mix = []
+    for category in sorted(groups):
+        items = list(groups[category])
+        if not items:
+            raise ValueError(f"category {category!r} has no examples")
+        wanted, taken = round(n_total * weights[category]), []
+        while len(taken) < wanted:
+            shuffled = items[:]
+            rng.shuffle(shuffled)
+            taken += shuffled[:wanted - len(taken)]
+        mix += taken
+    rng.shuffle(mix)
+    return mix
+
+
+def curriculum_order(difficulty: Sequence[float], seed: int) -> list[int]:
+    """Indices from easiest to hardest (ascending `difficulty`), ties broken by a seeded shuffle:
+    the ordering curriculum of Bengio et al. (2009)."""
+    import random
+
+    tie_break = list(range(len(difficulty)))
+    random.Random(seed).shuffle(tie_break)
+    return sorted(range(len(difficulty)), key=lambda i: (difficulty[i], tie_break[i]))
 
 
 # --- chapters/13_06_instruction_tuning.py :: The SFT loop, packed and padded ---
@@ -541,18 +585,24 @@ class SFTLog:
 def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]], *, steps: int,
               lr: float, seq_len: int, pad_token_id: int, packing: bool, seed: int,
               examples_per_step: int = 16, rows_per_step: int = 4, bf16: bool = False,
-              desc: str = "SFT") -> SFTLog:
-    """Train `model` on `examples` with AdamW and eq. (6.1), reading them in a seeded shuffled
-    order (cycling). Padded: `examples_per_step` examples padded to the longest. Packed: the
-    stream fills `rows_per_step` rows of `seq_len` tokens; an example that does not fit opens
-    the next row, or waits for the next step."""
+              warmup: int = 0, order: Sequence[int] | None = None, desc: str = "SFT") -> SFTLog:
+    """Train `model` on `examples` with AdamW and eq. (6.1), reading them in `order` (default: a
+    seeded shuffle), cycling. Padded: `examples_per_step` examples padded to the longest.
+    Packed: the stream fills `rows_per_step` rows of `seq_len` tokens; an example that does not
+    fit opens the next row, or waits for the next step. With `warmup` > 0 the learning rate
+    warms up linearly and decays on a cosine to lr / 10."""
     import time
 
+    from ftbook.base_models import cosine_lr
     from ftbook.workbench import check_finite, progress
 
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    if order is None:
+        order = torch.randperm(len(examples),
+                               generator=torch.Generator().manual_seed(seed)).tolist()
+    elif sorted(order) != list(range(len(examples))):
+        raise ValueError("order must be a permutation of the example indices")
     stream = (examples[order[i % len(order)]] for i in range(10**12))
     waiting = None
     log = SFTLog()
@@ -581,6 +631,9 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
             real = int(batch["attention_mask"].sum())
         inputs = {k: v.to(device) for k, v in inputs.items()}
         model.train()
+        if warmup > 0:
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, steps, warmup, lr)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(**inputs).logits  # (rows, seq, vocab)
@@ -595,3 +648,215 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
         log.real_tokens.append(real)
         log.slots.append(batch["input_ids"].numel())
     return log
+
+
+@dataclass(frozen=True)
+class SFTRecipe:
+    """Sizes and hyperparameters of one profile's SFT run."""
+
+    n_per_task: int  # synthetic training examples per task
+    n_heldout_per_task: int
+    n_alpaca_heldout: int
+    mix_size: int  # examples in the temperature-sampled mixture
+    temperature: float  # mixture temperature T (eq. 6.6)
+    steps: int
+    ablation_steps: int  # the mixing, curriculum and filtering runs
+    lr: float
+    warmup: int
+    seq_len: int  # packed row length: the context the base LM was pretrained on
+    rows_per_step: int
+    max_new_tokens: int
+    bf16: bool
+
+
+SFT_RECIPES = {
+    "smoke": SFTRecipe(n_per_task=8, n_heldout_per_task=4, n_alpaca_heldout=8, mix_size=64,
+                       temperature=2.0, steps=4, ablation_steps=2, lr=1e-3, warmup=1, seq_len=128,
+                       rows_per_step=2, max_new_tokens=8, bf16=False),
+    "tiny": SFTRecipe(n_per_task=300, n_heldout_per_task=30, n_alpaca_heldout=100, mix_size=3000,
+                      temperature=2.0, steps=240, ablation_steps=80, lr=1e-3, warmup=20,
+                      seq_len=256, rows_per_step=4, max_new_tokens=32, bf16=True),
+    "full": SFTRecipe(n_per_task=2000, n_heldout_per_task=100, n_alpaca_heldout=200,
+                      mix_size=20000, temperature=2.0, steps=1200, ablation_steps=400, lr=2e-5,
+                      warmup=50, seq_len=1024, rows_per_step=8, max_new_tokens=64, bf16=True),
+}
+
+
+# --- chapters/13_06_instruction_tuning.py :: Generation and evaluation ---
+def render_prompt(tokenizer: Any, user_text: str) -> str:
+    """The chat-template string of one user turn, up to and including the assistant header."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+@torch.no_grad()
+def sample_replies(model: nn.Module, tokenizer: Any, prompt_strs: Sequence[str], *,
+                   max_new_tokens: int, do_sample: bool, temperature: float = 1.0, seed: int = 0,
+                   batch_size: int = 32) -> list[dict]:
+    """One reply per rendered prompt: `text` (special tokens removed), `ids` (the generated ids,
+    EOS included when produced) and `finished` (True when the reply ended with EOS). Greedy or
+    pure sampling (no top-k, no top-p); the tokenizer pads on the left."""
+    if tokenizer.padding_side != "left":
+        raise ValueError("generation needs a tokenizer that pads on the left")
+    device = next(model.parameters()).device
+    model.eval()
+    torch.manual_seed(seed)
+    eos, replies = tokenizer.eos_token_id, []
+    for start in range(0, len(prompt_strs), batch_size):
+        batch = tokenizer(list(prompt_strs[start:start + batch_size]), return_tensors="pt",
+                          padding=True, add_special_tokens=False).to(device)
+        sampling = {"temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample else {}
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                                   **sampling)  # (batch, prompt + new)
+        for row in generated[:, batch["input_ids"].shape[1]:].tolist():
+            ids = row[:row.index(eos) + 1] if eos in row else row
+            replies.append({"text": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                            "ids": ids, "finished": eos in row})
+    return replies
+
+
+def generate_responses(model: nn.Module, tokenizer: Any, prompt_strs: Sequence[str], *,
+                       max_new_tokens: int, do_sample: bool, temperature: float = 1.0,
+                       seed: int = 0, batch_size: int = 32) -> list[str]:
+    """The decoded replies of `sample_replies`."""
+    return [r["text"] for r in sample_replies(
+        model, tokenizer, prompt_strs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+        temperature=temperature, seed=seed, batch_size=batch_size)]
+
+
+def evaluate_tasks(model: nn.Module, tokenizer: Any, examples: Sequence[dict], *,
+                   max_new_tokens: int, batch_size: int = 32) -> list[dict]:
+    """Greedy replies to held-out synthetic examples: per example its `category`, `reply`,
+    `finished` (ended with EOS) and `correct` (exact answer; None for the review tasks)."""
+    prompts = [render_prompt(tokenizer, e["messages"][0]["content"]) for e in examples]
+    replies = sample_replies(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                             do_sample=False, batch_size=batch_size)
+    return [{"category": e["category"], "reply": r["text"], "finished": r["finished"],
+             "correct": None if e["answer"] is None else answer_is_correct(r["text"], e["answer"])}
+            for e, r in zip(examples, replies, strict=True)]
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
+                 pad_token_id: int, batch_size: int = 32) -> float:
+    """Eq. (6.1) over all `examples` (response tokens only), in padded batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = pad_examples(examples[start:start + batch_size], pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        loss, n = sft_loss(logits, batch["labels"].to(device))
+        total, count = total + float(loss) * n, count + n
+    return total / max(count, 1)
+
+
+# --- chapters/13_06_instruction_tuning.py :: The SFT recipe ---
+def build_sft_data(recipe: SFTRecipe, seed: int = 0) -> dict[str, Any]:
+    """The profile's SFT data: `synthetic_train` / `synthetic_heldout` (dicts of
+    `synthetic_instructions`), `alpaca_train` / `alpaca_heldout` (conversations that passed every
+    filter), and `alpaca_removed` (what each filter removed) and `alpaca_malformed` (count)."""
+    import random
+
+    from ftbook.data import load_alpaca, load_sst2
+
+    train, dev = load_sst2("train"), load_sst2("validation")
+    synthetic_train = synthetic_instructions(train["sentence"], train["label"], recipe.n_per_task,
+                                             seed=seed)
+    seen = {e["messages"][0]["content"] for e in synthetic_train}
+    synthetic_heldout = synthetic_instructions(dev["sentence"], dev["label"],
+                                               recipe.n_heldout_per_task, seed=seed + 1,
+                                               exclude=seen)
+    conversations, malformed = [], 0
+    for i, record in enumerate(load_alpaca()):
+        try:
+            conversations.append(from_alpaca(record, i))
+        except FormatError:
+            malformed += 1
+    kept, removed = filter_conversations(conversations, seed=seed)
+    random.Random(seed).shuffle(kept)
+    held = kept[:recipe.n_alpaca_heldout]
+    return {"synthetic_train": synthetic_train, "synthetic_heldout": synthetic_heldout,
+            "alpaca_train": [conversations[i] for i in kept[recipe.n_alpaca_heldout:]],
+            "alpaca_heldout": [conversations[i] for i in held], "alpaca_removed": removed,
+            "alpaca_malformed": malformed}
+
+
+def sft_mixture(data: dict[str, Any], recipe: SFTRecipe, temperature: float, seed: int = 0
+                ) -> list[list[dict]]:
+    """`recipe.mix_size` training conversations drawn with `mixture_weights(temperature)` over
+    the synthetic tasks and Alpaca (each one category)."""
+    groups: dict[str, list] = {"alpaca": data["alpaca_train"]}
+    for e in data["synthetic_train"]:
+        groups.setdefault(e["category"], []).append(e["messages"])
+    weights = mixture_weights({c: len(g) for c, g in groups.items()}, temperature)
+    return build_mixture(groups, weights, recipe.mix_size, seed)
+
+
+def train_sft_model(profile: str, conversations: Sequence[Sequence[dict]], *,
+                    device: torch.device | None = None, steps: int | None = None, seed: int = 0,
+                    curriculum: bool = False, desc: str = "SFT") -> tuple[nn.Module, Any, SFTLog]:
+    """SFT of the profile's base LM on `conversations` (packed, eq. 6.1), reading them in a
+    seeded shuffle or, with `curriculum`, from the fewest response tokens to the most."""
+    from ftbook.base_models import load_causal_lm
+    from ftbook.workbench import seed_everything
+
+    recipe = SFT_RECIPES[profile]
+    seed_everything(seed)
+    model, tokenizer = load_causal_lm(profile, device)
+    examples = tokenize_for_sft(tokenizer, conversations, max_len=recipe.seq_len)
+    order = None
+    if curriculum:
+        order = curriculum_order([sum(t != -100 for t in labels) for _, labels in examples], seed)
+    log = sft_train(model, examples, steps=steps or recipe.steps, lr=recipe.lr,
+                    seq_len=recipe.seq_len, pad_token_id=tokenizer.pad_token_id, packing=True,
+                    seed=seed, rows_per_step=recipe.rows_per_step, bf16=recipe.bf16,
+                    warmup=recipe.warmup, order=order, desc=desc)
+    return model.eval(), tokenizer, log
+
+
+def sft_model_path(profile: str) -> Any:
+    """The cache folder of the profile's SFT model, keyed by its recipe and base LM."""
+    import hashlib
+
+    from ftbook.base_models import causal_lm_name
+    from ftbook.workbench import cache_dir
+
+    key = hashlib.sha256(f"{SFT_RECIPES[profile]}|{causal_lm_name(profile)}".encode())
+    return cache_dir("13_06_instruction_tuning", f"sft-{profile}-{key.hexdigest()[:12]}")
+
+
+def save_sft_model(model: nn.Module, tokenizer: Any, profile: str, log: SFTLog) -> Any:
+    """Save with `save_pretrained` (model, tokenizer) plus the training log, where
+    `load_sft_model` finds it."""
+    import json
+
+    folder = sft_model_path(profile)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "sft_log.json").write_text(json.dumps({
+        "losses": log.losses, "response_tokens": log.response_tokens,
+        "utilization": log.utilization, "tokens_per_second": log.tokens_per_second}))
+    return folder
+
+
+def load_sft_model(profile: str, device: torch.device | None = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of the profile's SFT model, loaded with `from_pretrained` from the
+    cache; trained with the chapter's recipe and saved first when the cache has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftbook.base_models import attention_implementation
+
+    folder = sft_model_path(profile)
+    if not (folder / "model.safetensors").exists():
+        recipe = SFT_RECIPES[profile]
+        mixture = sft_mixture(build_sft_data(recipe), recipe, recipe.temperature)
+        model, tokenizer, log = train_sft_model(profile, mixture, device=device)
+        save_sft_model(model, tokenizer, profile, log)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation=attention_implementation(profile))
+    return model.to(device or torch.device("cpu")).eval(), tokenizer
