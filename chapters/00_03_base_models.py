@@ -158,9 +158,14 @@ del model
 #
 # ```text
 # <s><|user|>
-# Is this review positive? a gripping film</s><|assistant|>
-# positive</s>
+#  Is this review positive? a gripping film</s><|assistant|>
+#  positive</s>
 # ```
+#
+# The space after each header's newline matters with a SentencePiece tokenizer: it makes the
+# first word of a turn a word-initial piece, `▁positive` (one token the pretrained model knows
+# well), instead of the continuation pieces `p`, `os`, `itive` that follow a bare newline. The
+# generation prompt ends at the newline, so the model's first token carries the space.
 
 # %%
 #| export
@@ -171,7 +176,7 @@ ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}"
+    "{{ '<|' + message['role'] + '|>\n ' + message['content'] + eos_token }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
@@ -547,6 +552,8 @@ def load_causal_lm(profile: str, device: torch.device | None = None,
 
     name = causal_lm_name(profile)
     tokenizer = AutoTokenizer.from_pretrained(name)
+    if profile != "full":  # the book's own tokenizer: always the current template
+        tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{name}: the tokenizer's pad token must exist and differ from EOS")
     model = AutoModelForCausalLM.from_pretrained(

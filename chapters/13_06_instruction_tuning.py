@@ -483,7 +483,8 @@ print(f"token utilization: packed {token_utilization(packed['labels'], -100):.2f
 #| export
 def conversation_to_prompt_and_output(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, str]:
     """(prompt, output) strings of a conversation for SFT: the chat template up to the last
-    assistant header, and the last assistant message followed by the EOS token."""
+    assistant header, and the rest of the rendering (the last assistant message as the template
+    writes it, ending with the EOS token)."""
     messages = validate_conversation(messages)
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no EOS token: the model could not learn to stop")
@@ -491,7 +492,11 @@ def conversation_to_prompt_and_output(tokenizer: Any, messages: Sequence[dict]) 
         raise ValueError("pad and EOS are the same token: masking padding would mask every EOS")
     prompt = tokenizer.apply_chat_template(list(messages[:-1]), add_generation_prompt=True,
                                            tokenize=False)
-    return prompt, messages[-1]["content"] + tokenizer.eos_token
+    rendered = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    if not rendered.startswith(prompt) or tokenizer.eos_token not in rendered[len(prompt):]:
+        raise ValueError("the chat template must render the prompt as a prefix of the whole "
+                         "conversation and end the reply with EOS")
+    return prompt, rendered[len(prompt):]
 
 
 # %%
@@ -1359,10 +1364,11 @@ def sft_model_path(profile: str) -> Any:
     """The cache folder of the profile's SFT model, keyed by its recipe and base LM."""
     import hashlib
 
-    from ftbook.base_models import causal_lm_name
+    from ftbook.base_models import CHAT_TEMPLATE, causal_lm_name
     from ftbook.workbench import cache_dir
 
-    key = hashlib.sha256(f"{SFT_RECIPES[profile]}|{causal_lm_name(profile)}".encode())
+    key = hashlib.sha256(
+        f"{SFT_RECIPES[profile]}|{causal_lm_name(profile)}|{CHAT_TEMPLATE}".encode())
     return cache_dir("13_06_instruction_tuning", f"sft-{profile}-{key.hexdigest()[:12]}")
 
 
@@ -1552,20 +1558,21 @@ show_figure(fig, "ablations", CHAPTER)
 # **What SFT changed.** The base LM answers none of the held-out prompts: it continues the
 # template with pretraining-like text and ends with EOS on only about half of them. After SFT the
 # replies have the form of answers. A sentiment prompt gets a bare label word, an arithmetic
-# prompt a bare number, and about three quarters of the replies end with EOS within the 32-token
-# budget. The loss on held-out responses, eq. (6.1), falls by almost a nat on the synthetic tasks
-# and by about half a nat on held-out Alpaca replies. This is the sense in which SFT "teaches the
-# format": the template, where the answer starts, and when to stop.
+# prompt a bare number, and every reply ends with EOS within the 32-token budget. The loss on
+# held-out responses, eq. (6.1), falls by about two thirds of a nat on the synthetic tasks and
+# by half a nat on held-out Alpaca replies. This is the sense in which SFT "teaches the format":
+# the template, where the answer starts, and when to stop.
 #
 # **What it did not change.** A 5.8M-parameter model, pretrained on 1.7M tokens (Appendix C),
-# cannot do what these tasks ask. Its sentiment labels are at chance (the dev set is balanced).
-# It almost never gets a sum right: a probe of the base LM on the pretraining format itself, "17 + 25 =",
-# finds it guessing. It cannot copy or capitalise a phrase either; BPE gives a capitalised word
-# different tokens from the lower-case one. The review continuations repeat fragments of
-# pretraining text. The exact-match accuracies of this run are therefore near zero, and the
-# table says so rather than a prompt tuned until something passes. The full profile's 0.5B
-# instruct model is where accuracy becomes the interesting column. In this profile the numbers
-# to read are the losses, the EOS rate and the junk rate.
+# cannot do what these tasks ask. Its sentiment labels are barely above chance (the dev set is
+# balanced, and 30 prompts per task give a standard error of about 0.09). It never gets a sum
+# right: a probe of the base LM on the pretraining format itself, "17 + 25 =", finds it
+# guessing. It cannot copy or capitalise a phrase either; BPE gives a capitalised word
+# different tokens from the lower-case one. Its greedy review continuations are a word or
+# two. The exact-match accuracies of this run are therefore near zero, and the table says so
+# rather than a prompt tuned until something passes. The full profile's 0.5B instruct model is
+# where accuracy becomes the interesting column. In this profile the numbers to read are the
+# losses, the EOS rate and the junk rate.
 #
 # **Mixing** shows the trade-off of eq. (6.6) cleanly. Raising $T$ from 1 to $\infty$ lowers
 # Alpaca's share of the mixture (from about one half to one seventh) and moves held-out loss
@@ -1576,22 +1583,28 @@ show_figure(fig, "ablations", CHAPTER)
 # **The curriculum hurt**, and the reason is instructive. Sorted by response length, the
 # mixture starts with one-token labels and short numbers, and the 80-step run never reaches the
 # long Alpaca replies or the reviews. A curriculum cut short by the budget is a different
-# mixture, and a worse one: both held-out losses are the highest in the table. Curricula help
-# when the whole ordered stream is consumed, usually more than once. Bengio et al. (2009) train
-# to convergence.
+# mixture, and a worse one: both held-out losses are the highest in the table, and only about
+# 60% of its replies end with EOS. Curricula help when the whole ordered stream is consumed,
+# usually more than once; Bengio et al. (2009) train to convergence.
 #
 # **Filtering.** In the corrupted mixture the format filter removes the placeholder and refusal
 # replies, and the exact-duplicate filter removes the copied cluster. Trained on it unfiltered,
-# the model produces placeholders or refusals for about a fifth of the held-out prompts: junk is
-# learned in proportion to its share, as behavioural cloning predicts. After filtering, the junk
-# rate is zero again and the held-out losses are back near those of the clean $T = 2$ run.
+# the model answers about half of the held-out prompts with a placeholder or a refusal, more
+# than the 30% share of junk in the data. A fixed, short reply is the easiest pattern in the
+# mixture to learn, and greedy decoding picks it wherever it is the single most likely reply.
+# After filtering, the junk rate is zero again and the held-out losses are back near those of
+# the clean $T = 2$ run.
 #
-# **Packing.** Packing raises the share of real tokens in the batch from about a third to over
-# 80%, yet the speedup in real tokens per second is smaller than that ratio. A packed row of 256
-# tokens pays for $256^2$ attention scores, most of them masked. It also pays for the
-# 4,096-way softmax at every position, while padded batches of short examples are cheap per
-# step. On a GPU with a varlen attention kernel (FlashAttention's `cu_seqlens`) the masked
-# blocks are skipped, and the speedup approaches the utilisation ratio.
+# **Packing.** Packing raises the share of real tokens in the batch from about a third to about
+# 80%. The speedup in real tokens per second need not equal that ratio, for two reasons that
+# pull in opposite directions. A packed row of 256 tokens pays for $256^2$ attention scores,
+# most of them masked, and for the 4,096-way softmax at every position, pad or not. A padded
+# batch of 16 examples, on the other hand, materialises logits for 16 rows of the longest
+# example; on a CPU those large tensors cost memory traffic and page faults that grow faster than
+# their size. The ratio printed above comes from 8 steps on a 2-core machine and is noisy: in
+# runs while other jobs shared the machine we measured from 1.3x to 12x. On a GPU with a
+# varlen attention kernel (FlashAttention's `cu_seqlens`), the masked blocks are skipped and the
+# speedup approaches the utilisation ratio.
 
 # %% [markdown]
 # ## Pitfalls

@@ -59,9 +59,13 @@ def test_digits_are_single_tokens(tokenizer):
 def test_chat_template_ends_turns_with_eos(tokenizer):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert text == "<s><|user|>\nhi</s><|assistant|>\nhello</s>"
+    assert text == "<s><|user|>\n hi</s><|assistant|>\n hello</s>"
     prompt = tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|assistant|>\n")
+    # the first word of a reply is a word-initial piece, not a continuation
+    reply = tokenizer(text, add_special_tokens=False)["input_ids"][len(
+        tokenizer(prompt, add_special_tokens=False)["input_ids"]):]
+    assert tokenizer.convert_ids_to_tokens(reply)[0].startswith("▁")
 
 
 def test_tokenizer_matches_sentencepiece_and_gguf_reader(tokenizer):

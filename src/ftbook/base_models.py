@@ -85,7 +85,7 @@ ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}"
+    "{{ '<|' + message['role'] + '|>\n ' + message['content'] + eos_token }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
@@ -408,6 +408,8 @@ def load_causal_lm(profile: str, device: torch.device | None = None,
 
     name = causal_lm_name(profile)
     tokenizer = AutoTokenizer.from_pretrained(name)
+    if profile != "full":  # the book's own tokenizer: always the current template
+        tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{name}: the tokenizer's pad token must exist and differ from EOS")
     model = AutoModelForCausalLM.from_pretrained(

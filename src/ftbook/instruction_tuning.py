@@ -239,7 +239,8 @@ def token_utilization(attention_or_labels: torch.Tensor, pad_value: int) -> floa
 # --- chapters/13_06_instruction_tuning.py :: From conversations to SFT examples: the chat te... ---
 def conversation_to_prompt_and_output(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, str]:
     """(prompt, output) strings of a conversation for SFT: the chat template up to the last
-    assistant header, and the last assistant message followed by the EOS token."""
+    assistant header, and the rest of the rendering (the last assistant message as the template
+    writes it, ending with the EOS token)."""
     messages = validate_conversation(messages)
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no EOS token: the model could not learn to stop")
@@ -247,7 +248,11 @@ def conversation_to_prompt_and_output(tokenizer: Any, messages: Sequence[dict]) 
         raise ValueError("pad and EOS are the same token: masking padding would mask every EOS")
     prompt = tokenizer.apply_chat_template(list(messages[:-1]), add_generation_prompt=True,
                                            tokenize=False)
-    return prompt, messages[-1]["content"] + tokenizer.eos_token
+    rendered = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    if not rendered.startswith(prompt) or tokenizer.eos_token not in rendered[len(prompt):]:
+        raise ValueError("the chat template must render the prompt as a prefix of the whole "
+                         "conversation and end the reply with EOS")
+    return prompt, rendered[len(prompt):]
 
 
 # --- chapters/13_06_instruction_tuning.py :: Quality filtering ---
@@ -821,10 +826,11 @@ def sft_model_path(profile: str) -> Any:
     """The cache folder of the profile's SFT model, keyed by its recipe and base LM."""
     import hashlib
 
-    from ftbook.base_models import causal_lm_name
+    from ftbook.base_models import CHAT_TEMPLATE, causal_lm_name
     from ftbook.workbench import cache_dir
 
-    key = hashlib.sha256(f"{SFT_RECIPES[profile]}|{causal_lm_name(profile)}".encode())
+    key = hashlib.sha256(
+        f"{SFT_RECIPES[profile]}|{causal_lm_name(profile)}|{CHAT_TEMPLATE}".encode())
     return cache_dir("13_06_instruction_tuning", f"sft-{profile}-{key.hexdigest()[:12]}")
 
 
