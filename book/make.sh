@@ -16,13 +16,16 @@ setup() {
     "${PYTHON:-python3}" -m venv "$VENV"
   fi
   local stamp="$VENV/.ftbook-installed"
-  if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ requirements-nodeps.txt -nt "$stamp" ] \
+    || [ pyproject.toml -nt "$stamp" ]; then
     echo "== installing requirements (first run: a few minutes)"
     local start=$SECONDS
     # torch first, pinned: a CPU wheel where one is available locally; an unpinned torch can
     # pull a multi-GB CUDA build. Never torchvision (PyPI's does not load beside this torch).
     "$PY" -m pip install -q --disable-pip-version-check "torch==${FTBOOK_TORCH:-2.13.0}"
     "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
+    # unsloth (13-10) without its dependency resolution: see requirements-nodeps.txt
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
     "$PY" -m pip install -q --disable-pip-version-check --no-deps -e .
     if "$PY" -m pip show torchvision >/dev/null 2>&1; then
       "$PY" -m pip uninstall -y -q torchvision

@@ -1618,6 +1618,11 @@ show_figure(fig, "ablations", CHAPTER)
 #   assistant header at inference. CS336's `tokenize_prompt_and_output` tokenizes the two parts
 #   separately by contract (fine for Qwen's byte-level BPE); `tokenize_for_sft` tokenizes the
 #   whole conversation, as TRL does, and the parity check above compares the two pipelines.
+# - **The reply's first token.** With a SentencePiece tokenizer, a reply that follows a bare
+#   newline starts with a continuation piece: "positive" becomes `p`, `os`, `itive` instead of
+#   the one token `▁positive` the pretrained model knows. Our first SFT runs on this template
+#   answered with word fragments; the book's template now puts a space after each header
+#   (Appendix C).
 # - **Per-microbatch normalisation.** Dividing each microbatch by its own token count makes
 #   gradient accumulation differ from the large batch (checked above); normalise by the batch's
 #   response tokens.

@@ -9,9 +9,13 @@ __version__ = "0.1.0"
 #   ftbook.adapters
 #   ftbook.base_models
 #   ftbook.data
+#   ftbook.dpo_grpo
+#   ftbook.efficient_finetuning
 #   ftbook.full_finetuning
 #   ftbook.instruction_tuning
 #   ftbook.lora
 #   ftbook.prompt_tuning
 #   ftbook.qlora
+#   ftbook.reward_modeling
+#   ftbook.rlhf_ppo
 #   ftbook.workbench

@@ -372,6 +372,9 @@ def base_lm_path(config: BaseLMConfig, device: torch.device | None = None) -> Pa
     """The cached folder of the base LM of `config`, pretraining it first if it is missing."""
     folder = cache_dir("base_lm") / config_key(config)
     if (folder / "training_log.json").is_file():
+        template = folder / "chat_template.jinja"
+        if template.is_file() and template.read_text() != CHAT_TEMPLATE:
+            template.write_text(CHAT_TEMPLATE)  # the template changed, the weights did not
         return folder
     device = device if device is not None else torch.device("cpu")
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))

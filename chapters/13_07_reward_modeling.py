@@ -1,0 +1,1735 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# (reward-modeling)=
+# # 13-07 Reward modeling
+#
+# ```{admonition} At a glance
+# :class: tip
+# **Prerequisites:** {ref}`instruction-tuning`, 1-07 (maximum likelihood). **Reading time:**
+# ~10 min; the tiny profile runs in about 4 minutes on 2 CPU cores.
+# **You will build** `ftbook.reward_modeling`: validated preference records; the Bradley-Terry
+# likelihood, its gradient and its maximum-likelihood fit, each checked against autograd or a
+# closed form; a reward model (an LM backbone with a scalar head read at the last real token,
+# under left or right padding) matched against `LlamaForSequenceClassification` and TRL's
+# `RewardTrainer`; a training loop with held-out accuracy and a calibration plot; and best-of-$n$
+# sampling that shows the learned reward being over-optimised against a gold reward. The trained
+# reward model is saved for 13-08 and 13-09.
+# ```
+#
+# Supervised fine-tuning (13-06) imitates demonstrations. For many goals it is easier to *judge*
+# two answers than to write the best one, and RLHF turns such judgements into a training signal
+# in two steps (Christiano et al. 2017, arXiv:1706.03741; Stiennon et al. 2020,
+# arXiv:2009.01325; Ouyang et al. 2022, arXiv:2203.02155): fit a **reward model** $r_\phi(x, y)$
+# to pairwise preferences, then optimise the policy against it (13-08 with PPO; 13-09 skips the
+# explicit reward model). This chapter is the first step. Its last section shows why the second
+# step needs a brake: the reward model is a proxy, and optimising a proxy hard enough makes the
+# true objective worse (Gao et al. 2022, arXiv:2210.10760).
+#
+# **The running task of 13-07 to 13-09** is controlled sentiment generation, as in the DPO
+# paper's IMDb experiment: the prompt asks the SFT model of 13-06 to continue the opening words of
+# an SST-2 movie review, and the goal is a *positive* continuation. Human raters are replaced by
+# a known **gold reward** $r^\star$, the positive-minus-negative logit of a sentiment classifier,
+# so that we can measure what human-feedback pipelines cannot: how well the learned reward
+# agrees with the true one, and what happens to the true reward when the learned one is pushed.
+
+# %%
+from ftbook.workbench import device_cell, get_device, get_profile, seed_everything
+
+CHAPTER = "13_07_reward_modeling"
+PROFILE = get_profile()
+SEED = 0
+seed_everything(SEED)
+DEVICE = get_device()
+device_cell(PROFILE, SEED, DEVICE)
+
+# %% [markdown]
+# ## Configuration
+#
+# One frozen configuration per profile. The tiny profile samples a few hundred replies of at most
+# 48 tokens from the tiny SFT model, trains the reward model for about two epochs over the
+# training pairs, and draws 64 replies for each of a few held-out prompts for best-of-$n$.
+
+# %%
+#| export
+"""Reward modeling: preference records, the Bradley-Terry model, a reward model with a scalar
+head read at the last real token, its training loop, calibration, and best-of-n over-optimisation.
+
+Chapter 13-07. Bradley & Terry 1952 (Biometrika 39); Christiano et al. 2017 (arXiv:1706.03741);
+Stiennon et al. 2020 (arXiv:2009.01325); Ouyang et al. 2022 (arXiv:2203.02155, §3.5); Gao et al.
+2022 (arXiv:2210.10760) for over-optimisation; Beirami et al. 2024 (arXiv:2401.01879) for the KL
+of best-of-n.
+"""
+import copy
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftbook.workbench import cache_dir, check_finite, pick, progress
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """Budget and hyperparameters of chapter 13-07 (one per profile)."""
+
+    n_train_prompts: int  # SST-2 train openings; one preference pair each
+    n_eval_prompts: int  # SST-2 validation openings for held-out pairs
+    max_new_tokens: int  # reply length cap when sampling from the SFT policy
+    temperature: float  # sampling temperature of the SFT policy
+    generate_batch_size: int
+    max_len: int  # tokens of prompt + reply (the tiny LM has 256 positions)
+    steps: int  # reward-model optimiser steps
+    batch_size: int  # pairs per step
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    eval_every: int  # held-out evaluation interval during training (chapter only)
+    score_batch_size: int  # sequences per forward pass when scoring
+    calibration_bins: int
+    bon_prompts: int  # held-out prompts for best-of-n
+    bon_max_n: int  # samples per prompt; n = 1, 2, 4, ..., bon_max_n
+    bf16: bool = False  # autocast to bfloat16 (GPU)
+    seed: int = 0
+
+
+RM_CONFIGS = {
+    "smoke": RewardModelConfig(n_train_prompts=24, n_eval_prompts=12, max_new_tokens=8,
+                               temperature=1.0, generate_batch_size=16, max_len=128, steps=4,
+                               batch_size=4, lr=1e-3, weight_decay=0.0, warmup_ratio=0.25,
+                               eval_every=2, score_batch_size=32, calibration_bins=4,
+                               bon_prompts=3, bon_max_n=8),
+    "tiny": RewardModelConfig(n_train_prompts=640, n_eval_prompts=96, max_new_tokens=48,
+                              temperature=1.0, generate_batch_size=64, max_len=256, steps=60,
+                              batch_size=16, lr=1e-3, weight_decay=0.01, warmup_ratio=0.1,
+                              eval_every=20, score_batch_size=64, calibration_bins=8,
+                              bon_prompts=12, bon_max_n=64),
+    "full": RewardModelConfig(n_train_prompts=4000, n_eval_prompts=500, max_new_tokens=48,
+                              temperature=1.0, generate_batch_size=128, max_len=256, steps=500,
+                              batch_size=32, lr=1e-5, weight_decay=0.01, warmup_ratio=0.05,
+                              eval_every=100, score_batch_size=128, calibration_bins=10,
+                              bon_prompts=64, bon_max_n=256, bf16=True),
+}
+RM_CHAPTER = "13_07_reward_modeling"  # the cache folder of this chapter's artefacts
+
+
+# %%
+cfg = pick(PROFILE, RM_CONFIGS)
+print(cfg)
+
+# %% [markdown]
+# ## Preference data
+#
+# A preference record holds a prompt $x$ and two replies, the one the labeller preferred
+# (`chosen`, $y_w$) and the other (`rejected`, $y_l$). Our records are dicts with the fields
+# `prompt` (the user message), `chosen` and `rejected` (the reply texts, without the chat template
+# or EOS), and, for the synthetic pairs, the gold rewards of both replies. Whatever produced them,
+# records are checked before anything is trained on them: every field present, a string, not
+# empty, and the two replies different. A pair of identical replies carries no preference: its
+# two rewards are always equal, so it adds a constant $\ln 2$ to the loss, no gradient, and a tie
+# to the accuracy, and it usually means a bug upstream (a sampler that returned the same text
+# twice, a join on the wrong key).
+
+# %%
+#| export
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+GOLD_FIELDS = ("gold_chosen", "gold_rejected")  # optional, numbers
+MAX_REPORTED = 5
+
+
+class PreferenceDataError(ValueError):
+    """Malformed preference records; the message names each record index and field."""
+
+
+def preference_problems(records: Sequence[Any]) -> list[tuple[int, str, str]]:
+    """(record index, field, what is wrong) for every problem in `records`: a record that is not
+    a dict, a missing, non-string or empty `prompt`/`chosen`/`rejected`, chosen equal to
+    rejected (after stripping whitespace), or a non-finite gold reward."""
+    problems = []
+    for i, record in enumerate(records):
+        if not isinstance(record, Mapping):
+            problems.append((i, "-", f"is a {type(record).__name__}, expected a dict"))
+            continue
+        texts_ok = True
+        for name in PREFERENCE_FIELDS:
+            if name not in record:
+                problems.append((i, name, "is missing"))
+            elif not isinstance(record[name], str):
+                problems.append((i, name, f"must be a string, got {type(record[name]).__name__}"))
+            elif not record[name].strip():
+                problems.append((i, name, "is empty"))
+            else:
+                continue
+            texts_ok = False
+        if texts_ok and record["chosen"].strip() == record["rejected"].strip():
+            problems.append((i, "rejected", "equals 'chosen': the pair carries no preference"))
+        for name in GOLD_FIELDS:
+            if name in record:
+                value = record[name]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or not math.isfinite(value):
+                    problems.append((i, name, f"must be a finite number, got {value!r}"))
+    return problems
+
+
+def validate_preference_records(records: Sequence[Any], what: str = "preference records"
+                                ) -> list[dict]:
+    """`records` as a list if every record is well formed, else `PreferenceDataError` listing
+    the first problems as "record i, field 'name': problem"."""
+    records = list(records)
+    if not records:
+        raise PreferenceDataError(f"{what}: no records")
+    problems = preference_problems(records)
+    if problems:
+        shown = "; ".join(f"record {i}, field {name!r}: {why}"
+                          for i, name, why in problems[:MAX_REPORTED])
+        more = f" (and {len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
+        raise PreferenceDataError(f"{what}: {len(problems)} problem(s): {shown}{more}")
+    return records
+
+
+# %% [markdown]
+# A real sample first: the harmless-base test split of Anthropic's HH-RLHF (Bai et al. 2022,
+# arXiv:2204.05862), loaded by Appendix B's `load_hh_rlhf`, which splits each dialogue pair into
+# the shared prompt and the two final assistant replies. We convert it to our records, run the
+# checks, and measure one property reward models are known to pick up: length (Singhal et al.
+# 2023, arXiv:2310.03716, find reward and length strongly correlated on helpfulness data).
+
+# %%
+import pandas as pd
+
+from ftbook.data import DATA_SIZES, load_hh_rlhf, subset
+from ftbook.workbench import show_table
+
+hh = subset(load_hh_rlhf(), pick(PROFILE, DATA_SIZES).hh_rlhf, seed=SEED)
+hh_records = [{"prompt": r["prompt"], "chosen": r["chosen_response"],
+               "rejected": r["rejected_response"]} for r in hh]
+hh_problems = preference_problems(hh_records)
+for i, name, why in hh_problems[:3]:
+    print(f"HH-RLHF record {i}, field {name!r}: {why}")
+try:
+    validate_preference_records(hh_records, "HH-RLHF harmless-base")
+except PreferenceDataError as error:
+    print("rejected:", str(error)[:300])
+bad = {i for i, _, _ in hh_problems}
+hh_clean = [r for i, r in enumerate(hh_records) if i not in bad]
+words = {side: torch.tensor([len(r[side].split()) for r in hh_clean], dtype=torch.float)
+         for side in PREFERENCE_FIELDS}
+hh_summary = pd.DataFrame({
+    "pairs": [len(hh_records)], "invalid": [len(bad)],
+    "prompt words (median)": [words["prompt"].median().item()],
+    "chosen words (median)": [words["chosen"].median().item()],
+    "rejected words (median)": [words["rejected"].median().item()],
+    "longer reply is chosen": [(words["chosen"] > words["rejected"]).float().mean().item()],
+    "equal length": [(words["chosen"] == words["rejected"]).float().mean().item()],
+}, index=["HH-RLHF harmless-base"])
+show_table(hh_summary, "hh_rlhf", CHAPTER)
+
+# %% [markdown]
+# On the whole harmless-base split (2,312 pairs; the table shows this profile's subset), four
+# pairs have an empty reply, which the checks reject, and the longer reply is chosen in only 43%
+# of the pairs (995): the preferred answer to a harmful request is often a short refusal. Length
+# is a feature the labels correlate with, in either direction, and a reward model is free to
+# learn it instead of what the labeller meant. The multi-turn HH dialogues are also far longer than the tiny LM's 256 positions, which
+# is one reason this book trains its reward model on the synthetic task below and keeps HH-RLHF
+# for inspection.
+#
+# ## The Bradley-Terry model
+#
+# Bradley & Terry (1952) model a comparison of two items by a latent score per item. For two
+# replies to the same prompt,
+#
+# $$
+# P(y_w \succ y_l \mid x) = \frac{e^{r(x, y_w)}}{e^{r(x, y_w)} + e^{r(x, y_l)}}
+# = \sigma\big(r(x, y_w) - r(x, y_l)\big),
+# \tag{7.1}
+# $$
+#
+# with $\sigma$ the logistic function. Fitting $r_\phi$ by maximum likelihood on $N$ labelled
+# pairs minimises
+#
+# $$
+# \mathcal{L}(\phi) = -\frac{1}{N} \sum_{i=1}^{N} \log \sigma(\Delta_i), \qquad
+# \Delta_i = r_\phi(x_i, y_{w,i}) - r_\phi(x_i, y_{l,i}).
+# \tag{7.2}
+# $$
+#
+# **The gradient.** Since $\frac{d}{d\Delta}\log\sigma(\Delta) = 1 - \sigma(\Delta) =
+# \sigma(-\Delta)$,
+#
+# $$
+# \frac{\partial \mathcal{L}}{\partial r_{w,i}} = -\frac{\sigma(-\Delta_i)}{N}, \qquad
+# \frac{\partial \mathcal{L}}{\partial r_{l,i}} = +\frac{\sigma(-\Delta_i)}{N}, \qquad
+# \nabla_\phi \mathcal{L} = -\frac{1}{N}\sum_i \sigma(-\Delta_i)\,
+# \big(\nabla_\phi r_{w,i} - \nabla_\phi r_{l,i}\big).
+# \tag{7.3}
+# $$
+#
+# Each pair pulls the two rewards apart with a weight equal to the model's current probability of
+# ranking it *wrongly*: pairs already ranked with confidence stop contributing. Two facts follow
+# from (7.1). The rewards are identified only up to a constant per prompt ($r + c(x)$ has the same
+# likelihood), so a reward's absolute value means nothing; TRL's `center_rewards_coefficient`
+# adds a penalty on $(r_w + r_l)^2$ to pin it (Eisenstein et al. 2023, arXiv:2312.09244, eq. 2).
+# And $-\log\sigma(\Delta) = \operatorname{softplus}(-\Delta)$ must be computed as such:
+# `log(sigmoid(Δ))` underflows to $-\infty$ in float32 once $\Delta < -104$.
+#
+# **A closed form for two items.** Let item $a$ beat item $b$ in $n_{ab}$ of $n_{ab} + n_{ba}$
+# comparisons. The log-likelihood of $d = r_a - r_b$ is $n_{ab}\log\sigma(d) + n_{ba}
+# \log\sigma(-d)$; setting its derivative $n_{ab}\sigma(-d) - n_{ba}\sigma(d)$ to zero gives
+#
+# $$
+# \sigma(\hat d) = \frac{n_{ab}}{n_{ab} + n_{ba}}, \qquad
+# \hat d = \log\frac{n_{ab}}{n_{ba}} = \operatorname{logit}(\hat p_{ab}),
+# \tag{7.4}
+# $$
+#
+# the logit of the empirical win rate. With $K$ items and $n_{ij}$ wins of $i$ over $j$, the same
+# computation per item gives the score equations of the maximum-likelihood estimate:
+#
+# $$
+# \underbrace{\sum_j n_{ij}}_{\text{observed wins of } i}
+# = \underbrace{\sum_j (n_{ij} + n_{ji})\,\sigma(\hat r_i - \hat r_j)}_{\text{expected wins of } i},
+# \qquad i = 1, \dots, K.
+# \tag{7.5}
+# $$
+#
+# The estimate exists (is finite) when the directed graph "$i$ beat $j$ at least once" is
+# strongly connected, which needs in particular that every item has won and lost at least once
+# (Zermelo 1929; Hunter 2004). The exported
+# `fit_bradley_terry` solves (7.5) by gradient ascent with the gradient of (7.3).
+
+# %%
+#| export
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+                       ) -> torch.Tensor:
+    """Eq. (7.2): mean of -log sigmoid(r_chosen - r_rejected) over the batch, computed with
+    `logsigmoid` (stable for any margin). Both inputs (batch,)."""
+    if chosen_rewards.shape != rejected_rewards.shape or chosen_rewards.dim() != 1:
+        raise ValueError(f"chosen and rejected rewards must both be (batch,), got "
+                         f"{tuple(chosen_rewards.shape)} and {tuple(rejected_rewards.shape)}")
+    return -nn.functional.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+def bradley_terry_grad(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. (7.3): the gradient of `bradley_terry_loss` with respect to the chosen and the
+    rejected rewards, -sigmoid(-Delta) / N and +sigmoid(-Delta) / N."""
+    weight = torch.sigmoid(rejected_rewards - chosen_rewards) / chosen_rewards.numel()
+    return -weight, weight
+
+
+def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
+    """Fraction of pairs ranked correctly (r_chosen > r_rejected); ties count one half, so a
+    constant reward scores 0.5 (TRL's `accuracy` metric counts ties as wrong)."""
+    wins = (chosen_rewards > rejected_rewards).float()
+    ties = (chosen_rewards == rejected_rewards).float()
+    return (wins + 0.5 * ties).mean().item()
+
+
+def fit_bradley_terry(wins: torch.Tensor, max_steps: int = 100_000, tol: float = 1e-10
+                      ) -> torch.Tensor:
+    """Maximum-likelihood Bradley-Terry scores for K items from `wins` (K, K), wins[i, j] =
+    times i beat j: gradient ascent with the gradient of eq. (7.3) until the score equations
+    (7.5) hold to `tol`. Returns (K,) float64 scores that sum to zero (eq. 7.1 fixes them only up
+    to a constant)."""
+    wins = wins.double()
+    if wins.dim() != 2 or wins.shape[0] != wins.shape[1]:
+        raise ValueError(f"wins must be a square (K, K) matrix, got {tuple(wins.shape)}")
+    won, lost = wins.sum(1), wins.sum(0)
+    if bool((won == 0).any() | (lost == 0).any()):
+        raise ValueError("every item must win and lose at least once, or its maximum-likelihood "
+                         f"score is infinite: wins {won.tolist()}, losses {lost.tolist()}")
+    games = wins + wins.T  # (K, K) comparisons between i and j
+    step = 2.0 / games.sum(1).max().item()  # 1 / Lipschitz constant of the gradient
+    scores = torch.zeros(wins.shape[0], dtype=torch.float64)
+    for _ in range(max_steps):
+        expected = (games * torch.sigmoid(scores[:, None] - scores[None, :])).sum(1)
+        gradient = won - expected  # eq. (7.5): observed minus expected wins
+        if gradient.abs().max().item() < tol:
+            break
+        scores = scores + step * gradient
+    else:
+        raise RuntimeError(f"no convergence in {max_steps} steps; is the comparison graph "
+                           "strongly connected?")
+    return scores - scores.mean()
+
+
+# %% [markdown]
+# Checks of (7.2)-(7.5): the analytic gradient against autograd, the stability of the loss at
+# extreme margins, the two-item fit against the closed form (7.4), and a ten-item fit on
+# simulated comparisons against the score equations and the true scores.
+
+# %%
+torch.manual_seed(SEED)
+chosen_r = torch.randn(16, dtype=torch.float64, requires_grad=True)
+rejected_r = torch.randn(16, dtype=torch.float64, requires_grad=True)
+bradley_terry_loss(chosen_r, rejected_r).backward()
+grad_w, grad_l = bradley_terry_grad(chosen_r.detach(), rejected_r.detach())
+gap = max((grad_w - chosen_r.grad).abs().max().item(), (grad_l - rejected_r.grad).abs().max().item())
+print(f"eq. (7.3): max |analytic - autograd| = {gap:.1e}")
+assert gap < 1e-12
+
+margins = torch.tensor([-200.0, 0.0, 200.0])
+naive = -torch.log(torch.sigmoid(margins))
+stable = -nn.functional.logsigmoid(margins)
+print(f"-log sigmoid(Δ) at Δ = -200, 0, 200: naive {naive.tolist()}, stable {stable.tolist()}")
+assert torch.isinf(naive[0]) and torch.isfinite(stable).all() and abs(stable[1] - math.log(2)) < 1e-6
+
+two_items = torch.tensor([[0.0, 37.0], [13.0, 0.0]])  # a beat b 37 times, b beat a 13 times
+fitted = fit_bradley_terry(two_items)
+closed = math.log(37 / 13)
+print(f"eq. (7.4): fitted r_a - r_b = {fitted[0] - fitted[1]:.10f}, logit(37/50) = {closed:.10f}")
+assert abs((fitted[0] - fitted[1]).item() - closed) < 1e-8
+
+K = 10
+true_scores = torch.linspace(-2, 2, K, dtype=torch.float64)
+generator = torch.Generator().manual_seed(SEED)
+p_win = torch.sigmoid(true_scores[:, None] - true_scores[None, :])  # (K, K), eq. (7.1)
+games_per_pair = 200
+wins = torch.binomial(torch.full((K, K), float(games_per_pair), dtype=torch.float64).triu(1),
+                      p_win.triu(1), generator=generator)
+wins = wins + (games_per_pair - wins.T).tril(-1)  # below the diagonal: the games j lost
+fitted = fit_bradley_terry(wins)
+games = wins + wins.T
+expected = (games * torch.sigmoid(fitted[:, None] - fitted[None, :])).sum(1)
+print(f"eq. (7.5): max |observed - expected wins| = {(wins.sum(1) - expected).abs().max():.1e}; "
+      f"max |fitted - true score| = {(fitted - true_scores).abs().max():.3f} "
+      f"({games_per_pair} games per pair)")
+assert torch.allclose(wins.sum(1), expected, atol=1e-6)
+assert (fitted - true_scores).abs().max() < 0.3
+
+# %% [markdown]
+# ## The reward model
+#
+# A reward model is a language model whose output is one number per sequence. We take the
+# transformer of the SFT model (its `base_model`, without the language-model head), read the last
+# layer's hidden state $h_{T^\star} \in \mathbb{R}^d$ at the last real token of prompt plus
+# reply, and map it to a scalar:
+#
+# $$
+# r_\phi(x, y) = w^\top h_{T^\star}(x \oplus y), \qquad w \in \mathbb{R}^{d},
+# \tag{7.6}
+# $$
+#
+# with no bias, which (7.1) would cancel anyway. InstructGPT initialises its reward model from
+# the SFT model in the same way (Ouyang et al. §3.5), so the reward model starts from a network
+# that already reads the policy's outputs. The head $w$ starts at zero: every reward is 0 at
+# step 0, and the loss starts at exactly $\ln 2$.
+#
+# The reply is rendered with the chat template and ends with EOS, so $T^\star$ is the EOS after
+# the reply: its hidden state has attended to the whole conversation. Finding $T^\star$ must work
+# for either padding side. The last position whose attention mask is 1 is
+# $T^\star = \arg\max_t\, t \cdot m_t$, right for right padding ($T^\star = \sum_t m_t - 1$) and
+# for left padding ($T^\star = T - 1$).
+#
+# Left padding also moves the real tokens to later positions, since transformers counts positions
+# $0, 1, \dots, T-1$ whatever the mask. Whether that matters depends on the position encoding.
+# Rotary embeddings (Llama, Qwen) make every attention score depend on the *difference* of two
+# positions only, $q_m^\top k_n = f(q, k, m - n)$, so shifting all real tokens by the same amount
+# changes nothing, and the masked pads are never attended to. Learned absolute positions (GPT-2,
+# OPT) see the shift. The reward model passes position ids that count real tokens only,
+# $p_t = \max(0, \sum_{s \le t} m_s - 1)$, which is exact for both.
+
+# %%
+#| export
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch,) index of the last position whose mask is 1: T* of eq. (7.6), for right and
+    left padding alike. A row without any real token is an error."""
+    mask = attention_mask.bool()
+    if not bool(mask.any(-1).all()):
+        raise ValueError("a row of attention_mask has no real token")
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (positions * mask).argmax(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) positions counting real tokens only, so that left padding does not shift
+    the rotary positions; padding positions get 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class RewardModel(nn.Module):
+    """A transformer backbone and a linear scalar head read at the last real token, eq. (7.6)
+    (Stiennon et al. 2020, arXiv:2009.01325, §3.4; Ouyang et al. 2022, arXiv:2203.02155, §3.5).
+
+    `forward(input_ids, attention_mask)` returns rewards (batch,) in float32. Stored as the
+    transformers sequence classifier with one label (`save_pretrained`, `from_pretrained`), which
+    TRL's trainers and `AutoModelForSequenceClassification` load as they are.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear):
+        super().__init__()
+        if head.out_features != 1:
+            raise ValueError("the head must map to one number, got "
+                             f"out_features={head.out_features}")
+        self.backbone = backbone  # (batch, seq) -> hidden states (batch, seq, d)
+        self.head = head  # (d,) -> (1,), no bias
+
+    @classmethod
+    def from_causal_lm(cls, causal_lm: nn.Module) -> "RewardModel":
+        """A copy of `causal_lm`'s transformer (without its LM head) and a zero head."""
+        backbone = copy.deepcopy(causal_lm.base_model)
+        reference = backbone.get_input_embeddings().weight
+        head = nn.Linear(backbone.config.hidden_size, 1, bias=False)
+        nn.init.zeros_(head.weight)
+        return cls(backbone, head.to(reference.device, reference.dtype))
+
+    @property
+    def config(self) -> Any:
+        return self.backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids_from_mask(attention_mask),
+                               use_cache=False).last_hidden_state  # (batch, seq, d)
+        last = last_token_index(attention_mask)  # (batch,)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (batch, d)
+        return self.head(pooled).squeeze(-1).float()  # (batch,)
+
+    def to_sequence_classifier(self, pad_token_id: int | None = None) -> nn.Module:
+        """A transformers `...ForSequenceClassification` (num_labels=1) holding a copy of the
+        backbone and the head as its `score`; it reads the last token that is not
+        `pad_token_id` (default: the backbone config's)."""
+        from transformers import AutoModelForSequenceClassification
+
+        config = copy.deepcopy(self.config)
+        config.num_labels = 1
+        config.architectures = None
+        config.pad_token_id = pad_token_id if pad_token_id is not None else config.pad_token_id
+        if config.pad_token_id is None:
+            raise ValueError("the sequence classifier needs pad_token_id to find the last token")
+        classifier = AutoModelForSequenceClassification.from_config(
+            config, attn_implementation=self.config._attn_implementation)
+        weight = self.head.weight
+        classifier.to(weight.device, weight.dtype)
+        classifier.base_model.load_state_dict(self.backbone.state_dict())
+        with torch.no_grad():
+            classifier.score.weight.copy_(weight)
+        return classifier.eval()
+
+    def save_pretrained(self, folder: str | Path, pad_token_id: int | None = None) -> None:
+        """Save as a transformers sequence classifier with one label."""
+        self.to_sequence_classifier(pad_token_id).save_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32,
+                        attn_implementation: str | None = None) -> "RewardModel":
+        """Load what `save_pretrained` (or any one-label sequence classifier with a `score`
+        head, such as TRL's `RewardTrainer` output) saved."""
+        from transformers import AutoModelForSequenceClassification
+
+        classifier = AutoModelForSequenceClassification.from_pretrained(
+            folder, dtype=dtype, attn_implementation=attn_implementation)
+        if classifier.config.num_labels != 1 or not isinstance(
+                getattr(classifier, "score", None), nn.Linear):
+            raise ValueError(f"{folder}: expected a sequence classifier with num_labels=1 and a "
+                             f"`score` head, got num_labels={classifier.config.num_labels}")
+        return cls(classifier.base_model, classifier.score)
+
+
+# %% [markdown]
+# Quick checks on random tiny models: the zero head gives the loss $\ln 2$; rewards of sequences
+# of different lengths are the same unpadded, right-padded and left-padded; without our position
+# ids, left padding is harmless for the rotary Llama and not for an absolute-position GPT-2.
+
+# %%
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+torch.manual_seed(SEED)
+toy_lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, pad_token_id=0,
+                                      attn_implementation="eager"))
+toy_gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2,
+                                      n_positions=64, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2, attn_implementation="eager"))
+toy_rm = RewardModel.from_causal_lm(toy_lm)
+sequences = [torch.randint(1, 64, (n,)).tolist() for n in (5, 9, 3, 7)]
+zero_rewards = toy_rm(torch.tensor([sequences[0]]), torch.ones(1, 5, dtype=torch.long))
+assert zero_rewards.abs().max() == 0
+print(f"zero head: loss {bradley_terry_loss(zero_rewards, zero_rewards).item():.6f} = ln 2")
+
+
+def pad_rows(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        where = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        ids[i, where], mask[i, where] = torch.tensor(r), 1
+    return ids, mask
+
+
+padding_rows = {}
+for name, lm in (("Llama (rotary)", toy_lm), ("GPT-2 (absolute)", toy_gpt2)):
+    rm = RewardModel.from_causal_lm(lm).eval()
+    torch.nn.init.normal_(rm.head.weight, std=1.0)  # a non-trivial head for the checks
+    with torch.no_grad():
+        alone = torch.cat([rm(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
+                           for r in sequences])
+        ids, mask = pad_rows(sequences, "left")
+        hidden = rm.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        padding_rows[name] = {
+            "right padding": (rm(*pad_rows(sequences, "right")) - alone).abs().max().item(),
+            "left padding": (rm(ids, mask) - alone).abs().max().item(),
+            "left, positions 0..T-1": (rm.head(hidden[:, -1]).squeeze(-1) - alone).abs().max()
+            .item()}
+padding_check = pd.DataFrame(padding_rows).T
+show_table(padding_check, "padding_check", CHAPTER, floatfmt="{:.1e}")
+assert (padding_check[["right padding", "left padding"]] < 1e-5).all().all()
+assert padding_check.loc["Llama (rotary)", "left, positions 0..T-1"] < 1e-5
+assert padding_check.loc["GPT-2 (absolute)", "left, positions 0..T-1"] > 1e-2
+
+# %% [markdown]
+# ## Batches and the training loop
+#
+# A pair is tokenized as two full conversations, the user turn rendered with 13-06's chat
+# template and the reply followed by EOS (`reward_model_text`). A batch of $B$ pairs is one tensor
+# of $2B$ rows, the chosen sequences first and the rejected ones after them, right-padded: the
+# layout of TRL's `DataCollatorForPreference`, so that one forward pass scores both sides.
+#
+# The loop samples pairs in seeded, reshuffled epochs, warms the learning rate up and decays it
+# linearly (13-01's `schedule_factor`), clips the gradient norm at 1, and stops with a clear
+# error when the loss stops being finite. The metric is the held-out pairwise accuracy, the
+# fraction of pairs the reward model ranks as the labeller did.
+
+# %%
+#| export
+from ftbook.instruction_tuning import (
+    REVIEW_PROMPT,
+    conversation_to_prompt_and_output,
+    generate_responses,
+    load_sft_model,
+    render_prompt,
+)
+
+
+def reward_model_text(tokenizer: Any, prompt: str, reply: str) -> str:
+    """What the reward model reads: the conversation (user turn `prompt`, assistant turn the
+    stripped `reply`) in the chat template, as 13-06's `conversation_to_prompt_and_output`
+    renders it for SFT, up to and including the EOS that ends the reply."""
+    if tokenizer.eos_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError("the tokenizer needs an EOS token distinct from its pad token: the "
+                         "reward is read at the EOS that ends the reply")
+    if not reply.strip():  # the policy stopped at once: EOS right after the header
+        return render_prompt(tokenizer, prompt) + tokenizer.eos_token
+    prompt_text, output = conversation_to_prompt_and_output(
+        tokenizer, [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": reply.strip()}])
+    text = prompt_text + output
+    return text[:text.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)]
+
+
+def encode_preference_pairs(tokenizer: Any, records: Sequence[Mapping[str, Any]], max_len: int
+                            ) -> list[tuple[list[int], list[int]]]:
+    """(chosen_ids, rejected_ids) per validated record; a side longer than `max_len` tokens is
+    an error naming the record (cutting it would drop the EOS the reward is read at)."""
+    records = validate_preference_records(records)
+    pairs = []
+    for i, record in enumerate(records):
+        sides = []
+        for name in ("chosen", "rejected"):
+            text = reward_model_text(tokenizer, record["prompt"], record[name])
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > max_len:
+                raise ValueError(f"record {i}, field {name!r}: {len(ids)} tokens with the prompt,"
+                                 f" more than max_len={max_len}")
+            sides.append(ids)
+        pairs.append((sides[0], sides[1]))
+    return pairs
+
+
+def pad_sequences(rows: Sequence[Sequence[int]], pad_token_id: int, padding_side: str = "right"
+                  ) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` (rows, longest) with padding on `padding_side`."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        where = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+        input_ids[i, where] = torch.tensor(list(row), dtype=torch.long)
+        attention_mask[i, where] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def collate_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,
+                  padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """(2B, T) `input_ids` and `attention_mask`: the B chosen sequences, then the B rejected
+    ones (the layout of TRL's `DataCollatorForPreference`)."""
+    return pad_sequences([c for c, _ in pairs] + [r for _, r in pairs], pad_token_id,
+                         padding_side)
+
+
+@torch.no_grad()
+def score_pairs(reward_model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                pad_token_id: int, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_rewards, rejected_rewards), each (pairs,) float32 on the CPU."""
+    reward_model.eval()
+    device = next(reward_model.parameters()).device
+    chosen, rejected = [], []
+    for i in range(0, len(pairs), batch_size):
+        batch = collate_pairs(pairs[i:i + batch_size], pad_token_id)
+        rewards = reward_model(**{k: v.to(device) for k, v in batch.items()}).cpu()
+        c, r = rewards.chunk(2)
+        chosen.append(c)
+        rejected.append(r)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+@torch.no_grad()
+def score_replies(reward_model: nn.Module, tokenizer: Any, prompts: Sequence[str],
+                  replies: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """(n,) float32 rewards on the CPU of `replies` to the user messages `prompts`, eq. (7.6).
+    Empty replies are scored too (the reward model then reads the EOS right after the
+    assistant header)."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
+    reward_model.eval()
+    device = next(reward_model.parameters()).device
+    rows = [tokenizer(reward_model_text(tokenizer, p, y), add_special_tokens=False)["input_ids"]
+            for p, y in zip(prompts, replies, strict=True)]
+    rewards = []
+    for i in range(0, len(rows), batch_size):
+        batch = pad_sequences(rows[i:i + batch_size], tokenizer.pad_token_id)
+        rewards.append(reward_model(**{k: v.to(device) for k, v in batch.items()}).cpu())
+    return torch.cat(rewards) if rewards else torch.zeros(0)
+
+
+def evaluate_reward_model(reward_model: nn.Module,
+                          pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                          pad_token_id: int, batch_size: int = 32) -> dict[str, float]:
+    """Held-out `loss` (eq. 7.2) and pairwise `accuracy`."""
+    chosen, rejected = score_pairs(reward_model, pairs, pad_token_id, batch_size)
+    return {"loss": bradley_terry_loss(chosen, rejected).item(),
+            "accuracy": pairwise_accuracy(chosen, rejected)}
+
+
+@dataclass
+class RewardLog:
+    """What `train_reward_model` measured."""
+
+    losses: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)  # on each training batch
+    evals: list[dict] = field(default_factory=list)  # {"step", "loss", "accuracy"}
+    step_seconds: list[float] = field(default_factory=list)
+
+
+def train_reward_model(reward_model: nn.Module,
+                       pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, steps: int,
+                       lr: float, batch_size: int, pad_token_id: int, seed: int,
+                       weight_decay: float = 0.0, warmup_ratio: float = 0.1,
+                       max_grad_norm: float = 1.0,
+                       eval_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
+                       eval_every: int = 0, bf16: bool = False, desc: str = "reward model"
+                       ) -> RewardLog:
+    """Minimise eq. (7.2) over `pairs` (chosen_ids, rejected_ids) with AdamW, a linear warmup and
+    decay, and gradient clipping; pairs are drawn in seeded, reshuffled epochs. With
+    `eval_pairs` and `eval_every`, held-out loss and accuracy are logged at step 0 and every
+    `eval_every` steps. Raises `FloatingPointError` if the loss is not finite."""
+    from ftbook.full_finetuning import schedule_factor
+
+    if not pairs:
+        raise ValueError("no training pairs")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
+    device = next(reward_model.parameters()).device
+    params = [p for p in reward_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    warmup = round(warmup_ratio * steps)
+    log = RewardLog()
+
+    def evaluate(step: int) -> None:
+        if eval_pairs and eval_every:
+            log.evals.append({"step": step, **evaluate_reward_model(
+                reward_model, eval_pairs, pad_token_id, 2 * batch_size)})
+
+    evaluate(0)
+    order: list[int] = []
+    for step in progress(range(steps), desc=desc):
+        start = time.perf_counter()
+        chosen_rows = []
+        while len(chosen_rows) < batch_size:
+            if not order:
+                order = torch.randperm(len(pairs), generator=generator).tolist()
+            chosen_rows.append(order.pop())
+        batch = collate_pairs([pairs[i] for i in chosen_rows], pad_token_id)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
+        reward_model.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            rewards = reward_model(**{k: v.to(device) for k, v in batch.items()})  # (2B,)
+        chosen, rejected = rewards.float().chunk(2)
+        loss = bradley_terry_loss(chosen, rejected)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.losses.append(check_finite(loss, f"{desc} loss", step))
+        log.accuracies.append(pairwise_accuracy(chosen.detach(), rejected.detach()))
+        log.step_seconds.append(time.perf_counter() - start)
+        if eval_every and (step + 1) % eval_every == 0:
+            evaluate(step + 1)
+    reward_model.eval()
+    return log
+
+
+# %% [markdown]
+# A quick check of the loop on a separable toy problem: in every pair the chosen sequence ends
+# with token 7 and the rejected one with token 9. The loss must fall from $\ln 2$ and the
+# accuracy reach 1.
+
+# %%
+toy_rm = RewardModel.from_causal_lm(toy_lm)
+toy_pairs = []
+for _ in range(32):
+    body = torch.randint(10, 64, (int(torch.randint(3, 8, ())),)).tolist()
+    toy_pairs.append((body + [7], body + [9]))
+toy_log = train_reward_model(toy_rm, toy_pairs, steps=30, lr=1e-2, batch_size=8, pad_token_id=0,
+                             seed=SEED, desc="toy reward model")
+toy_eval = evaluate_reward_model(toy_rm, toy_pairs, pad_token_id=0)
+print(f"toy problem: loss {toy_log.losses[0]:.3f} -> {toy_log.losses[-1]:.3f}, "
+      f"accuracy {toy_eval['accuracy']:.2f}")
+assert abs(toy_log.losses[0] - math.log(2)) < 1e-6 and toy_log.losses[-1] < 0.3
+assert toy_eval["accuracy"] == 1.0
+
+# %% [markdown]
+# ## The running task: prompts, gold reward and preference pairs
+#
+# **Prompts.** `sentiment_prompts` takes seeded SST-2 sentences of at least seven words from the
+# requested split, cuts the first three to six words as the opening, and writes 13-06's
+# `REVIEW_PROMPT` around it. Training prompts come from SST-2 train, held-out prompts from its
+# validation split.
+#
+# **Gold reward.** $r^\star(y) = z_+(y) - z_-(y)$, the difference of the two logits of an SST-2
+# classifier on the reply text: the log-odds of "positive" under the classifier. In the tiny
+# profile the classifier is MiniLM fine-tuned with 13-01's `train_classifier` and full
+# fine-tuning recipe (`FT_CONFIGS`); in smoke it is the random tiny BERT trained for a few steps.
+# It is trained once and cached.
+#
+# **Preference pairs.** For each prompt the SFT policy samples two replies $a, b$; a simulated
+# labeller prefers $a$ with probability $\sigma(r^\star(a) - r^\star(b))$, eq. (7.1) with the gold
+# reward. The labels are therefore noisy in a known way: even a reward model equal to $r^\star$
+# cannot predict them all, and its expected accuracy, $\mathbb{E}\,\sigma(|r^\star(a) -
+# r^\star(b)|)$, is the ceiling for ours. The DPO paper's IMDb experiment builds its pairs the
+# same way, with a RoBERTa sentiment classifier as the gold reward.
+
+# %%
+#| export
+SST2_MIN_WORDS = 7  # a sentence must leave words to continue after the opening
+OPENING_WORDS = (3, 6)  # the opening's length in words, drawn uniformly
+CACHE_FORMAT = 1  # bump to invalidate the cached gold classifiers and reward models
+RECIPE_FILE = "recipe.json"
+
+
+def sentiment_prompts(split: str, n: int, seed: int) -> list[str]:
+    """`n` user messages `REVIEW_PROMPT.format(opening=...)` from distinct, seeded SST-2 `split`
+    ("train" or "validation") sentences of at least `SST2_MIN_WORDS` words; the opening is their
+    first 3 to 6 words."""
+    import random
+
+    from ftbook.data import load_sst2
+
+    if n < 1:
+        raise ValueError(f"n must be positive, got {n}")
+    sentences = [s.strip() for s in load_sst2(split)["sentence"]
+                 if len(s.split()) >= SST2_MIN_WORDS]
+    if n > len(sentences):
+        raise ValueError(f"asked for {n} prompts, SST-2 {split} has {len(sentences)} sentences "
+                         f"of at least {SST2_MIN_WORDS} words")
+    rng = random.Random(seed)
+    prompts = []
+    for index in rng.sample(range(len(sentences)), n):
+        opening = " ".join(sentences[index].split()[:rng.randint(*OPENING_WORDS)])
+        prompts.append(REVIEW_PROMPT.format(opening=opening))
+    return prompts
+
+
+class GoldReward:
+    """The gold reward of the running task: logit(positive) - logit(negative) of an SST-2
+    classifier on the reply text. Calling it on a list of n replies returns an (n,) float32
+    tensor on the CPU. `info` holds what was measured when the classifier was trained."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, max_len: int = 64,
+                 batch_size: int = 64, info: dict | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_len, self.batch_size = max_len, batch_size
+        self.info = info or {}
+
+    @torch.no_grad()
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            raise TypeError("pass a list of replies, not one string")
+        device = next(self.model.parameters()).device
+        self.model.eval()
+        scores = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer([t.strip() for t in texts[i:i + self.batch_size]],
+                                   padding=True, truncation=True, max_length=self.max_len,
+                                   return_tensors="pt").to(device)
+            logits = self.model(**batch).logits.float()  # (batch, 2)
+            scores.append((logits[:, 1] - logits[:, 0]).cpu())
+        return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def _recipe_matches(folder: Path, recipe: dict) -> bool:
+    path = folder / RECIPE_FILE
+    return path.is_file() and json.loads(path.read_text()) == json.loads(json.dumps(recipe))
+
+
+def _save_atomically(folder: Path, write: Callable[[Path], None], recipe: dict) -> None:
+    """Write into a temporary sibling folder, add the recipe, then replace `folder` by it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
+    try:
+        write(tmp)
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def gold_recipe(profile: str) -> dict:
+    """What the cached gold classifier of `profile` was trained with (13-01's `FT_CONFIGS`)."""
+    from ftbook.full_finetuning import FT_CONFIGS
+
+    return {"format": CACHE_FORMAT, "profile": profile,
+            **dataclasses.asdict(pick(profile, FT_CONFIGS))}
+
+
+def train_gold_classifier(profile: str, folder: Path, device: torch.device | None = None
+                          ) -> dict:
+    """Fine-tune the profile's encoder on SST-2 train with 13-01's full fine-tuning recipe
+    (`FT_CONFIGS[profile]`: `train_classifier` at `lr_full`) and save it with its tokenizer and
+    its dev accuracy under `folder`. Returns the info dict."""
+    from ftbook.base_models import load_encoder_classifier
+    from ftbook.data import load_sst2
+    from ftbook.data import subset as subset_rows
+    from ftbook.full_finetuning import FT_CONFIGS, evaluate_accuracy, train_classifier
+
+    cfg = pick(profile, FT_CONFIGS)
+    model, tokenizer = load_encoder_classifier(profile, seed=cfg.seed)
+    model.to(device or torch.device("cpu"))
+    train = subset_rows(load_sst2("train"), cfg.n_train, cfg.seed, stratify_by="label")
+    dev = subset_rows(load_sst2("validation"), cfg.n_dev, cfg.seed, stratify_by="label")
+    start = time.perf_counter()
+    train_classifier(model, tokenizer, train, steps=cfg.steps, lr=cfg.lr_full,
+                     batch_size=cfg.batch_size, max_len=cfg.max_len, seed=cfg.seed,
+                     warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
+                     desc="gold classifier")
+    info = {"dev_accuracy": evaluate_accuracy(model, tokenizer, dev, cfg.max_len),
+            "dev_rows": len(dev), "train_rows": len(train),
+            "train_seconds": time.perf_counter() - start, "max_len": cfg.max_len}
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "info.json").write_text(json.dumps(info, indent=1))
+
+    _save_atomically(folder, write, gold_recipe(profile))
+    return info
+
+
+def load_gold_reward(profile: str, device: torch.device | None = None) -> GoldReward:
+    """The gold reward of `profile`, loaded from cache_dir("13_07_reward_modeling",
+    f"gold-{profile}") with `from_pretrained`; trained and saved first if missing or trained with
+    another recipe (`train_gold_classifier`)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = cache_dir(RM_CHAPTER) / f"gold-{profile}"
+    if not _recipe_matches(folder, gold_recipe(profile)):
+        train_gold_classifier(profile, folder, device)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if device is not None:
+        model.to(device)
+    info = json.loads((folder / "info.json").read_text())
+    return GoldReward(model, tokenizer, max_len=info["max_len"], info=info)
+
+
+def draw_preferences(gold_a: torch.Tensor, gold_b: torch.Tensor, seed: int) -> torch.Tensor:
+    """(n,) bool: True where reply a is preferred, drawn with P = sigmoid(gold_a - gold_b),
+    eq. (7.1) with the gold reward (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(gold_a.shape, generator=generator, dtype=torch.float64)
+    return uniform < torch.sigmoid(gold_a.double() - gold_b.double())
+
+
+def preference_pairs(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
+                     gold_reward: Callable[[list[str]], torch.Tensor], *, max_new_tokens: int,
+                     seed: int, temperature: float = 1.0, batch_size: int = 32) -> list[dict]:
+    """Sample two replies per user message in `prompts` from `policy` and label them by a
+    Bradley-Terry draw on `gold_reward` (`draw_preferences`, seeded). Returns validated records
+    {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}; prompts whose two replies
+    are empty or identical are dropped (they carry no preference)."""
+    prompt_strs = [render_prompt(tokenizer, p) for p in prompts]
+    replies = generate_responses(
+        policy, tokenizer, [s for s in prompt_strs for _ in range(2)],
+        max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, seed=seed,
+        batch_size=batch_size)
+    replies = [r.strip() for r in replies]
+    gold = gold_reward(replies).double()
+    a_wins = draw_preferences(gold[0::2], gold[1::2], seed)
+    records = []
+    for i, prompt in enumerate(prompts):
+        a, b = (replies[2 * i], gold[2 * i].item()), (replies[2 * i + 1], gold[2 * i + 1].item())
+        if not a[0] or not b[0] or a[0] == b[0]:
+            continue
+        (chosen, gold_chosen), (rejected, gold_rejected) = (a, b) if a_wins[i] else (b, a)
+        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                        "gold_chosen": gold_chosen, "gold_rejected": gold_rejected})
+    return validate_preference_records(records, "sampled preference pairs")
+
+
+# %% [markdown]
+# A check of `draw_preferences`: over many draws, the frequency with which $a$ wins matches
+# $\sigma(r^\star(a) - r^\star(b))$ within binomial error.
+
+# %%
+gaps = torch.tensor([-2.0, 0.0, 1.0, 3.0])
+draws = torch.stack([draw_preferences(gaps, torch.zeros(4), seed=s) for s in range(4000)])
+print("P(a preferred): empirical", [round(x, 3) for x in draws.double().mean(0).tolist()],
+      "| sigmoid(gap)", [round(x, 3) for x in torch.sigmoid(gaps).tolist()])
+assert torch.allclose(draws.double().mean(0), torch.sigmoid(gaps).double(), atol=0.03)
+
+# %% [markdown]
+# Now the real pieces: the gold classifier (trained on the first run, then cached), the SFT
+# policy of 13-06, and preference pairs for training and for held-out evaluation.
+
+# %%
+from ftbook.workbench import Timer
+
+timings = {}
+with Timer(DEVICE) as timer:
+    gold = load_gold_reward(PROFILE, DEVICE)
+timings["gold classifier (load or train)"] = timer.seconds
+print(f"gold classifier: SST-2 dev accuracy {gold.info['dev_accuracy']:.3f} on "
+      f"{gold.info['dev_rows']} rows")
+with Timer(DEVICE) as timer:
+    policy, tokenizer = load_sft_model(PROFILE, DEVICE)  # 13-06; trained first if not cached
+timings["SFT policy (load or train)"] = timer.seconds
+print(repr(render_prompt(tokenizer, REVIEW_PROMPT.format(opening="the film is"))))
+
+# %% [markdown]
+# The training and held-out records come from `reward_data`, the recipe that
+# `train_and_save_reward_model` (below) runs too, so the reward model trained here is the one
+# 13-08 and 13-09 load.
+
+# %%
+#| export
+def reward_data(profile: str, policy: nn.Module, tokenizer: Any,
+                gold_reward: Callable[[list[str]], torch.Tensor], split: str) -> list[dict]:
+    """The chapter's preference records: `split` "train" (`n_train_prompts` SST-2 train
+    openings) or "validation" (`n_eval_prompts` held-out openings), two sampled replies each,
+    labelled by the gold reward (`preference_pairs` with `RM_CONFIGS[profile]`)."""
+    cfg = pick(profile, RM_CONFIGS)
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    n = cfg.n_train_prompts if split == "train" else cfg.n_eval_prompts
+    seed = cfg.seed if split == "train" else cfg.seed + 1
+    return preference_pairs(policy, tokenizer, sentiment_prompts(split, n, seed), gold_reward,
+                            max_new_tokens=cfg.max_new_tokens, seed=seed,
+                            temperature=cfg.temperature, batch_size=cfg.generate_batch_size)
+
+
+# %%
+with Timer(DEVICE) as timer:
+    train_records = reward_data(PROFILE, policy, tokenizer, gold, "train")
+    eval_records = reward_data(PROFILE, policy, tokenizer, gold, "validation")
+timings["sample and label pairs"] = timer.seconds
+print(f"{len(train_records)} training pairs (of {cfg.n_train_prompts} prompts), "
+      f"{len(eval_records)} held-out pairs (of {cfg.n_eval_prompts})")
+for record in train_records[:3]:
+    print(f"{record['prompt']!r}\n  chosen   ({record['gold_chosen']:+.2f}): "
+          f"{record['chosen'][:80]!r}\n  rejected ({record['gold_rejected']:+.2f}): "
+          f"{record['rejected'][:80]!r}")
+train_pairs = encode_preference_pairs(tokenizer, train_records, cfg.max_len)
+eval_pairs = encode_preference_pairs(tokenizer, eval_records, cfg.max_len)
+lengths = [len(c) for c, _ in train_pairs] + [len(r) for _, r in train_pairs]
+print(f"tokens per sequence (prompt + reply + EOS): median {sorted(lengths)[len(lengths) // 2]}, "
+      f"max {max(lengths)}")
+
+# %% [markdown]
+# ## Parity with transformers and TRL
+#
+# **The read-out.** `LlamaForSequenceClassification` applies its `score` layer to every position
+# and picks the last token that is not the pad token; `to_sequence_classifier` builds one with our
+# backbone and head. Its pooled logits must equal our rewards on right-padded pairs, and, since
+# the backbone is rotary, on left-padded ones. The third row is the pitfall of a tokenizer whose
+# pad token is its EOS (common for base models, and TRL's fallback when no pad token is set): the
+# batch is padded with EOS, and "the last token that is not the pad token" becomes the last
+# token *before* the EOS that ends the reply.
+#
+# **The loss.** TRL 1.15's `RewardTrainer` tokenizes a conversational record (prompt, chosen,
+# rejected as messages) with the chat template, collates the chosen and then the rejected
+# sequences right-padded, runs the one-label classifier and computes
+# `-logsigmoid(rewards_chosen - rewards_rejected).mean()` in `compute_loss`. Its loss is pure
+# PyTorch (no fused kernel), so we call `compute_loss` itself on its collated batch, on the CPU.
+
+# %%
+import warnings
+
+from datasets import Dataset
+from trl import RewardConfig, RewardTrainer
+
+PARITY_TOLERANCE = 1e-5  # float32, different matmul shapes (head on all positions vs one)
+rm_init = RewardModel.from_causal_lm(policy)
+with torch.no_grad():  # a non-zero head, so that the comparison is not 0 = 0
+    rm_init.head.weight.normal_(std=rm_init.config.hidden_size ** -0.5,
+                                generator=torch.Generator(device=rm_init.head.weight.device)
+                                .manual_seed(SEED))
+classifier = rm_init.to_sequence_classifier(tokenizer.pad_token_id)
+parity_records, parity_pairs = train_records[:8], train_pairs[:8]
+
+
+def batch_on_device(pad_token_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    batch = collate_pairs(parity_pairs, pad_token_id, side)
+    return {k: v.to(DEVICE) for k, v in batch.items()}
+
+
+right_batch = batch_on_device(tokenizer.pad_token_id)
+left_batch = batch_on_device(tokenizer.pad_token_id, "left")
+eos_batch = batch_on_device(tokenizer.eos_token_id)  # padded with EOS
+classifier_pad_eos = rm_init.to_sequence_classifier(tokenizer.eos_token_id)
+with torch.no_grad():
+    ours_right, ours_left = rm_init(**right_batch), rm_init(**left_batch)
+    ours_eos = rm_init(**eos_batch)  # reads the attention mask, not the token ids
+    gaps = {"right padding": (ours_right - classifier(**right_batch).logits.squeeze(-1)),
+            "left padding": (ours_left - classifier(**left_batch).logits.squeeze(-1)),
+            "pad token = EOS (pitfall)": (
+                ours_eos - classifier_pad_eos(**eos_batch).logits.squeeze(-1))}
+readout = pd.DataFrame({"max |ours - LlamaForSequenceClassification|": {
+    k: v.abs().max().item() for k, v in gaps.items()}})
+readout.loc["ours: left vs right padding"] = (ours_left - ours_right).abs().max().item()
+readout.loc["ours: padded with EOS vs pad"] = (ours_eos - ours_right).abs().max().item()
+show_table(readout, "parity_readout", CHAPTER, floatfmt="{:.2e}")
+assert (readout.drop("pad token = EOS (pitfall)") < PARITY_TOLERANCE).all().all()
+assert readout.loc["pad token = EOS (pitfall)"].item() > 1e-3
+del classifier_pad_eos
+
+conversational = Dataset.from_list([
+    {"prompt": [{"role": "user", "content": r["prompt"]}],
+     "chosen": [{"role": "assistant", "content": r["chosen"]}],
+     "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in parity_records])
+with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    trainer = RewardTrainer(
+        model=classifier, processing_class=tokenizer, train_dataset=conversational,
+        args=RewardConfig(output_dir=folder, report_to=[], use_cpu=DEVICE.type == "cpu",
+                          per_device_train_batch_size=8, max_length=cfg.max_len))
+    trl_rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    same_ids = [(row["chosen_ids"], row["rejected_ids"]) == (list(c), list(r))
+                for row, (c, r) in zip(trl_rows, parity_pairs, strict=True)]
+    # TRL's loss on TRL's collation of the same tokenized pairs (ours, in case the ids differ)
+    trl_batch = trainer.data_collator([{"chosen_ids": list(c), "rejected_ids": list(r)}
+                                       for c, r in parity_pairs])
+    trl_batch = {k: v.to(trainer.model.device) for k, v in trl_batch.items()}
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, dict(trl_batch)).item()
+ours_loss = bradley_terry_loss(*ours_right.chunk(2)).item()
+print(f"TRL tokenization equals ours on {sum(same_ids)} of {len(same_ids)} pairs")
+print(f"loss on the same 8 pairs: ours {ours_loss:.7f}, TRL RewardTrainer.compute_loss "
+      f"{trl_loss:.7f}, |difference| {abs(ours_loss - trl_loss):.1e}")
+assert abs(ours_loss - trl_loss) < PARITY_TOLERANCE
+ends_with_eos = tokenizer.apply_chat_template(
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    tokenize=False).endswith(tokenizer.eos_token)
+assert all(same_ids) or not ends_with_eos, "the chat template ends with EOS, ids should agree"
+del rm_init, classifier, trainer
+
+# %% [markdown]
+# The read-out table in words: the transformers classifier and our reward model agree to float
+# precision with either padding side, and the loss agrees with TRL's. With EOS as the pad token
+# the classifier reads the wrong token and returns a different reward; our reward model, which
+# locates the token through the attention mask, is unaffected, and `reward_model_text` refuses
+# such a tokenizer anyway, because generation would then be masked at every EOS (13-06). Where
+# a chat template appends text after the final EOS (Qwen2.5 ends every turn with
+# `<|im_end|>` and a newline), TRL's conversational tokenization ends the sequence one token
+# later than ours and reads the reward at the newline: the printed count of identical pairs says
+# which case this profile is in.
+#
+# ## Experiment: training the reward model
+#
+# The reward model starts as a copy of the SFT model's transformer with a zero head and trains
+# all its parameters on the training pairs; the held-out pairs are scored along the way.
+
+# %%
+seed_everything(SEED)
+reward_model = RewardModel.from_causal_lm(policy).to(DEVICE)
+with Timer(DEVICE) as timer:
+    rm_log = train_reward_model(
+        reward_model, train_pairs, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+        pad_token_id=tokenizer.pad_token_id, seed=cfg.seed, weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio, bf16=cfg.bf16, eval_pairs=eval_pairs,
+        eval_every=cfg.eval_every)
+timings["train reward model"] = timer.seconds
+print(f"{cfg.steps} steps in {timer.seconds:.1f} s; training loss {rm_log.losses[0]:.3f} -> "
+      f"{sum(rm_log.losses[-5:]) / len(rm_log.losses[-5:]):.3f} (mean of the last 5 steps)")
+print(pd.DataFrame(rm_log.evals).to_string(index=False))
+
+# %% [markdown]
+# ### Held-out accuracy against its ceiling
+#
+# Accuracy on noisy labels needs context. The table puts next to the reward model: the gold
+# reward itself (the best any reward model can do on these labels, up to sampling noise), its
+# expected accuracy $\mathbb{E}\,\sigma(|\Delta r^\star|)$, a constant reward (0.5), and the
+# "longer reply wins" heuristic. The last column asks a different question: how often the
+# reward model orders the two replies as the gold reward does, which is what a policy optimised
+# against it will care about.
+
+# %%
+chosen_rm, rejected_rm = score_pairs(reward_model, eval_pairs, tokenizer.pad_token_id,
+                                     cfg.score_batch_size)
+gold_chosen = torch.tensor([r["gold_chosen"] for r in eval_records])
+gold_rejected = torch.tensor([r["gold_rejected"] for r in eval_records])
+gold_order = gold_chosen > gold_rejected  # (pairs,) the gold reward's ranking
+words_chosen = torch.tensor([len(r["chosen"].split()) for r in eval_records], dtype=torch.float)
+words_rejected = torch.tensor([len(r["rejected"].split()) for r in eval_records],
+                              dtype=torch.float)
+
+
+def agreement(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """How often a scorer orders the pair as the gold reward does."""
+    return ((chosen > rejected) == gold_order).float().mean().item()
+
+
+accuracy = pd.DataFrame({
+    "held-out accuracy": {
+        "reward model": pairwise_accuracy(chosen_rm, rejected_rm),
+        "gold reward (ceiling)": pairwise_accuracy(gold_chosen, gold_rejected),
+        "gold reward, expected": torch.sigmoid((gold_chosen - gold_rejected).abs()).mean().item(),
+        "longer reply wins": pairwise_accuracy(words_chosen, words_rejected),
+        "constant reward": 0.5},
+    "agreement with the gold ranking": {
+        "reward model": agreement(chosen_rm, rejected_rm), "gold reward (ceiling)": 1.0,
+        "gold reward, expected": float("nan"),
+        "longer reply wins": agreement(words_chosen, words_rejected),
+        "constant reward": 0.5}})
+show_table(accuracy, "rm_accuracy", CHAPTER, floatfmt="{:.3f}")
+
+# %% [markdown]
+# ### Calibration
+#
+# A Bradley-Terry reward model makes a probabilistic claim, $P(y_a \succ y_b) =
+# \sigma(r_\phi(y_a) - r_\phi(y_b))$. It is calibrated if, among pairs it gives probability
+# about $p$, the first reply wins a fraction $p$ of the time. Every held-out pair enters in both
+# orders (so the diagram is symmetric about $(0.5, 0.5)$); predictions are binned; each bin's mean
+# prediction is plotted against the empirical frequency of the first reply having been chosen
+# (with its binomial standard error) and against the *true* probability of that event,
+# $\sigma(r^\star(y_a) - r^\star(y_b))$, which only the synthetic setting knows and which is far
+# less noisy than the empirical frequency. The expected calibration error (ECE) is the
+# bin-weighted mean gap, $\sum_b \frac{n_b}{n}\,|\bar p_b - \bar o_b|$.
+
+# %%
+#| export
+def calibration_table(predicted: torch.Tensor, outcomes: torch.Tensor, n_bins: int = 10,
+                      true_probs: torch.Tensor | None = None) -> Any:
+    """A pandas DataFrame with one row per non-empty equal-width bin of `predicted`
+    probabilities: `count`, `predicted` (mean), `empirical` (mean outcome), `stderr`
+    (binomial standard error of the empirical frequency) and, given `true_probs`, `true`
+    (their mean)."""
+    import pandas as pd
+
+    predicted, outcomes = predicted.double().flatten(), outcomes.double().flatten()
+    if predicted.shape != outcomes.shape:
+        raise ValueError(f"{predicted.numel()} predictions but {outcomes.numel()} outcomes")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be positive, got {n_bins}")
+    bins = (predicted * n_bins).long().clamp(0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        where = bins == b
+        n = int(where.sum())
+        if n == 0:
+            continue
+        freq = outcomes[where].mean().item()
+        row = {"bin": f"[{b / n_bins:.2f}, {(b + 1) / n_bins:.2f})", "count": n,
+               "predicted": predicted[where].mean().item(), "empirical": freq,
+               "stderr": math.sqrt(max(freq * (1 - freq), 1e-12) / n)}
+        if true_probs is not None:
+            row["true"] = true_probs.double().flatten()[where].mean().item()
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("bin")
+
+
+def expected_calibration_error(table: Any, target: str = "empirical") -> float:
+    """Eq. ECE: sum over bins of count / total * |mean predicted - mean `target`|."""
+    weights = table["count"] / table["count"].sum()
+    return float((weights * (table["predicted"] - table[target]).abs()).sum())
+
+
+# %%
+import matplotlib.pyplot as plt
+
+from ftbook.workbench import show_figure
+
+margin_rm = chosen_rm - rejected_rm  # (pairs,)
+margin_gold = gold_chosen - gold_rejected
+predicted = torch.sigmoid(torch.cat([margin_rm, -margin_rm]))
+outcomes = torch.cat([torch.ones_like(margin_rm), torch.zeros_like(margin_rm)])
+true_probs = torch.sigmoid(torch.cat([margin_gold, -margin_gold]))
+calibration = calibration_table(predicted, outcomes, cfg.calibration_bins, true_probs)
+show_table(calibration, "calibration", CHAPTER, floatfmt="{:.3f}")
+ece = {"vs empirical frequency": expected_calibration_error(calibration),
+       "vs true probability": expected_calibration_error(calibration, "true")}
+print(f"ECE: {ece['vs empirical frequency']:.3f} against the empirical frequency, "
+      f"{ece['vs true probability']:.3f} against the true BT probability")
+
+fig, ax = plt.subplots(figsize=(4.8, 4.2))
+ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
+ax.errorbar(calibration["predicted"], calibration["empirical"], yerr=calibration["stderr"],
+            marker="o", ls="none", capsize=3, label="empirical frequency")
+ax.plot(calibration["predicted"], calibration["true"], marker="s", label="true BT probability")
+ax.set(xlabel=r"predicted $\sigma(r_\phi(a) - r_\phi(b))$", ylabel="P(a chosen)",
+       xlim=(0, 1), ylim=(0, 1), title="Reward-model calibration (held-out pairs)")
+ax.legend(loc="upper left", fontsize=8)
+show_figure(fig, "calibration", CHAPTER)
+
+# %% [markdown]
+# ## Saving the reward model for 13-08 and 13-09
+#
+# We store the reward model as what it is to transformers and TRL: a
+# `LlamaForSequenceClassification` (in the full profile a `Qwen2ForSequenceClassification`) with
+# one label, written by `save_pretrained` with the tokenizer beside it. That beats a backbone
+# folder plus a loose head file: `AutoModelForSequenceClassification.from_pretrained` loads it
+# with nothing from this book, TRL's trainers accept it as a reward model, and the head cannot be
+# forgotten, which is the classic way of losing a trained classifier (the conventions' "head not
+# saved with the adapter"). The price is one rule, checked above: the classifier finds the last
+# token through `pad_token_id`, so it is saved in the config. A `recipe.json` marks a complete
+# folder; it records this chapter's configuration, the gold classifier's recipe and which SFT
+# model the pairs came from, and a folder trained with anything else is retrained.
+#
+# `load_reward_model(profile)` is what the next chapters call. If this chapter has not run, it
+# runs the same recipe, `train_and_save_reward_model`, first.
+
+# %%
+#| export
+def rm_recipe(profile: str) -> dict:
+    """What the cached reward model of `profile` was trained with: this chapter's configuration,
+    the gold classifier's recipe and 13-06's SFT model (its cache folder is keyed by its recipe)."""
+    from ftbook.instruction_tuning import sft_model_path
+
+    return {"format": CACHE_FORMAT, "profile": profile, "sft": sft_model_path(profile).name,
+            "gold": gold_recipe(profile), **dataclasses.asdict(pick(profile, RM_CONFIGS))}
+
+
+def rm_folder(profile: str) -> Path:
+    """cache_dir("13_07_reward_modeling") / f"rm-{profile}": where the reward model lives."""
+    return cache_dir(RM_CHAPTER) / f"rm-{profile}"
+
+
+def save_reward_model(reward_model: RewardModel, tokenizer: Any, profile: str,
+                      log: RewardLog | None = None) -> Path:
+    """Save `reward_model` (as a one-label sequence classifier) and `tokenizer` to
+    `rm_folder(profile)`, atomically, with the recipe and the training log."""
+    folder = rm_folder(profile)
+
+    def write(tmp: Path) -> None:
+        reward_model.save_pretrained(tmp, pad_token_id=tokenizer.pad_token_id)
+        tokenizer.save_pretrained(tmp)
+        if log is not None:
+            (tmp / "training_log.json").write_text(json.dumps(dataclasses.asdict(log)))
+
+    _save_atomically(folder, write, rm_recipe(profile))
+    return folder
+
+
+def train_and_save_reward_model(profile: str, device: torch.device | None = None) -> Path:
+    """The chapter's recipe: the gold reward and the SFT policy, the training pairs of
+    `reward_data`, a reward model initialised from the policy and trained with
+    `RM_CONFIGS[profile]`, saved by `save_reward_model`. Returns the folder."""
+    from ftbook.workbench import seed_everything
+
+    cfg = pick(profile, RM_CONFIGS)
+    device = device or torch.device("cpu")
+    gold = load_gold_reward(profile, device)
+    policy, tokenizer = load_sft_model(profile, device)
+    policy.eval()
+    pairs = encode_preference_pairs(
+        tokenizer, reward_data(profile, policy, tokenizer, gold, "train"), cfg.max_len)
+    seed_everything(cfg.seed)
+    reward_model = RewardModel.from_causal_lm(policy).to(device)
+    log = train_reward_model(reward_model, pairs, steps=cfg.steps, lr=cfg.lr,
+                             batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id,
+                             seed=cfg.seed, weight_decay=cfg.weight_decay,
+                             warmup_ratio=cfg.warmup_ratio, bf16=cfg.bf16)
+    return save_reward_model(reward_model, tokenizer, profile, log)
+
+
+def load_reward_model(profile: str, device: torch.device | None = None
+                      ) -> tuple[RewardModel, Any]:
+    """(reward_model, tokenizer) from `rm_folder(profile)`, loaded with `from_pretrained`, in
+    eval mode; trained and saved first (`train_and_save_reward_model`) if missing or trained
+    with another configuration."""
+    from transformers import AutoTokenizer
+
+    from ftbook.base_models import attention_implementation
+
+    folder = rm_folder(profile)
+    if not _recipe_matches(folder, rm_recipe(profile)):
+        train_and_save_reward_model(profile, device)
+    reward_model = RewardModel.from_pretrained(
+        folder, attn_implementation=attention_implementation(profile))
+    if device is not None:
+        reward_model.to(device)
+    return reward_model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+# %%
+folder = save_reward_model(reward_model, tokenizer, PROFILE, rm_log)
+loaded_rm, loaded_tokenizer = load_reward_model(PROFILE, DEVICE)
+reloaded_chosen, _ = score_pairs(loaded_rm, eval_pairs[:16], loaded_tokenizer.pad_token_id)
+gap = (reloaded_chosen - chosen_rm[:16]).abs().max().item()
+print(f"saved to {folder.name}/ ({', '.join(sorted(p.name for p in folder.iterdir()))}); "
+      f"max |reward after reload - before| = {gap:.1e}")
+assert gap < PARITY_TOLERANCE
+del loaded_rm
+
+# %% [markdown]
+# ## Reward hacking and over-optimisation
+#
+# The reward model is a proxy for the gold reward, fitted on a few hundred noisy labels of
+# replies the SFT policy writes. Optimising against it moves the policy to replies where the two
+# may disagree. The simplest optimiser is **best-of-$n$**: sample $n$ replies from the SFT policy
+# and keep the one with the highest proxy reward. Its strength is set by $n$ alone, and its
+# distance from the SFT policy has a formula.
+#
+# **The KL of best-of-$n$.** Let $F$ be the distribution function of the proxy reward $r(y)$
+# under the SFT policy $\pi$, continuous, so that rewards never tie. The best of $n$ independent
+# draws has reward distribution $F^n$, so its density over replies is
+# $\pi_n(y) = n\,F(r(y))^{n-1}\,\pi(y)$ and
+#
+# $$
+# \mathrm{KL}(\pi_n \,\|\, \pi) = \mathbb{E}_{\pi_n}\big[\log n + (n-1)\log F(r(y))\big]
+# = \log n - \frac{n-1}{n},
+# \tag{7.7}
+# $$
+#
+# because $U = F(r(y))$ has density $n u^{n-1}$ on $[0, 1]$ under $\pi_n$ and
+# $\mathbb{E}[\log U] = -1/n$ (Stiennon et al. 2020, Appendix; Gao et al. 2022, §2). For a
+# discrete policy, sort the replies by reward with cumulative probabilities $F_i$; the best of $n$
+# draws is reply $i$ with probability
+#
+# $$
+# \pi_n(y_i) = F_i^{\,n} - F_{i-1}^{\,n},
+# \tag{7.8}
+# $$
+#
+# and the KL is *at most* (7.7), with equality only in the continuous limit: repeated draws of the
+# same reply waste some of the $n$ (Beirami et al. 2024, arXiv:2401.01879). Language-model replies
+# are discrete but so many that (7.7) is the standard $x$-axis, which we use.
+#
+# **Estimating best-of-$n$ for every $n$ at once.** Draw $N$ replies per prompt, sort them by
+# proxy reward, $r_{(1)} \le \dots \le r_{(N)}$. Averaged over all $\binom{N}{n}$ subsets of size
+# $n$, the subset's maximum is the $i$-th sample with probability $\binom{i-1}{n-1} / \binom{N}{n}$,
+# so
+#
+# $$
+# \widehat{\mathbb{E}}\big[v(\text{best of } n)\big]
+# = \sum_{i=n}^{N} \frac{\binom{i-1}{n-1}}{\binom{N}{n}}\; v_{(i)}
+# \tag{7.9}
+# $$
+#
+# is an unbiased estimate for any value $v$ of the sample (the proxy reward itself, or the gold
+# reward of the sample the proxy picked), from one set of $N$ draws.
+
+# %%
+#| export
+def best_of_n_kl(n: int) -> float:
+    """Eq. (7.7): log n - (n - 1) / n, the KL from the base policy of best-of-n for a continuous
+    reward (an upper bound for discrete ones; Beirami et al. 2024, arXiv:2401.01879)."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_distribution(probs: torch.Tensor, rewards: torch.Tensor, n: int) -> torch.Tensor:
+    """Eq. (7.8): the exact distribution (K,) of the best of n draws from the discrete `probs`
+    (K,) ranked by `rewards` (K,); tied outcomes split their share in proportion to `probs`."""
+    probs = probs.double()
+    if probs.shape != rewards.shape or probs.dim() != 1:
+        raise ValueError("probs and rewards must both be (K,)")
+    if bool((probs < 0).any()) or abs(probs.sum().item() - 1) > 1e-9:
+        raise ValueError("probs must be a probability vector")
+    _, level = torch.unique(rewards, return_inverse=True)  # (K,) rank of each reward level
+    mass = torch.zeros(int(level.max()) + 1, dtype=torch.float64).index_add_(0, level, probs)
+    cdf = mass.cumsum(0)
+    best_level = cdf ** n - (cdf - mass).clamp(min=0) ** n
+    return torch.where(mass[level] > 0, best_level[level] * probs / mass[level],
+                       torch.zeros_like(probs))
+
+
+def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """KL(p || q) of two discrete distributions (0 log 0 = 0)."""
+    p, q = p.double(), q.double()
+    where = p > 0
+    return (p[where] * (p[where] / q[where]).log()).sum().item()
+
+
+def best_of_n_estimate(selector: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """Eq. (7.9): per prompt, the expected `values` (prompts, N) of the sample that best-of-n
+    by `selector` (prompts, N) picks, averaged over all n-subsets of the N samples. (prompts,)"""
+    if selector.shape != values.shape or selector.dim() != 2:
+        raise ValueError("selector and values must both be (prompts, N)")
+    N = selector.shape[1]
+    if not 1 <= n <= N:
+        raise ValueError(f"n must lie in 1..{N}, got {n}")
+    sorted_values = values.double().gather(1, selector.argsort(dim=1, stable=True))
+    i = torch.arange(1, N + 1, dtype=torch.float64)
+    log_weight = (torch.lgamma(i) - torch.lgamma(i - n + 1).where(i >= n, torch.tensor(0.0))
+                  - math.lgamma(n) - (math.lgamma(N + 1) - math.lgamma(n + 1)
+                                      - math.lgamma(N - n + 1)))
+    weight = torch.where(i >= n, log_weight.exp(), torch.zeros_like(i))  # (N,), sums to 1
+    return (sorted_values * weight).sum(1)
+
+
+# %% [markdown]
+# Numerical checks of (7.7)-(7.9). On a discrete distribution with many outcomes the exact KL of
+# (7.8) approaches the formula; with four outcomes it stays well below it (the upper bound).
+# A simulation of best-of-$n$ reproduces the distribution (7.8), and (7.9) agrees with averaging
+# over random subsets.
+
+# %%
+generator = torch.Generator().manual_seed(SEED)
+rows = []
+for support in (4, 100, 20_000):
+    probs = torch.rand(support, generator=generator, dtype=torch.float64)
+    probs /= probs.sum()
+    rewards = torch.randn(support, generator=generator, dtype=torch.float64)
+    for n in (2, 8, 64):
+        exact = kl_divergence(best_of_n_distribution(probs, rewards, n), probs)
+        rows.append({"outcomes": support, "n": n, "exact KL (7.8)": exact,
+                     "formula (7.7)": best_of_n_kl(n)})
+kl_check = pd.DataFrame(rows).set_index(["outcomes", "n"])
+show_table(kl_check, "bon_kl_check", CHAPTER)
+assert (kl_check["exact KL (7.8)"] <= kl_check["formula (7.7)"] + 1e-12).all()
+fine = kl_check.loc[20_000]
+assert ((fine["exact KL (7.8)"] - fine["formula (7.7)"]).abs() < 0.01).all()
+
+probs = torch.tensor([0.1, 0.4, 0.2, 0.3], dtype=torch.float64)
+rewards = torch.tensor([3.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+draws = torch.multinomial(probs, 200_000 * 4, replacement=True, generator=generator).view(-1, 4)
+picked = draws.gather(1, rewards[draws].argmax(1, keepdim=True)).squeeze(1)
+simulated = torch.bincount(picked, minlength=4).double() / picked.numel()
+print("best of 4, simulated:", [round(x, 4) for x in simulated.tolist()], "| eq. (7.8):",
+      [round(x, 4) for x in best_of_n_distribution(probs, rewards, 4).tolist()])
+assert torch.allclose(simulated, best_of_n_distribution(probs, rewards, 4), atol=3e-3)
+
+scores = torch.randn(2, 12, generator=generator, dtype=torch.float64)
+values = torch.randn(2, 12, generator=generator, dtype=torch.float64)
+subsets = torch.rand(50_000, 12, generator=generator).argsort(1)[:, :5]  # random 5-subsets
+best = scores[:, subsets].argmax(-1)  # (2, 50000) position of the max within each subset
+mc = values[:, subsets].gather(-1, best.unsqueeze(-1)).squeeze(-1).mean(1)
+print(f"eq. (7.9) with n = 5 of N = 12: {best_of_n_estimate(scores, values, 5).tolist()} | "
+      f"random subsets: {mc.tolist()}")
+assert torch.allclose(best_of_n_estimate(scores, values, 5), mc, atol=0.02)
+
+# %% [markdown]
+# ### Experiment: best-of-$n$ against the learned reward
+#
+# For each of a few held-out prompts we sample $N$ replies from the SFT policy (the same sampler
+# that made the training pairs: 13-06's `generate_responses`, pure sampling without top-$k$ or
+# top-$p$, so the reference of (7.7) is the SFT model itself) and score every reply with the
+# reward model (the proxy) and the gold reward. For $n = 1, 2, 4, \dots, N$, eq. (7.9) gives the expected proxy reward of the
+# best-of-$n$ reply, its expected gold reward, and, for reference, the gold reward that
+# best-of-$n$ would reach if it selected by the gold reward itself: the frontier of a perfect
+# reward model. Rewards are shown as gains over $n = 1$ (the SFT policy), because (7.1) fixes
+# neither reward's offset.
+
+# %%
+bon_prompts = sentiment_prompts("validation", cfg.bon_prompts, cfg.seed + 2)
+N = cfg.bon_max_n
+with Timer(DEVICE) as timer:
+    bon_replies = generate_responses(
+        policy, tokenizer, [render_prompt(tokenizer, p) for p in bon_prompts for _ in range(N)],
+        max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
+        seed=cfg.seed + 2, batch_size=cfg.generate_batch_size)
+    bon_replies = [r.strip() for r in bon_replies]
+    proxy = score_replies(reward_model, tokenizer, [p for p in bon_prompts for _ in range(N)],
+                          bon_replies, cfg.score_batch_size).view(len(bon_prompts), N)
+    gold_scores = gold(bon_replies).view(len(bon_prompts), N)
+timings["best-of-n: sample and score"] = timer.seconds
+
+ns = [2 ** k for k in range(int(math.log2(N)) + 1)]
+bon = pd.DataFrame([{
+    "n": n, "KL (7.7)": best_of_n_kl(n),
+    "proxy reward": best_of_n_estimate(proxy, proxy, n).mean().item(),
+    "gold reward": best_of_n_estimate(proxy, gold_scores, n).mean().item(),
+    "gold reward, selected by gold": best_of_n_estimate(gold_scores, gold_scores, n).mean().item(),
+} for n in ns]).set_index("n")
+for column in ("proxy reward", "gold reward", "gold reward, selected by gold"):
+    bon[f"{column} gain"] = bon[column] - bon.loc[1, column]
+show_table(bon, "best_of_n", CHAPTER, floatfmt="{:.3f}")
+assert (bon["proxy reward"].diff().dropna() > -1e-9).all()  # selecting by a score raises it
+
+fig, ax = plt.subplots(figsize=(6.2, 3.8))
+ax.plot(bon["KL (7.7)"], bon["proxy reward gain"], marker="o", label="proxy (reward model)")
+ax.plot(bon["KL (7.7)"], bon["gold reward gain"], marker="s", label="gold, selected by proxy")
+ax.plot(bon["KL (7.7)"], bon["gold reward, selected by gold gain"], marker="^", ls="--",
+        label="gold, selected by gold")
+for n, row in bon.iterrows():
+    ax.annotate(f"n={n}", (row["KL (7.7)"], row["proxy reward gain"]), fontsize=7,
+                textcoords="offset points", xytext=(2, 4))
+ax.set(xlabel=r"KL$(\pi_n \| \pi_\mathrm{SFT})$ = log n - (n-1)/n  (nats)",
+       ylabel="reward gain over the SFT policy",
+       title="Best-of-n: proxy and gold reward against KL")
+ax.legend(fontsize=8)
+show_figure(fig, "best_of_n", CHAPTER)
+
+# %% [markdown]
+# **What does the proxy pay for?** Reward hacking shows in *which* replies the proxy ranks first.
+# Two diagnostics on the $N$ samples per prompt: the correlation of each reward with the reply's
+# length (a feature the gold classifier does not reward by design), and, per prompt, the
+# proxy's favourite next to the gold reward's favourite.
+
+# %%
+lengths = torch.tensor([len(r.split()) for r in bon_replies], dtype=torch.float).view_as(proxy)
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+
+
+hacking = pd.DataFrame({"Pearson correlation": {
+    "proxy vs gold reward": correlation(proxy, gold_scores),
+    "proxy reward vs reply length (words)": correlation(proxy, lengths),
+    "gold reward vs reply length (words)": correlation(gold_scores, lengths)}})
+show_table(hacking, "hacking", CHAPTER, floatfmt="{:.3f}")
+top_proxy, top_gold = proxy.argmax(1), gold_scores.argmax(1)
+for j in range(min(3, len(bon_prompts))):
+    i, k = top_proxy[j].item(), top_gold[j].item()
+    print(f"{bon_prompts[j]!r}\n  proxy's best (proxy {proxy[j, i]:+.2f}, gold "
+          f"{gold_scores[j, i]:+.2f}): {bon_replies[j * N + i][:90]!r}\n  gold's best  (proxy "
+          f"{proxy[j, k]:+.2f}, gold {gold_scores[j, k]:+.2f}): {bon_replies[j * N + k][:90]!r}")
+
+timings_table = pd.DataFrame({"seconds": timings})
+show_table(timings_table, "timings", CHAPTER, floatfmt="{:.1f}")
+
+# %% [markdown]
+# ## Results and discussion
+#
+# **Accuracy.** Trained on 640 pairs of sampled replies, the reward model orders about 69% of
+# the held-out pairs as the labels do. The ceiling is about 83%: the gold reward's own accuracy
+# on the same labels, which are Bradley-Terry draws and so disagree with the gold ranking on
+# close pairs. The expected gold accuracy, $\mathbb{E}\,\sigma(|\Delta r^\star|)$, agrees
+# with that ceiling to two points. Against the gold *ranking*, the number that matters for
+# optimisation, the reward model does a little better (about 73%). Length is no shortcut here:
+# "the longer reply wins" is at chance. The training log shows held-out accuracy peaking
+# mid-run while the training loss keeps falling: a 5.8M-parameter model starts to overfit 640
+# pairs within two epochs.
+#
+# **Calibration.** Compared with the true probability, the reward model is under-confident in
+# the inner bins (0.32 where the truth is about 0.27, 0.68 where it is about 0.73) and
+# over-confident in the outermost ones. Against the true Bradley-Terry probability, the expected calibration error is
+# about 0.04; against the noisier empirical frequency it is about 0.07.
+#
+# **Best-of-$n$ and over-optimisation.** As $n$ grows from 1 to 64 (KL up to 3.2 nats), the
+# proxy reward of the chosen reply rises monotonically, by construction. The gold reward rises
+# with it at first, then flattens and finally drops: it peaks at $n = 32$ and is slightly lower
+# at $n = 64$. This is the shape of Gao et al.'s Fig. 1 in miniature. Past some KL, optimising
+# the proxy buys proxy reward and no gold reward. The gold-selected curve, what a perfect reward
+# model would pick from the same samples, stays well above it throughout. The correlations show
+# one mechanism: the proxy prefers *short* replies (correlation with length about −0.45), which
+# the gold classifier does not (about −0.1). The per-prompt favourites show the other: the
+# proxy's top pick is sometimes a fluent-looking fragment that the gold classifier finds
+# negative.
+
+# ## Pitfalls
+#
+# - **Reading the reward at the wrong token.** A classifier head on a causal LM must read the
+#   last real token. Left padding moves it; a pad token equal to EOS makes "the last non-pad
+#   token" the last token *before* the EOS; truncation can remove it. `last_token_index` reads
+#   the mask, the tokenizer check refuses pad = EOS, and `encode_preference_pairs` refuses to
+#   truncate.
+# - **Left padding without position ids.** Llama's positions ignore the mask, so a left-padded
+#   sequence is scored at shifted rotary positions (measured above). Pass position ids, or
+#   right-pad.
+# - **`log(sigmoid(Δ))`.** It underflows to $-\infty$ for margins below about $-104$ in float32;
+#   use `logsigmoid`.
+# - **Reading absolute rewards.** The likelihood (7.1) ignores a per-prompt offset, so "the
+#   reward of this reply is 2.3" means nothing; compare differences on the same prompt, or center
+#   the rewards (TRL's `center_rewards_coefficient`).
+# - **Accuracy without a ceiling.** With noisy labels, 70% can be excellent or poor; report the
+#   accuracy of a known-good scorer, or the agreement between labellers, next to it.
+# - **Trusting the proxy.** The learned reward rises under any optimisation pressure, including
+#   when the true objective does not. Keep a held-out gold measure (in practice: human or
+#   strong-model evaluations) and a KL budget.
+#
+# ## Summary
+#
+# - Pairwise preferences are modelled by Bradley-Terry, eq. (7.1); the reward model minimises
+#   the logistic loss (7.2), whose gradient (7.3) weights each pair by the model's probability of
+#   ranking it wrongly. The MLE is the logit of the win rate for two items (7.4) and balances
+#   observed and expected wins in general (7.5); all checked numerically.
+# - The reward model is the SFT transformer plus a zero-initialised linear head read at the last
+#   real token, eq. (7.6), with position ids that make left and right padding agree. It matches
+#   `LlamaForSequenceClassification`'s pooled logits and TRL's `RewardTrainer` loss to float
+#   precision, and is saved in that format for 13-08 and 13-09.
+# - Held-out accuracy is read against the gold reward's ceiling; calibration against the true
+#   Bradley-Terry probability, which the synthetic task makes available.
+# - Best-of-$n$ moves $\log n - (n-1)/n$ nats from the SFT policy, eq. (7.7) (an upper bound for
+#   discrete policies, 7.8); optimising the learned reward raises it faster than the gold reward.
+#
+# ## Exercises
+#
+# 1. Train the reward model with TRL's `center_rewards_coefficient = 0.01` added to (7.2). Does
+#    the held-out accuracy change? What happens to the mean reward of the SFT policy's replies?
+# 2. Fit Gao et al.'s functional form for best-of-$n$, $R(d) = d(\alpha - \beta d)$ with
+#    $d = \sqrt{\mathrm{KL}}$, to the gold curve above. Where does it predict the gold reward to
+#    peak, and how does that point move when you train the reward model on half the pairs?
+# 3. Replace the Bradley-Terry draw by a deterministic label (the higher gold reward always
+#    wins). Show that the maximum-likelihood reward differences then diverge, and watch the
+#    calibration plot as training goes on.
+# 4. Make the simulated labeller biased towards longer replies (add $0.1 \times$ the word count to
+#    the gold reward when drawing labels). Does the reward model learn the bias, and does
+#    best-of-$n$ exploit it?
+#
+# ## References
+#
+# - Bradley & Terry (1952), *Rank Analysis of Incomplete Block Designs: I. The Method of Paired
+#   Comparisons*, Biometrika 39; Zermelo (1929); Hunter (2004), *MM algorithms for generalized
+#   Bradley-Terry models*, Annals of Statistics 32.
+# - Christiano et al. (2017), *Deep reinforcement learning from human preferences*,
+#   arXiv:1706.03741.
+# - Stiennon et al. (2020), *Learning to summarize from human feedback*, arXiv:2009.01325, §3.4
+#   and Appendix (best-of-$N$ KL).
+# - Ouyang et al. (2022), *Training language models to follow instructions with human
+#   feedback*, arXiv:2203.02155, §3.5 (reward model).
+# - Bai et al. (2022), *Training a Helpful and Harmless Assistant with Reinforcement Learning
+#   from Human Feedback*, arXiv:2204.05862.
+# - Gao, Schulman & Hilton (2022), *Scaling Laws for Reward Model Overoptimization*,
+#   arXiv:2210.10760, §2 and Fig. 1.
+# - Beirami et al. (2024), *Theoretical guarantees on the best-of-n alignment policy*,
+#   arXiv:2401.01879.
+# - Singhal, Goyal, Xu & Durrett (2023), *A Long Way to Go: Investigating Length Correlations in
+#   RLHF*, arXiv:2310.03716.
+# - Eisenstein et al. (2023), *Helping or Herding? Reward Model Ensembles Mitigate but do not
+#   Eliminate Reward Hacking*, arXiv:2312.09244.
+# - Rafailov et al. (2023), *Direct Preference Optimization*, arXiv:2305.18290, §6.1 (the IMDb
+#   controlled-sentiment task).
+# - TRL documentation: `RewardTrainer`, `RewardConfig` (version 1.15).

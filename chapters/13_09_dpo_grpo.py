@@ -1,0 +1,2260 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# (dpo-grpo)=
+# # 13-09 DPO, GRPO and modern alignment
+#
+# ```{admonition} At a glance
+# :class: tip
+# **Prerequisites:** {ref}`reward-modeling` (13-07); 13-08 (RLHF with PPO) for the comparison.
+# **Reading time:** ~12 min; the tiny profile runs in under 10 minutes on 2 CPU cores.
+# **You will build** `ftbook.dpo_grpo`: Direct Preference Optimization derived from the
+# KL-regularised objective and checked against its closed-form optimum, then implemented with a
+# cached reference, CS336's `per_instance_dpo_loss`, and parity with TRL's `DPOTrainer`; the GRPO
+# losses and microbatch step with the contracts of Stanford CS336 Assignment 5, with the Dr. GRPO
+# variants; a verifiable reward, GRPO and expert iteration on arithmetic the SFT model of 13-06
+# half knows; and one table and one figure that put SFT, PPO, DPO and GRPO side by side on the
+# running sentiment task.
+# ```
+#
+# 13-08 optimised the learned reward of 13-07 with PPO: a value network, advantages from GAE, a
+# per-token KL penalty, four models in memory. This chapter takes two shortcuts that have since
+# become the default. **DPO** (Rafailov et al. 2023, arXiv:2305.18290) notices that the optimum of
+# the KL-regularised objective is known in closed form, solves it for the reward, and fits the
+# preferences *directly* with the policy: no reward model, no sampling, one supervised-looking
+# loss. **GRPO** (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300) keeps sampling but drops the
+# value network: it samples a *group* of replies per prompt and uses each reply's reward relative
+# to its group as the advantage. With a reward that a program can check (the answer of an
+# arithmetic problem), GRPO is the engine of *reinforcement learning with verifiable rewards*
+# (RLVR) behind recent reasoning models; expert iteration, which keeps the correct samples and
+# fine-tunes on them, is its simplest rival.
+
+# %%
+from ftbook.workbench import device_cell, get_device, get_profile, pick, seed_everything
+
+CHAPTER = "13_09_dpo_grpo"
+PROFILE = get_profile()
+SEED = 0
+seed_everything(SEED)
+DEVICE = get_device()
+device_cell(PROFILE, SEED, DEVICE)
+
+# %% [markdown]
+# ## Configuration
+#
+# One frozen configuration per profile holds every size of the chapter. The tiny profile trains
+# DPO on 13-07's preference pairs for a few betas, gives GRPO and PPO the same number of sampled
+# replies on the sentiment task, two seeds each, and runs GRPO and expert iteration on a few
+# hundred arithmetic problems with the same number of samples.
+
+# %%
+#| export
+"""DPO, GRPO and expert iteration: direct preference optimisation from its derivation to a
+training loop with a cached reference, the GRPO losses and microbatch step with the contracts of
+Stanford CS336 Assignment 5 (Dr. GRPO variants included), a verifiable reward, expert iteration,
+and the evaluation that compares SFT, PPO, DPO and GRPO on the running sentiment task.
+
+Chapter 13-09. Rafailov et al. 2023 (arXiv:2305.18290) for DPO; Shao et al. 2024 (DeepSeekMath,
+arXiv:2402.03300) for GRPO; Liu et al. 2025 (arXiv:2503.20783) for Dr. GRPO; Anthony et al. 2017
+(arXiv:1705.08439), Zelikman et al. 2022 (arXiv:2203.14465) and Singh et al. 2023
+(arXiv:2312.06585) for expert iteration; Lambert et al. 2024 (arXiv:2411.15124) for RLVR.
+"""
+import contextlib
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftbook.instruction_tuning import (
+    answer_is_correct,
+    get_response_log_probs,
+    masked_normalize,
+    render_prompt,
+    sample_replies,
+    sft_train,
+    tokenize_for_sft,
+)
+from ftbook.reward_modeling import (
+    pad_sequences,
+    pairwise_accuracy,
+    reward_model_text,
+    score_replies,
+)
+from ftbook.workbench import check_finite, progress, transformer_flops
+
+
+@dataclass(frozen=True)
+class DPOGRPOConfig:
+    """Budget and hyperparameters of chapter 13-09 (one per profile)."""
+
+    # evaluation on the running task (13-07's prompts, gold reward and reward model)
+    eval_prompts: int  # held-out SST-2 openings, one sampled reply each
+    max_new_tokens: int  # reply cap on the running task (13-07's)
+    generate_batch_size: int
+    seeds: tuple[int, ...]  # the runs compared across seeds
+    # DPO on 13-07's preference pairs
+    dpo_beta: float  # the beta of the comparison
+    dpo_betas: tuple[float, ...]  # the reward-KL frontier
+    dpo_steps: int
+    dpo_batch_size: int  # pairs per step
+    dpo_lr: float
+    timing_steps: int  # steps timed with the reference cached and recomputed
+    # GRPO and PPO on the running task, with the same number of sampled replies
+    rl_prompts: int  # SST-2 train openings
+    grpo_prompts_per_step: int
+    grpo_group_size: int
+    grpo_steps: int
+    grpo_lr: float
+    grpo_kl_coef: float  # DeepSeekMath's beta on the k3 estimate
+    ppo_batch_size: int
+    ppo_lr: float
+    ppo_beta: float
+    # RLVR: GRPO against expert iteration with the same number of samples
+    rlvr_task: str  # "arithmetic" (13-06's synthetic problems) or "gsm8k"
+    rlvr_train: int  # training problems
+    rlvr_eval: int  # held-out problems, answered greedily
+    rlvr_max_operand: int  # arithmetic operands 0..rlvr_max_operand (the tiny LM needs small ones)
+    rlvr_max_new_tokens: int
+    rlvr_prompts_per_step: int
+    rlvr_group_size: int
+    rlvr_steps: int
+    rlvr_lr: float
+    rlvr_epochs: int  # optimiser passes per rollout batch in the off-policy ablation
+    ei_rounds: int
+    ei_sft_steps: int  # SFT steps per expert-iteration round
+    ei_lr: float
+    microbatch_size: int  # rows per backward pass (gradient accumulation)
+    bf16: bool = False  # autocast the training forward passes to bfloat16 (GPU)
+
+
+DPO_CONFIGS = {
+    "smoke": DPOGRPOConfig(
+        eval_prompts=8, max_new_tokens=8, generate_batch_size=16, seeds=(0, 1), dpo_beta=0.1,
+        dpo_betas=(0.1, 0.5), dpo_steps=3, dpo_batch_size=4, dpo_lr=1e-3, timing_steps=2,
+        rl_prompts=16, grpo_prompts_per_step=2, grpo_group_size=4, grpo_steps=2, grpo_lr=1e-3,
+        grpo_kl_coef=0.04, ppo_batch_size=8, ppo_lr=1e-3, ppo_beta=0.1, rlvr_task="arithmetic",
+        rlvr_train=16, rlvr_eval=8, rlvr_max_operand=9, rlvr_max_new_tokens=6,
+        rlvr_prompts_per_step=2,
+        rlvr_group_size=4, rlvr_steps=2, rlvr_lr=1e-3, rlvr_epochs=2, ei_rounds=2,
+        ei_sft_steps=2, ei_lr=1e-3, microbatch_size=4),
+    "tiny": DPOGRPOConfig(
+        eval_prompts=64, max_new_tokens=48, generate_batch_size=64, seeds=(0, 1), dpo_beta=0.1,
+        dpo_betas=(0.1, 0.3, 1.0), dpo_steps=32, dpo_batch_size=16, dpo_lr=1e-4,
+        timing_steps=4, rl_prompts=256, grpo_prompts_per_step=8, grpo_group_size=4,
+        grpo_steps=10, grpo_lr=1e-4, grpo_kl_coef=0.04, ppo_batch_size=16, ppo_lr=1e-4,
+        ppo_beta=0.1, rlvr_task="arithmetic", rlvr_train=128, rlvr_eval=64, rlvr_max_operand=12,
+        rlvr_max_new_tokens=8, rlvr_prompts_per_step=6, rlvr_group_size=8, rlvr_steps=12,
+        rlvr_lr=1e-4, rlvr_epochs=3, ei_rounds=3, ei_sft_steps=20, ei_lr=1e-4,
+        microbatch_size=16),
+    "full": DPOGRPOConfig(
+        eval_prompts=500, max_new_tokens=48, generate_batch_size=128, seeds=(0, 1, 2),
+        dpo_beta=0.1, dpo_betas=(0.05, 0.1, 0.3, 1.0, 3.0), dpo_steps=500, dpo_batch_size=32,
+        dpo_lr=1e-6, timing_steps=10, rl_prompts=4000, grpo_prompts_per_step=32,
+        grpo_group_size=8, grpo_steps=100, grpo_lr=1e-6, grpo_kl_coef=0.04, ppo_batch_size=64,
+        ppo_lr=1e-6, ppo_beta=0.1, rlvr_task="gsm8k", rlvr_train=7473, rlvr_eval=500,
+        rlvr_max_operand=99,
+        rlvr_max_new_tokens=256, rlvr_prompts_per_step=32, rlvr_group_size=8, rlvr_steps=100,
+        rlvr_lr=1e-6, rlvr_epochs=2, ei_rounds=5, ei_sft_steps=100, ei_lr=1e-6,
+        microbatch_size=16, bf16=True),
+}
+
+
+# %%
+cfg = pick(PROFILE, DPO_CONFIGS)
+print(cfg)
+
+# %% [markdown]
+# ## DPO from first principles
+#
+# ### The objective and its optimum
+#
+# RLHF maximises reward while staying close to the reference policy $\pi_\text{ref}$ (the SFT
+# model), eq. (8.1) of 13-08:
+#
+# $$
+# \max_{\pi}\; \mathbb{E}_{x \sim \mathcal{D}}\Big[\,\mathbb{E}_{y \sim \pi(\cdot \mid x)}\,
+# r(x, y) - \beta\, \mathrm{KL}\big(\pi(\cdot \mid x)\,\|\,\pi_\text{ref}(\cdot \mid x)\big)\Big].
+# \tag{9.1}
+# $$
+#
+# 13-08 showed that, prompt by prompt, (9.1) is maximised by a tilted reference policy,
+#
+# $$
+# \pi^*(y \mid x) = \frac{1}{Z(x)}\, \pi_\text{ref}(y \mid x)\, e^{r(x, y) / \beta},
+# \qquad Z(x) = \sum_y \pi_\text{ref}(y \mid x)\, e^{r(x, y)/\beta},
+# \tag{9.2}
+# $$
+#
+# because the objective equals $\beta \log Z(x) - \beta\,\mathrm{KL}(\pi \,\|\, \pi^*)$, eq. (8.3).
+# PPO never computes $Z$: the sum runs over every possible reply. DPO never needs it either, for a
+# different reason.
+#
+# ### The reward reparameterisation
+#
+# Take the logarithm of (9.2) and solve for the reward:
+#
+# $$
+# r(x, y) = \beta \log \frac{\pi^*(y \mid x)}{\pi_\text{ref}(y \mid x)} + \beta \log Z(x).
+# \tag{9.3}
+# $$
+#
+# Every reward function is, up to a term that depends on the prompt alone, $\beta$ times the
+# log-ratio of *its own* optimal policy to the reference. The Bradley-Terry model of 13-07,
+# eq. (7.1), only ever looks at reward *differences* between two replies to the same prompt, and
+# there the unknowable $\beta \log Z(x)$ cancels:
+#
+# $$
+# p^*(y_w \succ y_l \mid x) = \sigma\Big(\beta \log \frac{\pi^*(y_w \mid x)}{\pi_\text{ref}(y_w \mid x)}
+# - \beta \log \frac{\pi^*(y_l \mid x)}{\pi_\text{ref}(y_l \mid x)}\Big).
+# \tag{9.4}
+# $$
+#
+# ### The DPO loss
+#
+# Equation (9.4) is a likelihood for the preference data written in terms of a policy. Replace
+# $\pi^*$ by the policy $\pi_\theta$ we train and maximise the likelihood of the observed
+# preferences, exactly as the reward model of 13-07 did with eq. (7.2):
+#
+# $$
+# \mathcal{L}_\text{DPO}(\theta) = -\,\mathbb{E}_{(x, y_w, y_l) \sim \mathcal{D}}
+# \log \sigma\big(\hat r_\theta(x, y_w) - \hat r_\theta(x, y_l)\big),
+# \qquad \hat r_\theta(x, y) = \beta \log \frac{\pi_\theta(y \mid x)}{\pi_\text{ref}(y \mid x)}.
+# \tag{9.5}
+# $$
+#
+# $\hat r_\theta$ is the *implicit reward*: the reward for which $\pi_\theta$ is optimal. Fitting
+# the reward model and solving (9.1) collapse into one maximum-likelihood problem, and the policy
+# is the reward model ("your language model is secretly a reward model"). At $\pi_\theta =
+# \pi_\text{ref}$ both implicit rewards are 0 and the loss is $\ln 2 = 0.6931$. Its gradient is
+#
+# $$
+# \nabla_\theta \mathcal{L}_\text{DPO} = -\beta\, \mathbb{E}\Big[\sigma\big(\hat r_\theta(x, y_l)
+# - \hat r_\theta(x, y_w)\big)\big(\nabla_\theta \log \pi_\theta(y_w \mid x)
+# - \nabla_\theta \log \pi_\theta(y_l \mid x)\big)\Big]:
+# \tag{9.6}
+# $$
+#
+# raise the chosen reply, lower the rejected one, each pair weighted by how wrongly the implicit
+# reward currently ranks it. Pairs it already ranks well barely count, which is what keeps DPO from
+# pushing the likelihoods apart forever, and also why it can still drift: nothing in (9.6) keeps
+# $\log \pi_\theta(y_w)$ itself from falling, as long as $\log \pi_\theta(y_l)$ falls faster.
+#
+# A first check, of (9.3) and (9.4): on six replies with a reward that carries an arbitrary
+# offset, the reward minus $\beta \log(\pi^* / \pi_\text{ref})$ is one constant, $\beta \log Z$,
+# and the preference probabilities computed from $\pi^*$ equal those computed from the reward.
+# (The loss at the reference and the gradient (9.6) are checked once `dpo_loss` exists, below.)
+
+# %%
+generator = torch.Generator().manual_seed(0)
+K, beta_check = 6, 0.5
+log_ref = torch.log_softmax(torch.randn(K, generator=generator, dtype=torch.float64), 0)
+reward = torch.randn(K, generator=generator, dtype=torch.float64) + 3.0  # any offset
+log_opt = torch.log_softmax(log_ref + reward / beta_check, 0)  # eq. (9.2)
+implied = beta_check * (log_opt - log_ref)  # eq. (9.3) without beta log Z
+gap = (torch.sigmoid(implied[:, None] - implied[None, :])
+       - torch.sigmoid(reward[:, None] - reward[None, :])).abs().max().item()
+print(f"eq. (9.3): reward - beta log(pi*/pi_ref) = {(reward - implied).min():.6f} .. "
+      f"{(reward - implied).max():.6f} (the constant beta log Z = "
+      f"{beta_check * torch.logsumexp(log_ref + reward / beta_check, 0):.6f})")
+print(f"eq. (9.4): max |P(i > j) from pi* - P(i > j) from r| = {gap:.2e}")
+assert torch.allclose(reward - implied, (reward - implied).mean().expand(K), atol=1e-12)
+assert gap < 1e-12
+
+# %% [markdown]
+# ### DPO converges to the optimum: a problem with every reply enumerated
+#
+# With a finite set of $K$ replies to one prompt, a *tabular* policy $\pi_\theta = \mathrm{softmax}
+# (\theta)$ can represent every distribution, and the expected DPO loss over a preference
+# distribution can be written down exactly: if the pair $\{i, j\}$ is shown to the labeller with
+# probability proportional to $q_{ij} = q_{ji}$ and $i$ wins with the Bradley-Terry probability
+# $\sigma(r_i - r_j)$, the ordered pair (chosen $i$, rejected $j$) has weight
+# $w_{ij} \propto q_{ij}\,\sigma(r_i - r_j)$. The loss
+# (9.5) is convex in $\theta$ (the implicit-reward differences are linear in $\theta$; the softmax
+# normaliser cancels), so minimising it finds the global optimum, and (9.4) says what that is:
+# $\pi^* \propto \pi_\text{ref} e^{r/\beta}$ whenever every pair has a chance of being compared.
+# `tabular_dpo_fit` minimises the loss with L-BFGS in float64, starting from $\pi_\text{ref}$ as
+# DPO does; it calls the same `dpo_loss` the language-model trainer uses (defined below).
+
+# %%
+#| export
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. (9.5) per pair (Rafailov et al. 2023, arXiv:2305.18290, eq. 7): -log sigmoid of the
+    difference of the implicit rewards beta (log pi_theta - log pi_ref), with `logsigmoid` (finite
+    for any margin). Inputs are summed reply log-probabilities, each (batch,). Returns
+    (losses (batch,), chosen_rewards (batch,), rejected_rewards (batch,)), the rewards detached."""
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    shapes = {tuple(t.shape) for t in (policy_chosen_logps, policy_rejected_logps,
+                                        ref_chosen_logps, ref_rejected_logps)}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+        raise ValueError(f"the four log-probability tensors must share one (batch,) shape, got "
+                         f"{sorted(shapes)}")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)  # (batch,)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    losses = -nn.functional.logsigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def tabular_dpo_fit(ref_log_probs: torch.Tensor, preference_weights: torch.Tensor, beta: float,
+                    max_iter: int = 2000, tol: float = 1e-12) -> torch.Tensor:
+    """Minimise the expected DPO loss (9.5) over a tabular policy log pi = log_softmax(theta) on
+    K replies, starting at pi_ref. `preference_weights` (K, K): w[i, j] = probability that a
+    training pair has chosen reply i and rejected reply j (population or empirical). L-BFGS in
+    float64 on u = beta theta (the implicit-reward scale, which keeps the conditioning
+    independent of beta); returns log pi (K,)."""
+    ref = ref_log_probs.double()
+    weights = preference_weights.double()
+    K = ref.shape[0]
+    if ref.dim() != 1 or weights.shape != (K, K):
+        raise ValueError(f"need ref_log_probs (K,) and preference_weights (K, K), got "
+                         f"{tuple(ref.shape)} and {tuple(weights.shape)}")
+    if bool((weights < 0).any()):
+        raise ValueError("preference weights must be non-negative")
+    chosen, rejected = (i.flatten() for i in torch.meshgrid(torch.arange(K), torch.arange(K),
+                                                           indexing="ij"))
+    scaled = (beta * ref).requires_grad_(True)  # u = beta theta
+    optimizer = torch.optim.LBFGS([scaled], lr=1.0, max_iter=max_iter, tolerance_grad=tol,
+                                  tolerance_change=0.0, history_size=50,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        log_pi = torch.log_softmax(scaled / beta, 0)
+        losses, _, _ = dpo_loss(log_pi[chosen], log_pi[rejected], ref[chosen], ref[rejected],
+                                beta)
+        loss = (weights.flatten() * losses).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return torch.log_softmax(scaled.detach() / beta, 0)
+
+
+# %% [markdown]
+# Pairs are shown with probability $q_{ij} \propto \pi_\text{ref}(i)\,\pi_\text{ref}(j)$ (two
+# samples of the reference, as in our preference data), for three values of $\beta$:
+
+# %%
+import pandas as pd
+
+from ftbook.workbench import show_table
+
+pair_probs = log_ref.exp()[:, None] * log_ref.exp()[None, :]
+pair_probs = pair_probs * (1 - torch.eye(K, dtype=torch.float64))  # two different replies
+pair_probs = pair_probs / pair_probs.sum()
+win = torch.sigmoid(reward[:, None] - reward[None, :])  # Bradley-Terry, eq. (7.1)
+toy_rows = []
+for beta_toy in (0.1, 0.5, 2.0):
+    log_dpo = tabular_dpo_fit(log_ref, pair_probs * win, beta_toy)
+    log_star = torch.log_softmax(log_ref + reward / beta_toy, 0)  # eq. (9.2)
+    toy_rows.append({"beta": beta_toy,
+                     "max |pi_DPO - pi*|": (log_dpo.exp() - log_star.exp()).abs().max().item(),
+                     "KL(pi_DPO || pi*)": (log_dpo.exp() * (log_dpo - log_star)).sum().item(),
+                     "KL(pi* || pi_ref)": (log_star.exp() * (log_star - log_ref)).sum().item(),
+                     "E_pi*[r] - E_ref[r]": ((log_star.exp() - log_ref.exp()) * reward).sum().item()})
+toy_table = pd.DataFrame(toy_rows).set_index("beta")
+show_table(toy_table, "toy_optimum", CHAPTER, floatfmt="{:.3g}")
+assert (toy_table["max |pi_DPO - pi*|"] < 1e-6).all()
+
+# %% [markdown]
+# DPO lands on $\pi^*$ to optimiser precision for every $\beta$, and $\beta$ sets how far $\pi^*$
+# moves from the reference: small $\beta$, large KL and reward. With a *finite* sample of pairs the
+# minimiser is that of the empirical preferences; it approaches $\pi^*$ as the sample grows, at the
+# $1/\sqrt{N}$ rate of a maximum-likelihood estimate:
+
+# %%
+finite_rows = []
+flat = pair_probs.flatten()
+log_star = torch.log_softmax(log_ref + reward / 0.5, 0)
+for n_pairs in (1_000, 10_000, 100_000):
+    errors = []
+    for _ in range(5):  # repetitions with fresh samples
+        sample = torch.multinomial(flat, n_pairs, replacement=True, generator=generator)
+        first, second = sample // K, sample % K
+        first_wins = (torch.rand(n_pairs, generator=generator, dtype=torch.float64)
+                      < win[first, second])
+        chosen_idx = torch.where(first_wins, first, second)
+        rejected_idx = torch.where(first_wins, second, first)
+        counts = torch.zeros(K, K, dtype=torch.float64)
+        counts.index_put_((chosen_idx, rejected_idx), torch.ones(n_pairs, dtype=torch.float64),
+                          accumulate=True)
+        log_hat = tabular_dpo_fit(log_ref, counts / n_pairs, 0.5)
+        errors.append((log_hat.exp() - log_star.exp()).abs().max().item())
+    mean_error = sum(errors) / len(errors)
+    finite_rows.append({"pairs N": n_pairs, "mean max |pi_DPO - pi*| (5 samples)": mean_error,
+                        "x sqrt(N)": mean_error * math.sqrt(n_pairs)})
+show_table(pd.DataFrame(finite_rows).set_index("pairs N"), "toy_finite", CHAPTER, floatfmt="{:.3g}")
+
+# %% [markdown]
+# The gradient (9.6) against autograd, and the loss at the reference:
+
+# %%
+policy_w = torch.randn(5, dtype=torch.float64, requires_grad=True)  # log pi_theta(y_w), 5 pairs
+policy_l = torch.randn(5, dtype=torch.float64, requires_grad=True)  # log pi_theta(y_l)
+ref_w, ref_l = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+losses, chosen_rewards, rejected_rewards = dpo_loss(policy_w, policy_l, ref_w, ref_l, beta_check)
+losses.sum().backward()
+weight = torch.sigmoid(rejected_rewards - chosen_rewards)  # eq. (9.6)
+assert torch.allclose(policy_w.grad, -beta_check * weight)
+assert torch.allclose(policy_l.grad, beta_check * weight)
+at_ref, _, _ = dpo_loss(ref_w, ref_l, ref_w, ref_l, beta_check)
+print(f"loss at pi_theta = pi_ref: {at_ref.mean():.4f} (ln 2 = {math.log(2):.4f}); "
+      f"eq. (9.6) matches autograd")
+assert torch.allclose(at_ref, torch.full_like(at_ref, math.log(2)))
+
+# %% [markdown]
+# ## DPO for language models
+#
+# For a language model, $\log \pi_\theta(y \mid x)$ is the sum of the log-probabilities of the
+# reply's tokens given the prompt and the tokens before them, so the loss needs four such sums per
+# pair: policy and reference, chosen and rejected. The pieces, bottom-up as in the DPO notebook of
+# *LLMs from scratch*:
+#
+# 1. **Encoding.** A record of 13-07 holds the user message and two reply texts. The prompt is
+#    rendered with the book's chat template (13-06's `render_prompt`), each reply gets the EOS token
+#    appended, and prompt + reply is tokenized *as one string* (13-07's `reward_model_text`, the very
+#    text the reward model read), with the prompt's tokens located at its start, as in 13-06 and
+#    TRL. (CS336 formats DPO examples with the Alpaca template; we use the chat template the SFT
+#    model was trained with.) The EOS must carry log-probability: a policy that is not rewarded for
+#    stopping learns to ramble.
+# 2. **Batches.** $B$ pairs become $2B$ right-padded rows, the chosen replies first, then the
+#    rejected ones, with a `response_mask` on the reply tokens: the layout of TRL's
+#    `DataCollatorForPreference`. One forward pass scores all $2B$.
+# 3. **Sequence log-probabilities** with 13-06's `get_response_log_probs` (position $t$ predicts
+#    token $t + 1$) and `masked_normalize` with constant 1 (a sum over the reply).
+# 4. **The reference is frozen**, so its log-probabilities are a property of the data: compute them
+#    once before training and store two numbers per pair. That halves the forward passes of a step
+#    and frees the reference model's memory (TRL's `precompute_ref_log_probs`).
+
+# %%
+#| export
+def encode_dpo_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str,
+                    max_len: int | None = None, where: str = "pair"
+                    ) -> tuple[list[int], list[int], list[int]]:
+    """(prompt_ids, chosen_ids, rejected_ids) of one preference pair: the user message `prompt`
+    in the chat template (`render_prompt`), each reply stripped and followed by EOS; prompt +
+    reply is tokenized as one string (`reward_model_text`) and the prompt's tokens must be its
+    prefix. A pair whose longer side exceeds `max_len` tokens is an error naming `where`."""
+    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    replies = []
+    for name, reply in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(reply, str) or not reply.strip():
+            raise ValueError(f"{where}, field {name!r}: the reply must be a non-empty string")
+        full = tokenizer(reward_model_text(tokenizer, prompt, reply),
+                         add_special_tokens=False)["input_ids"]
+        if full[:len(prompt_ids)] != prompt_ids:
+            raise ValueError(f"{where}, field {name!r}: the prompt's tokens change when the reply "
+                             "follows; the chat template must end the prompt on a token boundary")
+        if max_len is not None and len(full) > max_len:
+            raise ValueError(f"{where}, field {name!r}: {len(full)} tokens with the prompt, more "
+                             f"than max_len={max_len}")
+        replies.append(full[len(prompt_ids):])
+    return prompt_ids, replies[0], replies[1]
+
+
+def encode_dpo_pairs(tokenizer: Any, records: Sequence[dict], max_len: int | None = None
+                     ) -> list[tuple[list[int], list[int], list[int]]]:
+    """`encode_dpo_pair` for every record {"prompt", "chosen", "rejected"} (13-07's format)."""
+    from ftbook.reward_modeling import validate_preference_records
+
+    records = validate_preference_records(records, "DPO preference records")
+    return [encode_dpo_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_len,
+                            f"record {i}") for i, r in enumerate(records)]
+
+
+def collate_dpo(examples: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+                pad_token_id: int) -> dict[str, torch.Tensor]:
+    """(2B, T) right-padded `input_ids`, `attention_mask` and `response_mask` (true on the reply
+    tokens): the B chosen sequences, then the B rejected ones (TRL's layout)."""
+    if not examples:
+        raise ValueError("no preference pairs to collate")
+    rows = [list(p) + list(c) for p, c, _ in examples] + [list(p) + list(r) for p, _, r in examples]
+    starts = [len(p) for p, _, _ in examples] * 2
+    batch = pad_sequences(rows, pad_token_id, "right")
+    response_mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        response_mask[i, start:len(row)] = True
+    return {**batch, "response_mask": response_mask}
+
+
+def sequence_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(rows,) summed log pi(reply | prompt) of a `collate_dpo` batch (right padding, so no
+    attention mask is needed: no real token attends to a later pad)."""
+    device = next(model.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    token_logps = get_response_log_probs(model, input_ids[:, :-1],
+                                         input_ids[:, 1:])["log_probs"]  # (rows, T - 1)
+    mask = batch["response_mask"][:, 1:].to(device)
+    return masked_normalize(token_logps.masked_fill(~mask, 0.0), mask, 1.0, dim=-1)
+
+
+def per_instance_dpo_loss(lm: nn.Module, lm_ref: nn.Module, tokenizer: Any, beta: float,
+                          prompt: str, response_chosen: str, response_rejected: str
+                          ) -> torch.Tensor:
+    """CS336 A5 (`run_compute_per_instance_dpo_loss`): the DPO loss (9.5) of one pair, a scalar
+    with a gradient for `lm`. `prompt` is the user message (rendered with the chat template, not
+    CS336's Alpaca template); EOS is appended to both responses. `lm` and `lm_ref` may sit on
+    different devices."""
+    example = encode_dpo_pair(tokenizer, prompt, response_chosen, response_rejected)
+    batch = collate_dpo([example], tokenizer.pad_token_id)
+    policy_logps = sequence_log_probs(lm, batch)  # (2,): chosen, rejected
+    with torch.no_grad():
+        ref_logps = sequence_log_probs(lm_ref, batch).to(policy_logps.device)
+    losses, _, _ = dpo_loss(policy_logps[:1], policy_logps[1:], ref_logps[:1], ref_logps[1:],
+                            beta)
+    return losses[0]
+
+
+def batch_flops(model: nn.Module, lengths: Sequence[int], batch_size: int, training: bool
+                ) -> float:
+    """Model FLOPs (workbench eqs. A.1-A.3) of passing sequences of `lengths` through `model` in
+    consecutive batches of `batch_size`, each padded to its longest sequence."""
+    total = 0.0
+    for i in range(0, len(lengths), batch_size):
+        chunk = lengths[i:i + batch_size]
+        total += transformer_flops(model, len(chunk), max(chunk), training=training)
+    return total
+
+
+@torch.no_grad()
+def precompute_reference_logps(ref_model: nn.Module,
+                               examples: Sequence[tuple[Sequence[int], ...]], pad_token_id: int,
+                               batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref_chosen_logps, ref_rejected_logps), each (pairs,) float32 on the CPU: one pass of the
+    frozen reference over the data, done once before training."""
+    ref_model.eval()
+    chosen, rejected = [], []
+    for i in range(0, len(examples), batch_size):
+        logps = sequence_log_probs(ref_model, collate_dpo(examples[i:i + batch_size],
+                                                          pad_token_id)).float().cpu()
+        c, r = logps.chunk(2)
+        chosen.append(c)
+        rejected.append(r)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+# %% [markdown]
+# Quick checks on a random tiny Llama and the profile's tokenizer: the encoding ends each reply
+# with EOS inside the response mask; `per_instance_dpo_loss` is $\ln 2$ when policy and reference
+# coincide and equals the batched computation otherwise; the loss is finite with a gradient at
+# margins of $\pm 10^4$ nats, where `-log(sigmoid(.))` overflows.
+
+# %%
+import copy
+
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from ftbook.base_models import causal_lm_name
+from ftbook.instruction_tuning import REVIEW_PROMPT
+
+lm_tokenizer = AutoTokenizer.from_pretrained(causal_lm_name(PROFILE))  # the book's tokenizer
+torch.manual_seed(0)
+toy_lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(lm_tokenizer), hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      pad_token_id=lm_tokenizer.pad_token_id,
+                                      attn_implementation="eager"))
+toy_ref = copy.deepcopy(toy_lm)
+with torch.no_grad():
+    for p in toy_lm.parameters():
+        p.add_(0.02 * torch.randn_like(p))
+prompt_text = REVIEW_PROMPT.format(opening="the acting is")
+example = encode_dpo_pair(lm_tokenizer, prompt_text, "superb and moving.", "a chore.")
+toy_batch = collate_dpo([example], lm_tokenizer.pad_token_id)
+last = int(toy_batch["response_mask"][0].nonzero().max())
+assert toy_batch["input_ids"][0, last].item() == lm_tokenizer.eos_token_id
+same = per_instance_dpo_loss(toy_ref, toy_ref, lm_tokenizer, 0.1, prompt_text,
+                             "superb and moving.", "a chore.")
+loss_one = per_instance_dpo_loss(toy_lm, toy_ref, lm_tokenizer, 0.1, prompt_text,
+                                 "superb and moving.", "a chore.")
+logps, ref_logps = sequence_log_probs(toy_lm, toy_batch), sequence_log_probs(toy_ref, toy_batch)
+batched, _, _ = dpo_loss(logps[:1], logps[1:], ref_logps[:1], ref_logps[1:], 0.1)
+print(f"per-instance DPO loss: {same.item():.4f} with pi = pi_ref, {loss_one.item():.6f} after a "
+      f"perturbation (batched: {batched.item():.6f})")
+assert abs(same.item() - math.log(2)) < 1e-6 and abs(loss_one.item() - batched.item()) < 1e-6
+for margin in (-1e4, 1e4):
+    logp_w = torch.tensor([margin], requires_grad=True)
+    extreme, _, _ = dpo_loss(logp_w, torch.zeros(1), torch.zeros(1), torch.zeros(1), 1.0)
+    extreme.sum().backward()
+    naive = -torch.log(torch.sigmoid(torch.tensor(margin)))
+    print(f"margin {margin:+.0e}: loss {extreme.item() + 0.0:.4g}, gradient "
+          f"{logp_w.grad.item() + 0.0:.4g} (-log(sigmoid(.)) gives {naive.item() + 0.0})")
+    assert torch.isfinite(extreme).all() and torch.isfinite(logp_w.grad).all()
+
+# %% [markdown]
+# ### The training loop
+#
+# `dpo_train` draws pairs in seeded, reshuffled epochs and minimises (9.5) with AdamW, a linear
+# warmup and decay, and gradient clipping (the recipe of 13-07's reward model). The reference
+# enters either as cached log-probabilities or as a model that is run on every batch; the two give
+# the same numbers, and the second exists only to measure what the cache saves. Beside the loss it
+# logs what the DPO literature watches: the implicit rewards of chosen and rejected replies, their
+# margin and the fraction of pairs ranked correctly (TRL's `rewards/*` metrics), and the model
+# FLOPs of each step.
+
+# %%
+#| export
+@dataclass
+class DPOLog:
+    """What `dpo_train` measured, one entry per step."""
+
+    losses: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)  # implicit reward ranks the pair right
+    margins: list[float] = field(default_factory=list)  # mean chosen - rejected implicit reward
+    chosen_rewards: list[float] = field(default_factory=list)
+    rejected_rewards: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    flops: float = 0.0  # model FLOPs of the training steps (reference passes included)
+
+
+def dpo_train(policy: nn.Module, examples: Sequence[tuple[Sequence[int], ...]], *, beta: float,
+              steps: int, batch_size: int, lr: float, pad_token_id: int, seed: int,
+              ref_logps: tuple[torch.Tensor, torch.Tensor] | None = None,
+              ref_model: nn.Module | None = None, warmup_ratio: float = 0.1,
+              weight_decay: float = 0.0, max_grad_norm: float = 1.0, bf16: bool = False,
+              desc: str = "DPO") -> DPOLog:
+    """Minimise eq. (9.5) over `examples` (prompt_ids, chosen_ids, rejected_ids) with AdamW, a
+    linear warmup and decay, and gradient clipping (Rafailov et al. 2023, arXiv:2305.18290).
+    Pass the reference either as `ref_logps` = (ref_chosen_logps, ref_rejected_logps) from
+    `precompute_reference_logps` (cached) or as `ref_model` (recomputed on every batch)."""
+    from ftbook.full_finetuning import schedule_factor
+
+    if (ref_logps is None) == (ref_model is None):
+        raise ValueError("pass exactly one of ref_logps (cached) and ref_model (recomputed)")
+    if not examples:
+        raise ValueError("no training pairs")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
+    if ref_logps is not None and any(len(t) != len(examples) for t in ref_logps):
+        raise ValueError(f"ref_logps hold {[len(t) for t in ref_logps]} pairs, the data "
+                         f"{len(examples)}")
+    device = next(policy.parameters()).device
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    warmup = round(warmup_ratio * steps)
+    order: list[int] = []
+    log = DPOLog()
+    for step in progress(range(steps), desc=desc):
+        start = time.perf_counter()
+        rows = []
+        while len(rows) < batch_size:
+            if not order:
+                order = torch.randperm(len(examples), generator=generator).tolist()
+            rows.append(order.pop())
+        batch = collate_dpo([examples[i] for i in rows], pad_token_id)
+        width = batch["input_ids"].shape[1]
+        if ref_logps is not None:
+            ref_chosen = ref_logps[0][rows].to(device)
+            ref_rejected = ref_logps[1][rows].to(device)
+        else:
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                ref_chosen, ref_rejected = sequence_log_probs(ref_model, batch).float().chunk(2)
+            log.flops += transformer_flops(ref_model, 2 * batch_size, width, training=False)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
+        policy.train()
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            policy_chosen, policy_rejected = sequence_log_probs(policy, batch).float().chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected,
+                                                            ref_chosen, ref_rejected, beta)
+        loss = losses.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.flops += transformer_flops(policy, 2 * batch_size, width, training=True)
+        log.losses.append(check_finite(loss, f"{desc} loss", step))
+        log.accuracies.append(pairwise_accuracy(chosen_rewards, rejected_rewards))
+        log.margins.append((chosen_rewards - rejected_rewards).mean().item())
+        log.chosen_rewards.append(chosen_rewards.mean().item())
+        log.rejected_rewards.append(rejected_rewards.mean().item())
+        log.step_seconds.append(time.perf_counter() - start)
+    policy.eval()
+    return log
+
+
+@torch.no_grad()
+def evaluate_dpo_pairs(policy: nn.Module, examples: Sequence[tuple[Sequence[int], ...]],
+                       ref_logps: tuple[torch.Tensor, torch.Tensor], beta: float,
+                       pad_token_id: int, batch_size: int = 32) -> dict[str, float]:
+    """Held-out DPO `loss`, implicit-reward `accuracy` (ties count one half, as in 13-07) and
+    mean `margin` on preference pairs."""
+    policy.eval()
+    chosen, rejected = [], []
+    for i in range(0, len(examples), batch_size):
+        c, r = sequence_log_probs(policy, collate_dpo(examples[i:i + batch_size], pad_token_id)
+                                  ).float().cpu().chunk(2)
+        chosen.append(c)
+        rejected.append(r)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(torch.cat(chosen), torch.cat(rejected),
+                                                        *ref_logps, beta)
+    return {"loss": losses.mean().item(),
+            "accuracy": pairwise_accuracy(chosen_rewards, rejected_rewards),
+            "margin": (chosen_rewards - rejected_rewards).mean().item()}
+
+
+# %% [markdown]
+# A check that the loop learns: on eight pairs from the tiny random Llama, a few dozen steps drive
+# the training loss well below $\ln 2$ and rank every pair correctly, and the cached and the
+# recomputed reference give the same losses step for step.
+
+# %%
+toy_records = [{"prompt": REVIEW_PROMPT.format(opening=o), "chosen": c, "rejected": r}
+               for o, c, r in [("the film", "is a delight.", "is a mess."),
+                               ("its story", "soars.", "drags."),
+                               ("the cast", "shines throughout.", "sleepwalks."),
+                               ("this movie", "is wonderful.", "is awful."),
+                               ("the script", "sparkles with wit.", "is lazy."),
+                               ("every scene", "glows.", "bores."),
+                               ("the director", "has a gift.", "lost the plot."),
+                               ("the ending", "moved me.", "fell flat.")]]
+toy_examples = encode_dpo_pairs(lm_tokenizer, toy_records)
+toy_ref_logps = precompute_reference_logps(toy_ref, toy_examples, lm_tokenizer.pad_token_id)
+toy_logs = {}
+for mode in ("cached", "recomputed"):
+    toy_policy = copy.deepcopy(toy_ref)
+    reference = {"ref_logps": toy_ref_logps} if mode == "cached" else {"ref_model": toy_ref}
+    toy_logs[mode] = dpo_train(toy_policy, toy_examples, beta=0.5, steps=30, batch_size=4,
+                               lr=3e-3, pad_token_id=lm_tokenizer.pad_token_id, seed=0,
+                               desc=f"toy DPO ({mode})", **reference)
+toy_gap = max(abs(a - b) for a, b in zip(toy_logs["cached"].losses,
+                                         toy_logs["recomputed"].losses, strict=True))
+toy_eval = evaluate_dpo_pairs(toy_policy, toy_examples, toy_ref_logps, 0.5,
+                              lm_tokenizer.pad_token_id)
+print(f"toy DPO: loss {toy_logs['cached'].losses[0]:.4f} -> {toy_logs['cached'].losses[-1]:.4f}; "
+      f"accuracy after training {toy_eval['accuracy']:.2f}; max |cached - recomputed| loss = "
+      f"{toy_gap:.1e}")
+assert toy_logs["cached"].losses[-1] < 0.5 * math.log(2) and toy_eval["accuracy"] == 1.0
+assert toy_gap < 1e-5
+
+# %% [markdown]
+# ## Parity with TRL's `DPOTrainer`
+#
+# We give TRL 1.15's `DPOTrainer` the same pairs as conversations (a user message, and each
+# reply as an assistant message), so that TRL renders them with the chat template as we do, and
+# compare, on its own tokenized and collated batch: the token ids, the precomputed reference log-probabilities
+# (`precompute_ref_log_probs=True`, TRL's cache), and the loss of `compute_loss` against ours.
+#
+# One obstacle: TRL 1.15 computes per-token log-probabilities through a "fused LM head" whose
+# kernel (`trl.kernels.ChunkedLogProbFunction`) is written in Triton, which a CPU-only PyTorch does
+# not ship; TRL then sets the kernel to `None`, and `compute_loss` fails. `trl_fused_head_fallback`
+# swaps in `TorchChunkedLogProb`, the same computation in plain PyTorch (project the selected hidden
+# states with the LM head, `log_softmax`, gather); the comparison runs on the CPU, so we swap it in
+# even where Triton exists (`force=True`), and a GPU run would leave the real kernel alone. Everything
+# else, the data pipeline, the collator, the loss and its metrics, is TRL's own code. (TRL 1.15's
+# `DPOConfig` also defaults to `bf16=True`; we switch it off to compare in float32.)
+
+# %%
+#| export
+class TorchChunkedLogProb:
+    """A plain-PyTorch stand-in for TRL's Triton `ChunkedLogProbFunction` (TRL 1.15): per-token
+    log-probabilities of `targets` under `hidden @ weight.T (+ bias)`, scaled, soft-capped and
+    divided by the temperature, plus the optional outputs TRL's trainers log. Same arguments and
+    return tuple (log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)."""
+
+    @staticmethod
+    def apply(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              targets: torch.Tensor, temperature: float, chunk_size: int,
+              final_logit_softcapping: float | None = None, logit_scale: float = 1.0,
+              outputs: Sequence[str] = ("log_probs",)) -> tuple[torch.Tensor | None, ...]:
+        logits = hidden @ weight.t()  # (N, V)
+        if bias is not None:
+            logits = logits + bias
+        logits = logits * logit_scale
+        if final_logit_softcapping is not None:
+            logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
+        logits = logits.float() / temperature
+        log_probs_all = torch.log_softmax(logits, dim=-1)
+        log_probs = log_probs_all.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+        entropy = -(log_probs_all.exp() * log_probs_all).sum(-1) if "entropy" in outputs else None
+        sum_sq = (torch.logsumexp(2 * log_probs_all, dim=-1).detach()
+                  if "log_sum_sq_probs" in outputs else None)
+        mean_logits = logits.mean(-1).detach() if "mean_logits" in outputs else None
+        is_top1 = (logits.argmax(-1) == targets) if "is_top1" in outputs else None
+        return log_probs, entropy, sum_sq, mean_logits, is_top1
+
+
+@contextlib.contextmanager
+def trl_fused_head_fallback(force: bool = False) -> Iterator[bool]:
+    """Inside this context TRL's fused LM head works without Triton: if TRL found no kernel
+    (CPU-only PyTorch), or with `force` (CPU tensors on a machine that has Triton),
+    `TorchChunkedLogProb` replaces it. Yields whether it did."""
+    import trl.trainer.utils as trl_utils
+
+    previous = getattr(trl_utils, "_ChunkedLogProbFunction", None)
+    if previous is not None and not force:
+        yield False
+        return
+    trl_utils._ChunkedLogProbFunction = TorchChunkedLogProb
+    try:
+        yield True
+    finally:
+        trl_utils._ChunkedLogProbFunction = previous
+
+
+# %%
+import tempfile
+import warnings
+
+from datasets import Dataset
+from trl import DPOConfig, DPOTrainer
+
+with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), \
+        trl_fused_head_fallback(force=True) as patched:  # the toy models run on the CPU
+    warnings.simplefilter("ignore")
+    trainer = DPOTrainer(
+        model=copy.deepcopy(toy_lm), ref_model=copy.deepcopy(toy_ref), processing_class=lm_tokenizer,
+        train_dataset=Dataset.from_list([
+            {"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+            for r in toy_records]),
+        args=DPOConfig(output_dir=folder, report_to=[], use_cpu=True, bf16=False, beta=0.1,
+                       per_device_train_batch_size=8, precompute_ref_log_probs=True))
+    trl_rows = [trainer.train_dataset[i] for i in range(len(toy_records))]
+    trl_batch = trainer.data_collator(trl_rows)
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, dict(trl_batch)).item()
+same_tokens = all((r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) == e
+                  for r, e in zip(trl_rows, toy_examples, strict=True))
+toy_lm_ref_logps = precompute_reference_logps(toy_ref, toy_examples, lm_tokenizer.pad_token_id)
+trl_ref = torch.tensor([[r["ref_chosen_logps"], r["ref_rejected_logps"]] for r in trl_rows])
+ref_gap = (trl_ref - torch.stack(toy_lm_ref_logps, 1)).abs().max().item()
+with torch.no_grad():
+    ours_policy = sequence_log_probs(toy_lm, collate_dpo(toy_examples, lm_tokenizer.pad_token_id))
+    ours_losses, _, _ = dpo_loss(*ours_policy.chunk(2), *toy_lm_ref_logps, 0.1)
+print(f"TRL kernel replaced by TorchChunkedLogProb: {patched}; token ids identical: {same_tokens}; "
+      f"max |ref log-prob TRL - ours| = {ref_gap:.1e}; loss TRL {trl_loss:.6f}, ours "
+      f"{ours_losses.mean().item():.6f}")
+assert same_tokens and ref_gap < 1e-4 and abs(trl_loss - ours_losses.mean().item()) < 1e-5
+
+# %% [markdown]
+# ## GRPO: policy gradients with a group baseline
+#
+# PPO (13-08) estimates each token's advantage with a learned value function. GRPO (Shao et al.
+# 2024, arXiv:2402.03300, §4.1) samples a group of $G$ replies $o_1, \dots, o_G$ to the same
+# prompt $q$ from the current policy $\pi_{\theta_\text{old}}$, scores each with one outcome
+# reward $r_i$, and maximises
+#
+# $$
+# \mathcal{J}_\text{GRPO}(\theta) = \mathbb{E}\Big[\frac{1}{G}\sum_{i=1}^{G}\frac{1}{|o_i|}
+# \sum_{t=1}^{|o_i|}\Big\{\min\big(\rho_{i,t}\hat A_{i},\;
+# \mathrm{clip}(\rho_{i,t}, 1 - \varepsilon, 1 + \varepsilon)\,\hat A_{i}\big)
+# - \beta_\text{KL}\, k_3\big(\pi_\theta, \pi_\text{ref}\big)_{i,t}\Big\}\Big],
+# \qquad \rho_{i,t} = \frac{\pi_\theta(o_{i,t} \mid q, o_{i,<t})}{\pi_{\theta_\text{old}}(o_{i,t}
+# \mid q, o_{i,<t})},
+# \tag{9.7}
+# $$
+#
+# with the same advantage for every token of reply $i$, its reward standardised within its group,
+#
+# $$
+# \hat A_i = \frac{r_i - \operatorname{mean}(r_1, \dots, r_G)}{\operatorname{std}(r_1, \dots, r_G)
+# + \epsilon},
+# \tag{9.8}
+# $$
+#
+# and the KL to the reference estimated per token by 13-08's $k_3$, eq. (8.5), inside the loss
+# rather than inside the reward (DeepSeekMath uses $\beta_\text{KL} = 0.04$). The group mean is a
+# baseline: subtracting a quantity that does not depend on the reply leaves the policy gradient
+# unbiased and removes the part of the reward that the prompt alone explains, which is what the
+# value network was for. (Including $r_i$ in its own baseline shrinks the gradient by
+# $(G - 1)/G$; the leave-one-out mean of RLOO avoids even that.) A group whose replies all earn
+# the same reward has $\hat A_i = 0$ and teaches nothing.
+#
+# **Dr. GRPO.** Liu et al. (2025, arXiv:2503.20783, §3) point at two normalisations in (9.7)-(9.8)
+# that bias the optimisation. Dividing by $|o_i|$ gives each token of reply $i$ the weight
+# $\hat A_i / |o_i|$: among correct replies ($\hat A_i > 0$) short ones are pushed up harder, and
+# among wrong ones ($\hat A_i < 0$) long ones are pushed down *less*, so wrong answers drift
+# longer. Dividing by the group's std up-weights prompts whose rewards barely vary, the nearly
+# always solved and the nearly never solved. Dr. GRPO drops both: $\hat A_i = r_i - \operatorname
+# {mean}(r)$, and the token sum of each reply is divided by one constant $L$ (the generation
+# budget) instead of its length,
+#
+# $$
+# \mathcal{J}_\text{Dr.GRPO}(\theta) = \mathbb{E}\Big[\frac{1}{G\,L}\sum_{i=1}^{G}
+# \sum_{t=1}^{|o_i|}\min\big(\rho_{i,t}\hat A_{i},\; \mathrm{clip}(\rho_{i,t}, 1 - \varepsilon,
+# 1 + \varepsilon)\,\hat A_{i}\big)\Big].
+# \tag{9.9}
+# $$
+#
+# ### The contracts of CS336 Assignment 5
+#
+# We implement GRPO through the functions of Stanford CS336's fifth assignment, with its names,
+# keyword arguments and semantics, so a student can test their own code against these:
+#
+# - `compute_group_normalized_rewards(reward_fn, rollout_responses, repeated_ground_truths,
+#   group_size, advantage_eps, normalize_by_std)` scores each response with `reward_fn(response,
+#   ground_truth)`, a dict with `reward`, `format_reward` and `answer_reward`, and returns the
+#   advantages (9.8) (or $r - \operatorname{mean}$ without the std), the raw rewards and metadata.
+#   The std is the unbiased (Bessel-corrected) one, as `torch.std` computes it.
+# - `compute_naive_policy_gradient_loss(raw_rewards_or_advantages, policy_log_probs)`: the
+#   per-token loss $-A \log \pi_\theta$, shape (batch, seq); with raw rewards it is REINFORCE
+#   without a baseline.
+# - `compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange)`: the per-token
+#   $-\min(\rho A, \mathrm{clip}(\rho) A)$ of (9.7) and metadata, here the per-token mask of where
+#   the clipped term was the smaller (`clipped`) and its mean.
+# - `compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards, advantages,
+#   old_log_probs, cliprange)` dispatches on `loss_type` in `"no_baseline"`,
+#   `"reinforce_with_baseline"`, `"grpo_clip"`.
+# - `masked_mean(tensor, mask, dim)`: the mean over the entries where `mask` is true (over all
+#   of them if `dim` is None). (13-08's `masked_mean` takes a count instead; the two modules keep
+#   their own contracts.)
+# - `grpo_microbatch_train_step(policy_log_probs, response_mask, gradient_accumulation_steps,
+#   loss_type, raw_rewards, advantages, old_log_probs, cliprange)`: the per-token loss, averaged
+#   over each reply's tokens (`masked_mean`, the $1/|o_i|$ of 9.7), then over the microbatch,
+#   divided by the accumulation steps; calls `backward()`. CS336's docstring mentions a constant
+#   normaliser for Dr. GRPO without giving it a keyword; ours is the optional last keyword
+#   `constant_normalize_factor`, which switches the per-reply average to 13-06's
+#   `masked_normalize` by that constant, eq. (9.9).
+
+# %%
+#| export
+LOSS_TYPES = ("no_baseline", "reinforce_with_baseline", "grpo_clip")
+REWARD_KEYS = ("reward", "format_reward", "answer_reward")
+
+
+def compute_group_normalized_rewards(reward_fn: Callable[[str, str], dict[str, float]],
+                                     rollout_responses: Sequence[str],
+                                     repeated_ground_truths: Sequence[str], group_size: int,
+                                     advantage_eps: float, normalize_by_std: bool
+                                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """CS336 A5: rewards of `rollout_responses` (groups of `group_size` consecutive responses to
+    one prompt) and their group-normalised advantages, eq. (9.8) (Shao et al. 2024,
+    arXiv:2402.03300, §4.1.2): (r - group mean) / (group std + advantage_eps), or r - group mean
+    without `normalize_by_std` (Dr. GRPO, arXiv:2503.20783). The std is unbiased (Bessel).
+    Returns (advantages (n,), raw_rewards (n,), metadata) with float32 tensors."""
+    n = len(rollout_responses)
+    if n != len(repeated_ground_truths):
+        raise ValueError(f"{n} rollout responses but {len(repeated_ground_truths)} ground truths")
+    if group_size < 1 or n == 0 or n % group_size:
+        raise ValueError(f"group_size {group_size} must be positive and divide the number of "
+                         f"rollout responses {n}")
+    if normalize_by_std and group_size < 2:
+        raise ValueError("normalize_by_std needs group_size >= 2: the std of one reward is "
+                         "undefined")
+    scores = []
+    for i, (response, truth) in enumerate(zip(rollout_responses, repeated_ground_truths,
+                                              strict=True)):
+        result = reward_fn(response, truth)
+        missing = [k for k in REWARD_KEYS if k not in result]
+        if missing:
+            raise ValueError(f"reward_fn on rollout response {i} returned no {missing} (it must "
+                             f"return a dict with keys {REWARD_KEYS})")
+        scores.append([float(result[k]) for k in REWARD_KEYS])
+    scores_t = torch.tensor(scores, dtype=torch.float32)  # (n, 3)
+    raw_rewards = scores_t[:, 0]
+    groups = raw_rewards.view(-1, group_size)  # (prompts, group_size)
+    advantages = groups - groups.mean(dim=1, keepdim=True)
+    stds = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
+    if normalize_by_std:
+        advantages = advantages / (stds + advantage_eps)
+    metadata = {"reward_mean": raw_rewards.mean().item(), "reward_std": raw_rewards.std().item()
+                if n > 1 else 0.0, "reward_max": raw_rewards.max().item(),
+                "reward_min": raw_rewards.min().item(),
+                "format_reward_mean": scores_t[:, 1].mean().item(),
+                "answer_reward_mean": scores_t[:, 2].mean().item(),
+                "group_std_mean": stds.mean().item(),
+                "zero_std_groups": (stds.squeeze(1) == 0).float().mean().item()}
+    return advantages.flatten(), raw_rewards, metadata
+
+
+def _per_row(values: torch.Tensor, name: str) -> torch.Tensor:
+    """(batch,) or (batch, 1) -> (batch, 1), so that it broadcasts over the sequence."""
+    if values.dim() == 1:
+        return values.unsqueeze(-1)
+    if values.dim() == 2 and values.shape[1] == 1:
+        return values
+    raise ValueError(f"{name} must be (batch, 1) or (batch,), got {tuple(values.shape)}")
+
+
+def compute_naive_policy_gradient_loss(raw_rewards_or_advantages: torch.Tensor,
+                                       policy_log_probs: torch.Tensor) -> torch.Tensor:
+    """CS336 A5: the per-token policy-gradient loss -A log pi_theta, (batch, seq); A is (batch, 1)
+    (one value per response, broadcast over its tokens)."""
+    values = _per_row(raw_rewards_or_advantages, "raw_rewards_or_advantages")
+    return -values.to(policy_log_probs.dtype) * policy_log_probs
+
+
+def compute_grpo_clip_loss(advantages: torch.Tensor, policy_log_probs: torch.Tensor,
+                           old_log_probs: torch.Tensor, cliprange: float
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CS336 A5: the per-token GRPO-Clip loss -min(rho A, clip(rho, 1 - eps, 1 + eps) A) of
+    eq. (9.7), rho = exp(log pi_theta - log pi_old); (batch, seq). Metadata: `clipped` (batch,
+    seq) bool, where the clipped term was the smaller, `clip_fraction` (its mean over all
+    entries) and `ratio`."""
+    if not cliprange > 0:
+        raise ValueError(f"cliprange must be positive, got {cliprange}")
+    if policy_log_probs.shape != old_log_probs.shape:
+        raise ValueError(f"policy_log_probs {tuple(policy_log_probs.shape)} and old_log_probs "
+                         f"{tuple(old_log_probs.shape)} differ in shape")
+    values = _per_row(advantages, "advantages").to(policy_log_probs.dtype)
+    ratio = torch.exp(policy_log_probs - old_log_probs)  # (batch, seq)
+    unclipped = ratio * values
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * values
+    loss = -torch.minimum(unclipped, clipped)
+    was_clipped = (clipped < unclipped).detach()
+    return loss, {"clipped": was_clipped, "clip_fraction": was_clipped.float().mean(),
+                  "ratio": ratio.detach()}
+
+
+def compute_policy_gradient_loss(policy_log_probs: torch.Tensor, loss_type: str,
+                                 raw_rewards: torch.Tensor | None = None,
+                                 advantages: torch.Tensor | None = None,
+                                 old_log_probs: torch.Tensor | None = None,
+                                 cliprange: float | None = None
+                                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CS336 A5: the per-token loss (batch, seq) of `loss_type`: "no_baseline" (needs
+    `raw_rewards`), "reinforce_with_baseline" (needs `advantages`) or "grpo_clip" (needs
+    `advantages`, `old_log_probs`, `cliprange`); and metadata. Arguments a loss type does not
+    use are ignored; a missing one is an error naming it."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    needed = {"no_baseline": {"raw_rewards": raw_rewards},
+              "reinforce_with_baseline": {"advantages": advantages},
+              "grpo_clip": {"advantages": advantages, "old_log_probs": old_log_probs,
+                            "cliprange": cliprange}}[loss_type]
+    missing = [name for name, value in needed.items() if value is None]
+    if missing:
+        raise ValueError(f"loss_type {loss_type!r} needs {', '.join(missing)}")
+    if loss_type == "no_baseline":
+        return compute_naive_policy_gradient_loss(raw_rewards, policy_log_probs), {}
+    if loss_type == "reinforce_with_baseline":
+        return compute_naive_policy_gradient_loss(advantages, policy_log_probs), {}
+    return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange)
+
+
+def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None
+                ) -> torch.Tensor:
+    """CS336 A5: the mean of `tensor` over the entries where `mask` is true, along `dim` (over
+    all entries if None). Masked-out entries may hold anything, NaN included; a slice without
+    any true entry gives NaN (0 / 0)."""
+    mask = mask.bool()
+    masked = torch.where(mask, tensor, torch.zeros_like(tensor))
+    if dim is None:
+        return masked.sum() / mask.sum()
+    return masked.sum(dim=dim) / mask.sum(dim=dim)
+
+
+def grpo_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: torch.Tensor,
+                               gradient_accumulation_steps: int, loss_type: str,
+                               raw_rewards: torch.Tensor | None = None,
+                               advantages: torch.Tensor | None = None,
+                               old_log_probs: torch.Tensor | None = None,
+                               cliprange: float | None = None,
+                               constant_normalize_factor: float | None = None
+                               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CS336 A5: the policy-gradient loss of one microbatch, backpropagated: the per-token loss
+    of `loss_type` averaged over each response's tokens (`masked_mean`, eq. 9.7), then over the
+    microbatch, divided by `gradient_accumulation_steps`. With `constant_normalize_factor`, each
+    response's token sum is divided by that constant instead (`masked_normalize`, Dr. GRPO,
+    eq. 9.9). Returns the (scaled, detached) loss and metadata."""
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, "
+                         f"got {gradient_accumulation_steps}")
+    if response_mask.shape != policy_log_probs.shape:
+        raise ValueError(f"response_mask {tuple(response_mask.shape)} and policy_log_probs "
+                         f"{tuple(policy_log_probs.shape)} differ in shape")
+    per_token, metadata = compute_policy_gradient_loss(policy_log_probs, loss_type, raw_rewards,
+                                                       advantages, old_log_probs, cliprange)
+    if constant_normalize_factor is None:
+        per_response = masked_mean(per_token, response_mask, dim=-1)  # (batch,)
+    else:
+        per_response = masked_normalize(torch.where(response_mask.bool(), per_token,
+                                                    torch.zeros_like(per_token)),
+                                        response_mask, constant_normalize_factor, dim=-1)
+    loss = per_response.mean() / gradient_accumulation_steps
+    loss.backward()
+    metadata = dict(metadata)
+    if "clipped" in metadata:
+        metadata["clip_fraction"] = masked_mean(metadata["clipped"].float(), response_mask)
+    metadata["per_response_loss"] = per_response.detach()
+    return loss.detach(), metadata
+
+# %% [markdown]
+# Checks on hand-made tensors: two groups of four, one with mixed rewards and one where every
+# reply earned the same (advantages 0, and no division by zero thanks to $\epsilon$); the clip
+# loss and its clipped mask on ratios inside and outside $[1 - \varepsilon, 1 + \varepsilon]$.
+
+# %%
+def table_reward(response: str, ground_truth: str) -> dict[str, float]:
+    """A toy reward_fn: 1 when the response equals the ground truth."""
+    correct = float(response == ground_truth)
+    return {"reward": correct, "format_reward": 1.0, "answer_reward": correct}
+
+
+responses = ["4", "5", "4", "6", "7", "7", "7", "7"]
+truths = ["4"] * 4 + ["7"] * 4
+advantages, raw, meta = compute_group_normalized_rewards(table_reward, responses, truths, 4, 1e-6,
+                                                         True)
+std = torch.tensor([1.0, 0.0, 1.0, 0.0]).std().item()  # unbiased: 0.5774
+print("raw rewards", raw.tolist(), "| advantages", [round(a, 4) for a in advantages.tolist()],
+      f"| zero-std groups {meta['zero_std_groups']}")
+assert torch.allclose(advantages[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (std + 1e-6))
+assert torch.equal(advantages[4:], torch.zeros(4))  # a group with one reward teaches nothing
+no_std, _, _ = compute_group_normalized_rewards(table_reward, responses, truths, 4, 1e-6, False)
+assert torch.allclose(no_std[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]))
+
+log_probs = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+old = torch.log(torch.tensor([[0.25, 0.5], [0.25, 0.5]]))  # ratios 2 and 1
+clip_loss, clip_meta = compute_grpo_clip_loss(torch.tensor([[1.0], [-1.0]]), log_probs, old, 0.2)
+print("clip loss", [[round(v, 4) for v in row] for row in clip_loss.tolist()], "| clipped",
+      clip_meta["clipped"].tolist())
+assert torch.allclose(clip_loss, torch.tensor([[-1.2, -1.0], [2.0, 1.0]]))  # A > 0: capped at 1.2
+assert clip_meta["clipped"].tolist() == [[True, False], [False, False]]
+
+# %% [markdown]
+# **The loss that reads zero.** On policy ($\pi_\theta = \pi_{\theta_\text{old}}$, every
+# $\rho = 1$) the per-reply loss of (9.7) is $-\hat A_i$, and group-normalised advantages sum to
+# zero within each group: the reported GRPO loss is 0 at every first epoch, whatever the policy
+# learns. The gradient is not zero. On the tiny random Llama:
+
+# %%
+torch.manual_seed(1)
+ids = torch.randint(5, 60, (4, 9))
+mask = torch.zeros(4, 8, dtype=torch.bool)
+mask[:, 3:] = True
+mask[1, 6:] = False  # replies of different lengths
+adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+toy_lm.zero_grad()
+logps = get_response_log_probs(toy_lm, ids[:, :-1], ids[:, 1:])["log_probs"]
+loss, step_meta = grpo_microbatch_train_step(logps, mask, 1, "grpo_clip", advantages=adv,
+                                             old_log_probs=logps.detach(), cliprange=0.2)
+grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in toy_lm.parameters())).item()
+print(f"on-policy GRPO loss {loss.item():.2e}, gradient norm {grad_norm:.3f}, clip fraction "
+      f"{step_meta['clip_fraction'].item():.2f}")
+assert abs(loss.item()) < 1e-6 and grad_norm > 1e-3
+toy_lm.zero_grad()
+
+# %% [markdown]
+# **Dr. GRPO's length bias, in numbers.** One group, a correct reply of 3 tokens and a wrong one
+# of 12: the weight on each token's log-probability in the gradient is $\hat A_i / |o_i|$ under
+# (9.7), $\hat A_i / L$ under (9.9). Per-sequence normalisation pushes each token of the long
+# wrong reply down four times less than each token of the short right one up.
+
+# %%
+lengths = torch.tensor([3, 12])
+adv_group = torch.tensor([1.0, -1.0])
+per_token_grpo = adv_group / lengths
+per_token_dr = adv_group / 12
+print(f"per-token weight, GRPO: right {per_token_grpo[0]:+.3f}, wrong {per_token_grpo[1]:+.3f}; "
+      f"Dr. GRPO (L = 12): right {per_token_dr[0]:+.3f}, wrong {per_token_dr[1]:+.3f}")
+assert abs(per_token_grpo[0] / per_token_grpo[1]) == 4.0 and per_token_dr[0] == -per_token_dr[1]
+
+# %% [markdown]
+# ### The GRPO loop
+#
+# One GRPO step, every line of it in `grpo_train` below:
+#
+# 1. take the next `prompts_per_step` prompts and sample `group_size` replies to each from the
+#    current policy (13-06's `sample_replies`, temperature 1, no top-$k$ or top-$p$);
+# 2. score them with `reward_fn` and normalise within groups (`compute_group_normalized_rewards`);
+# 3. build the batch from the *sampled token ids* (`rollout_batch`: decoding a reply and
+#    tokenizing it again need not give back the same ids, and the ratio $\rho$ must be computed on
+#    the tokens that were sampled), and compute $\log \pi_{\theta_\text{old}}$ and, with a KL term,
+#    $\log \pi_\text{ref}$ in one forward pass each, without gradients;
+# 4. `epochs_per_batch` passes over the batch, each one optimizer step accumulated over
+#    microbatches with `grpo_microbatch_train_step` (and the KL term of 9.7, when
+#    `kl_coef > 0`). One pass is on-policy; more passes reuse the samples off-policy, which is what
+#    the clipping is for.
+#
+# A reward function may define `prepare(responses, ground_truths)`: the loop calls it once per
+# batch before the per-response calls, which lets a reward model score the whole batch in one
+# forward pass.
+
+# %%
+#| export
+def rollout_batch(tokenizer: Any, prompt_strs: Sequence[str], response_ids: Sequence[Sequence[int]]
+                  ) -> dict[str, torch.Tensor]:
+    """CS336's layout from sampled token ids: rendered prompts (tokenized) + replies (as
+    sampled), right-padded; `input_ids` and `labels` (batch, max_len - 1) shifted by one, and
+    `response_mask` true on the label positions holding reply tokens (13-06's eq. 6.2)."""
+    if len(prompt_strs) != len(response_ids):
+        raise ValueError(f"{len(prompt_strs)} prompts but {len(response_ids)} responses")
+    cache: dict[str, list[int]] = {}
+    rows, starts = [], []
+    for i, (prompt, ids) in enumerate(zip(prompt_strs, response_ids, strict=True)):
+        if not len(ids):
+            raise ValueError(f"response {i} is empty: a sampled reply has at least one token")
+        if prompt not in cache:
+            cache[prompt] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        rows.append(cache[prompt] + list(ids))
+        starts.append(len(cache[prompt]))
+    width = max(len(r) for r in rows)
+    full = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        full[i, :len(row)] = torch.tensor(row)
+        mask[i, start:len(row)] = True
+    return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": mask[:, 1:]}
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Hyperparameters of `grpo_train` (defaults: CS336 A5's GRPO recipe, scaled down)."""
+
+    steps: int  # rollout batches
+    prompts_per_step: int
+    group_size: int  # G, replies per prompt
+    max_new_tokens: int  # also L, the constant of eq. (9.9)
+    lr: float
+    loss_type: str = "grpo_clip"
+    epochs_per_batch: int = 1  # optimizer steps per rollout batch; > 1 is off-policy
+    microbatch_size: int = 16
+    cliprange: float = 0.2
+    advantage_eps: float = 1e-6
+    normalize_by_std: bool = True  # eq. (9.8); False: Dr. GRPO
+    length_normalization: str = "sequence"  # "sequence": 1/|o_i| (9.7); "constant": 1/L (9.9)
+    kl_coef: float = 0.0  # beta_KL of eq. (9.7), on the k3 estimate; needs a reference model
+    temperature: float = 1.0
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    generate_batch_size: int = 64
+    bf16: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; expected one of {LOSS_TYPES}")
+        if self.length_normalization not in ("sequence", "constant"):
+            raise ValueError(f"length_normalization must be 'sequence' or 'constant', got "
+                             f"{self.length_normalization!r}")
+        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens",
+                     "epochs_per_batch", "microbatch_size", "generate_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        rows = self.prompts_per_step * self.group_size
+        if rows % self.microbatch_size:
+            raise ValueError(f"microbatch_size {self.microbatch_size} does not divide the "
+                             f"{rows} replies of a step (prompts_per_step x group_size)")
+        if self.epochs_per_batch > 1 and self.loss_type != "grpo_clip":
+            raise ValueError("epochs_per_batch > 1 reuses samples off-policy and needs "
+                             "loss_type='grpo_clip' (the other losses ignore pi_old)")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
+
+
+@dataclass
+class GRPOLog:
+    """What `grpo_train` recorded: one row per step, the wall time, the model FLOPs of the policy
+    and reference passes (generation included) and the number of sampled responses."""
+
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    flops: float = 0.0
+    responses: int = 0
+
+
+def _token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], rows: int, bf16: bool
+                     ) -> torch.Tensor:
+    """log pi(labels) of a rollout batch, (batch, seq) float32, in chunks of `rows`."""
+    device = next(model.parameters()).device
+    parts = []
+    for i in range(0, batch["input_ids"].shape[0], rows):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            parts.append(get_response_log_probs(model, batch["input_ids"][i:i + rows],
+                                                batch["labels"][i:i + rows])["log_probs"].float())
+    return torch.cat(parts)
+
+
+def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
+               ground_truths: Sequence[str], reward_fn: Callable[[str, str], dict[str, float]],
+               config: GRPOConfig, *, ref_model: nn.Module | None = None, desc: str = "GRPO",
+               callback: Callable[[int, nn.Module], dict] | None = None) -> GRPOLog:
+    """GRPO (Shao et al. 2024, arXiv:2402.03300, Algorithm 1; CS336 A5's loop) on the user
+    messages `prompts` with `ground_truths` for `reward_fn(response, ground_truth)`: `steps`
+    rollout batches of `prompts_per_step` x `group_size` sampled replies, each trained on for
+    `epochs_per_batch` optimizer steps with `grpo_microbatch_train_step`. `callback(step,
+    policy)` may add entries to a step's log row."""
+    if len(prompts) != len(ground_truths) or not prompts:
+        raise ValueError(f"need as many ground truths as prompts (at least one), got "
+                         f"{len(prompts)} and {len(ground_truths)}")
+    if config.kl_coef > 0 and ref_model is None:
+        raise ValueError("kl_coef > 0 needs ref_model")
+    device = next(policy.parameters()).device
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.95))
+    generator = torch.Generator().manual_seed(config.seed)
+    G, rows = config.group_size, config.prompts_per_step * config.group_size
+    accumulation = rows // config.microbatch_size
+    constant = config.max_new_tokens if config.length_normalization == "constant" else None
+    prompt_strs = [render_prompt(tokenizer, p) for p in prompts]
+    order: list[int] = []
+    log = GRPOLog()
+    start = time.perf_counter()
+    for step in progress(range(config.steps), desc=desc):
+        step_start = time.perf_counter()
+        picked: list[int] = []
+        while len(picked) < config.prompts_per_step:
+            if not order:
+                order = torch.randperm(len(prompts), generator=generator).tolist()
+            picked.append(order.pop())
+        rollout_prompts = [prompt_strs[i] for i in picked for _ in range(G)]
+        truths = [ground_truths[i] for i in picked for _ in range(G)]
+        replies = sample_replies(policy, tokenizer, rollout_prompts,
+                                 max_new_tokens=config.max_new_tokens, do_sample=True,
+                                 temperature=config.temperature,
+                                 seed=config.seed * 1_000_003 + step,
+                                 batch_size=config.generate_batch_size)  # 1.
+        texts = [r["text"] for r in replies]
+        if hasattr(reward_fn, "prepare"):
+            reward_fn.prepare(texts, truths)
+        advantages, raw_rewards, reward_meta = compute_group_normalized_rewards(
+            reward_fn, texts, truths, G, config.advantage_eps, config.normalize_by_std)  # 2.
+        batch = {k: v.to(device) for k, v in rollout_batch(
+            tokenizer, rollout_prompts, [r["ids"] for r in replies]).items()}  # 3.
+        mask = batch["response_mask"]
+        width = batch["input_ids"].shape[1]
+        lengths = mask.float().argmax(1) + 1 + mask.sum(1)  # prompt + reply tokens
+        log.flops += batch_flops(policy, lengths.tolist(), config.generate_batch_size,
+                                 training=False)
+        with torch.no_grad():
+            old_logps = ref_logps = None
+            if config.loss_type == "grpo_clip":
+                old_logps = _token_log_probs(policy, batch, config.microbatch_size, config.bf16)
+                log.flops += transformer_flops(policy, rows, width, training=False)
+            if config.kl_coef > 0:
+                ref_logps = _token_log_probs(ref_model, batch, config.microbatch_size,
+                                             config.bf16)
+                log.flops += transformer_flops(ref_model, rows, width, training=False)
+        advantages, raw_rewards = advantages.to(device)[:, None], raw_rewards.to(device)[:, None]
+        policy.train()
+        losses, clip_fractions, kls, grad_norms = [], [], [], []
+        for _ in range(config.epochs_per_batch):  # 4.
+            perm = torch.randperm(rows, generator=generator).to(device)
+            for m in range(accumulation):
+                index = perm[m * config.microbatch_size:(m + 1) * config.microbatch_size]
+                with torch.autocast(device.type, torch.bfloat16, enabled=config.bf16):
+                    logps = get_response_log_probs(policy, batch["input_ids"][index],
+                                                   batch["labels"][index])["log_probs"].float()
+                if ref_logps is not None:
+                    log_rho = ref_logps[index] - logps  # k3 of eq. (8.5), per token
+                    k3 = torch.expm1(log_rho) - log_rho
+                    per_response = (masked_mean(k3, mask[index], dim=-1) if constant is None
+                                    else masked_normalize(torch.where(mask[index], k3, 0.0),
+                                                          mask[index], constant, dim=-1))
+                    kl_loss = config.kl_coef * per_response.mean() / accumulation
+                    kl_loss.backward(retain_graph=True)
+                    kls.append(masked_mean(k3.detach(), mask[index]).item())
+                loss, meta = grpo_microbatch_train_step(
+                    logps, mask[index], accumulation, config.loss_type,
+                    raw_rewards=raw_rewards[index], advantages=advantages[index],
+                    old_log_probs=None if old_logps is None else old_logps[index],
+                    cliprange=config.cliprange, constant_normalize_factor=constant)
+                losses.append(loss.item() * accumulation)
+                if "clip_fraction" in meta:
+                    clip_fractions.append(meta["clip_fraction"].item())
+            max_norm = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            log.flops += transformer_flops(policy, rows, width, training=True)
+        policy.eval()
+        row = {"step": step + 1, "reward": reward_meta["reward_mean"],
+               "format_reward": reward_meta["format_reward_mean"],
+               "answer_reward": reward_meta["answer_reward_mean"],
+               "zero_std_groups": reward_meta["zero_std_groups"],
+               "loss": sum(losses) / len(losses),
+               "clip_fraction": (sum(clip_fractions) / len(clip_fractions)
+                                 if clip_fractions else 0.0),
+               "kl_k3_per_token": sum(kls) / len(kls) if kls else float("nan"),
+               "grad_norm": sum(grad_norms) / len(grad_norms),
+               "length": mask.sum(1).float().mean().item(),
+               "eos_rate": sum(r["finished"] for r in replies) / rows,
+               "seconds": time.perf_counter() - step_start}
+        check_finite(row["loss"], f"{desc} loss", step)
+        if callback is not None:
+            row.update(callback(step + 1, policy))
+        log.history.append(row)
+        log.responses += rows
+    log.seconds = time.perf_counter() - start
+    return log
+
+# %% [markdown]
+# ## RLVR: verifiable rewards and expert iteration
+#
+# When a program can check an answer, the reward model, its training data and its
+# exploitability all disappear: the reward *is* the check. Tülu 3 (Lambert et al. 2024,
+# arXiv:2411.15124) calls this reinforcement learning with verifiable rewards; DeepSeek-R1
+# (arXiv:2501.12948) trains reasoning with GRPO on such rewards. A verifiable reward has two
+# parts:
+#
+# - **answer extraction**: find the final answer in the reply. The tiny SFT model of 13-06 answers
+#   "What is 17 + 25?" with the bare number and EOS; a GSM8K solution (Cobbe et al. 2021,
+#   arXiv:2110.14168) ends with a line `#### 42`. A reply in neither format has no answer.
+# - **the format reward** says whether an answer could be extracted, the **answer reward** whether
+#   it equals the ground truth (as numbers: `1,234` and `1234.0` are `1234`).
+#
+# Following CS336's `r1_zero_reward_fn`, the reward is the answer reward, which requires the
+# format:
+#
+# $$
+# r(y, a^\star) = \mathbb{1}\big[\text{format}(y)\big]\;\mathbb{1}\big[\text{answer}(y) = a^\star\big]
+# \;+\; w_\text{format}\,\mathbb{1}\big[\text{format}(y)\big],
+# \tag{9.10}
+# $$
+#
+# with an optional bonus $w_\text{format}$ for a well-formed reply (0 unless stated), which can
+# help a model that has not learned the format yet.
+
+# %%
+#| export
+ANSWER_NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?"
+GSM8K_PROMPT = ("{question}\nSolve the problem step by step. Give the final answer on a last line "
+                "of the form '#### <number>'.")
+
+
+def extract_answer(response: str) -> str | None:
+    """The final answer of a reply, commas removed: the number of a '#### <number>' line (GSM8K
+    format, `ftbook.data.parse_gsm8k_answer`), or the whole reply if it is one number (the
+    arithmetic task of 13-06). None when the reply has neither format."""
+    from ftbook.data import parse_gsm8k_answer
+
+    text = response.strip()
+    if "####" in text:
+        try:
+            return parse_gsm8k_answer(text)
+        except ValueError:
+            return None
+    if re.fullmatch(ANSWER_NUMBER, text):
+        return text.replace(",", "")
+    return None
+
+
+def _canonical_number(text: str) -> str:
+    from decimal import Decimal, InvalidOperation
+
+    try:
+        return format(Decimal(text.replace(",", "").strip()).normalize(), "f")
+    except InvalidOperation as error:
+        raise ValueError(f"not a number: {text!r}") from error
+
+
+def verifiable_reward(response: str, ground_truth: str, format_weight: float = 0.0
+                      ) -> dict[str, float]:
+    """Eq. (9.10) with CS336's contract: `format_reward` 1 if an answer can be extracted
+    (`extract_answer`), `answer_reward` 1 if it also equals `ground_truth` as a number
+    (13-06's `answer_is_correct` on canonical forms), `reward` = answer_reward + format_weight *
+    format_reward. A ground truth that is not a number is an error."""
+    truth = _canonical_number(ground_truth)
+    answer = extract_answer(response)
+    well_formed = answer is not None
+    correct = well_formed and answer_is_correct(_canonical_number(answer), truth)
+    return {"format_reward": float(well_formed), "answer_reward": float(correct),
+            "reward": float(correct) + format_weight * float(well_formed)}
+
+
+def arithmetic_problems(n: int, seed: int, exclude: set[str] | None = None,
+                        max_operand: int = 99) -> list[dict]:
+    """`n` distinct problems in the format of 13-06's arithmetic task ("What is a + b?" /
+    "What is a - b?", differences non-negative, answered by the bare number), operands
+    0..`max_operand`, as {"prompt", "answer"}; none of the prompts is in `exclude`."""
+    import random
+
+    rng = random.Random(seed)
+    exclude = set(exclude or ())
+    problems, seen = [], set()
+    for _ in range(100 * n):
+        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice("+-")
+        if op == "-" and b > a:
+            a, b = b, a
+        prompt = f"What is {a} {op} {b}?"
+        if prompt in exclude or prompt in seen:
+            continue
+        seen.add(prompt)
+        problems.append({"prompt": prompt, "answer": str(a + b if op == "+" else a - b)})
+        if len(problems) == n:
+            return problems
+    raise ValueError(f"only {len(problems)} distinct arithmetic problems with operands up to "
+                     f"{max_operand} of the {n} asked for")
+
+
+def gsm8k_problems(split: str, n: int | None, seed: int) -> list[dict]:
+    """`n` seeded GSM8K problems of `split` (all if None) as {"prompt" (`GSM8K_PROMPT`),
+    "answer" (the number after '####')}."""
+    from ftbook.data import load_gsm8k
+    from ftbook.data import subset as subset_rows
+
+    rows = subset_rows(load_gsm8k(split), n, seed)
+    return [{"prompt": GSM8K_PROMPT.format(question=q), "answer": a}
+            for q, a in zip(rows["question"], rows["final_answer"], strict=True)]
+
+
+@torch.no_grad()
+def evaluate_verifiable(policy: nn.Module, tokenizer: Any, problems: Sequence[dict], *,
+                        max_new_tokens: int, batch_size: int = 64,
+                        reward_fn: Callable[[str, str], dict[str, float]] = verifiable_reward
+                        ) -> dict[str, float]:
+    """Greedy replies to `problems` ({"prompt", "answer"}): `accuracy` (mean answer reward),
+    `format_rate`, `eos_rate`, and the mean reply length in tokens, overall and of the wrong
+    replies."""
+    replies = sample_replies(policy, tokenizer, [render_prompt(tokenizer, p["prompt"])
+                                                 for p in problems],
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             batch_size=batch_size)
+    scores = [reward_fn(r["text"], p["answer"]) for r, p in zip(replies, problems, strict=True)]
+    lengths = [len(r["ids"]) for r in replies]
+    wrong = [n for n, s in zip(lengths, scores, strict=True) if not s["answer_reward"]]
+    return {"accuracy": sum(s["answer_reward"] for s in scores) / len(scores),
+            "format_rate": sum(s["format_reward"] for s in scores) / len(scores),
+            "eos_rate": sum(r["finished"] for r in replies) / len(replies),
+            "length": sum(lengths) / len(lengths),
+            "length_wrong": sum(wrong) / len(wrong) if wrong else float("nan")}
+
+
+# %% [markdown]
+# The reward on well-formed, malformed and wrong replies:
+
+# %%
+cases = [("42", "42"), (" 42 ", "42"), ("The answer is 42.", "42"), ("41", "42"),
+         ("Step one...\n#### 1,234", "1234"), ("#### 12.0", "12"), ("#### twelve", "12"), ("", "0")]
+reward_rows = [{"response": repr(r), "ground truth": a, **verifiable_reward(r, a)}
+               for r, a in cases]
+show_table(pd.DataFrame(reward_rows).set_index("response"), "verifiable_reward", CHAPTER,
+           floatfmt="{:.0f}")
+assert [row["reward"] for row in reward_rows] == [1, 1, 0, 0, 1, 1, 0, 0]
+assert [row["format_reward"] for row in reward_rows] == [1, 1, 0, 1, 1, 1, 0, 0]
+
+# %% [markdown]
+# ### Expert iteration
+#
+# Expert iteration (Anthony et al. 2017, arXiv:1705.08439; for language models STaR, Zelikman
+# et al. 2022, arXiv:2203.14465, and ReST$^{EM}$, Singh et al. 2023, arXiv:2312.06585) is the
+# simplest use of a verifier: sample several replies per prompt, keep those the verifier accepts,
+# fine-tune on them with the SFT loss, repeat. Keeping only replies with reward 1 and maximising
+# their likelihood is a policy-gradient step with the raw binary reward and no baseline,
+#
+# $$
+# \nabla_\theta \sum_{i:\, r_i = 1} \log \pi_\theta(y_i \mid x_i)
+# = \nabla_\theta \sum_{i} r_i \log \pi_\theta(y_i \mid x_i),
+# \tag{9.11}
+# $$
+#
+# taken many times on the same samples (several SFT steps per round, off-policy and unclipped)
+# and normalised by the number of kept replies rather than sampled ones. The check below confirms
+# (9.11) with 13-06's SFT step and this chapter's `"no_baseline"` loss: on the same samples, the
+# two gradients differ exactly by the factor $n / n_\text{kept}$. What expert iteration cannot
+# use is a *wrong* answer: GRPO pushes those down, expert iteration ignores them.
+
+# %%
+from ftbook.instruction_tuning import sft_microbatch_train_step
+
+rewards_01 = torch.tensor([1.0, 0.0, 1.0, 0.0])
+grads = {}
+for name in ("SFT on the kept replies", "no-baseline policy gradient"):
+    toy_lm.zero_grad()
+    logps = get_response_log_probs(toy_lm, ids[:, :-1], ids[:, 1:])["log_probs"]
+    if name.startswith("SFT"):
+        kept = rewards_01.bool()
+        sft_microbatch_train_step(logps[kept], mask[kept], 1, normalize_constant=8.0)
+    else:
+        grpo_microbatch_train_step(logps, mask, 1, "no_baseline", raw_rewards=rewards_01[:, None],
+                                   constant_normalize_factor=8.0)
+    grads[name] = torch.cat([p.grad.flatten() for p in toy_lm.parameters()])
+toy_lm.zero_grad()
+factor = len(rewards_01) / rewards_01.sum()
+gap = (grads["SFT on the kept replies"] - factor * grads["no-baseline policy gradient"]).abs().max()
+print(f"eq. (9.11): max |grad SFT(kept) - (n / n_kept) grad PG(no baseline)| = {gap:.2e}")
+assert gap < 1e-6
+
+# %%
+#| export
+@dataclass
+class EILog:
+    """What `expert_iteration` recorded: one row per round, wall time, model FLOPs (generation
+    and SFT) and the number of sampled responses."""
+
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    flops: float = 0.0
+    responses: int = 0
+
+
+def expert_iteration(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
+                     ground_truths: Sequence[str],
+                     reward_fn: Callable[[str, str], dict[str, float]], *, rounds: int,
+                     prompts_per_round: int, samples_per_prompt: int, max_new_tokens: int,
+                     sft_steps: int, lr: float, seed: int, examples_per_step: int = 16,
+                     temperature: float = 1.0, generate_batch_size: int = 64,
+                     bf16: bool = False, desc: str = "expert iteration") -> EILog:
+    """Expert iteration (Anthony et al. 2017, arXiv:1705.08439; Singh et al. 2023,
+    arXiv:2312.06585): each round samples `samples_per_prompt` replies to `prompts_per_round`
+    prompts, keeps the distinct replies whose `answer_reward` is 1, and trains `policy` on them
+    with 13-06's `sft_train` (`tokenize_for_sft`, padded batches, `sft_steps` steps)."""
+    if len(prompts) != len(ground_truths) or not prompts:
+        raise ValueError(f"need as many ground truths as prompts (at least one), got "
+                         f"{len(prompts)} and {len(ground_truths)}")
+    if min(rounds, prompts_per_round, samples_per_prompt, sft_steps) < 1:
+        raise ValueError("rounds, prompts_per_round, samples_per_prompt and sft_steps must be "
+                         ">= 1")
+    generator = torch.Generator().manual_seed(seed)
+    max_len = getattr(policy.config, "max_position_embeddings", None) or 1024
+    order: list[int] = []
+    log = EILog()
+    start = time.perf_counter()
+    for round_index in range(rounds):
+        round_start = time.perf_counter()
+        picked: list[int] = []
+        while len(picked) < prompts_per_round:
+            if not order:
+                order = torch.randperm(len(prompts), generator=generator).tolist()
+            picked.append(order.pop())
+        users = [prompts[i] for i in picked for _ in range(samples_per_prompt)]
+        truths = [ground_truths[i] for i in picked for _ in range(samples_per_prompt)]
+        prompt_strs = [render_prompt(tokenizer, u) for u in users]
+        replies = sample_replies(policy, tokenizer, prompt_strs, max_new_tokens=max_new_tokens,
+                                 do_sample=True, temperature=temperature,
+                                 seed=seed * 1_000_003 + round_index,
+                                 batch_size=generate_batch_size)
+        prompt_lengths = {s: len(tokenizer(s, add_special_tokens=False)["input_ids"])
+                          for s in set(prompt_strs)}
+        log.flops += batch_flops(policy, [prompt_lengths[s] + len(r["ids"])
+                                          for s, r in zip(prompt_strs, replies, strict=True)],
+                                 generate_batch_size, training=False)
+        scores = [reward_fn(r["text"], t) for r, t in zip(replies, truths, strict=True)]
+        kept = sorted({(u, r["text"]) for u, r, s in zip(users, replies, scores, strict=True)
+                       if s["answer_reward"] > 0 and r["text"].strip()})
+        row = {"round": round_index + 1, "sampled": len(replies),
+               "reward": sum(s["reward"] for s in scores) / len(scores), "kept": len(kept),
+               "sft_loss": float("nan")}
+        if kept:
+            examples = tokenize_for_sft(tokenizer, [[{"role": "user", "content": u},
+                                                     {"role": "assistant", "content": y}]
+                                                    for u, y in kept], max_len)
+            rows = min(examples_per_step, len(examples))
+            sft_log = sft_train(policy, examples, steps=sft_steps, lr=lr, seq_len=max_len,
+                                pad_token_id=tokenizer.pad_token_id, packing=False,
+                                seed=seed + round_index, examples_per_step=rows, bf16=bf16,
+                                desc=f"{desc}, round {round_index + 1}")
+            log.flops += sum(transformer_flops(policy, rows, slots // rows, training=True)
+                             for slots in sft_log.slots)
+            row["sft_loss"] = sft_log.losses[-1]
+        policy.eval()
+        row["seconds"] = time.perf_counter() - round_start
+        log.history.append(row)
+        log.responses += len(replies)
+    log.seconds = time.perf_counter() - start
+    return log
+
+# %% [markdown]
+# ## Evaluation on the running task
+#
+# Every policy of the comparison is measured the same way on held-out prompts (SST-2 validation
+# openings not used by 13-07): one reply per prompt, sampled at temperature 1, scored by the gold
+# reward (quality) and by 13-07's reward model (the proxy PPO and GRPO optimise). The KL from the
+# reference is 13-08's Monte-Carlo estimator: for replies sampled from the policy, the sum over
+# their tokens of $\log \pi_\theta - \log \pi_\text{ref}$ ($k_1$, unbiased for the sequence KL) and
+# of $k_3$ (13-08's `sequence_kl`), averaged over replies. For GRPO and PPO on this task the
+# reward model is wrapped as a CS336 `reward_fn`, with the user message as the "ground truth" it
+# needs to score a reply.
+
+# %%
+#| export
+class RewardModelScorer:
+    """13-07's reward model as a CS336 `reward_fn(response, prompt)` -> {"reward",
+    "format_reward", "answer_reward"} (the reward model's score; format 1): the "ground truth"
+    of a reply is its user message. `prepare(responses, prompts)` scores a batch in one pass
+    (`score_replies`); `flops` counts the reward model's forward FLOPs."""
+
+    def __init__(self, reward_model: nn.Module, tokenizer: Any, batch_size: int = 32):
+        self.reward_model, self.tokenizer, self.batch_size = reward_model, tokenizer, batch_size
+        self.flops = 0.0
+        self._cache: dict[tuple[str, str], float] = {}
+
+    def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """(n,) reward-model scores of `responses` to the user messages `prompts`."""
+        lengths = [len(self.tokenizer(reward_model_text(self.tokenizer, p, r),
+                                      add_special_tokens=False)["input_ids"])
+                   for p, r in zip(prompts, responses, strict=True)]
+        self.flops += batch_flops(self.reward_model, lengths, self.batch_size, training=False)
+        return score_replies(self.reward_model, self.tokenizer, prompts, responses,
+                             self.batch_size)
+
+    def prepare(self, responses: Sequence[str], prompts: Sequence[str]) -> None:
+        values = self.scores(prompts, responses).tolist()
+        self._cache = dict(zip(zip(prompts, responses, strict=True), values, strict=True))
+
+    def __call__(self, response: str, prompt: str) -> dict[str, float]:
+        if (prompt, response) not in self._cache:
+            self.prepare([response], [prompt])
+        score = self._cache[(prompt, response)]
+        return {"reward": score, "format_reward": 1.0, "answer_reward": score}
+
+
+@torch.no_grad()
+def evaluate_sentiment(policy: nn.Module, ref_model: nn.Module, tokenizer: Any,
+                       prompts: Sequence[str], *, gold_reward: Callable[[list[str]], torch.Tensor],
+                       max_new_tokens: int, seed: int, reward_model: nn.Module | None = None,
+                       batch_size: int = 32) -> tuple[dict[str, float], list[str]]:
+    """One sampled reply (temperature 1) per user message in `prompts`: means of the gold
+    reward (and its standard error), the proxy reward (with `reward_model`), the KL estimates of
+    13-08's `sequence_kl` (k1 and k3 summed over the reply), the reply length and the EOS rate.
+    Returns (metrics, reply texts)."""
+    from ftbook.rlhf_ppo import sequence_kl
+
+    prompt_strs = [render_prompt(tokenizer, p) for p in prompts]
+    replies = sample_replies(policy, tokenizer, prompt_strs, max_new_tokens=max_new_tokens,
+                             do_sample=True, seed=seed, batch_size=batch_size)
+    texts = [r["text"] for r in replies]
+    batch = rollout_batch(tokenizer, prompt_strs, [r["ids"] for r in replies])
+    logps = _token_log_probs(policy, {k: v.to(next(policy.parameters()).device)
+                                      for k, v in batch.items()}, batch_size, False).cpu()
+    ref_logps = _token_log_probs(ref_model, {k: v.to(next(ref_model.parameters()).device)
+                                             for k, v in batch.items()}, batch_size, False).cpu()
+    kls = sequence_kl(logps, ref_logps, batch["response_mask"])
+    gold = gold_reward(texts).double()
+    metrics = {"gold_reward": gold.mean().item(),
+               "gold_reward_se": (gold.std() / math.sqrt(len(gold))).item() if len(gold) > 1
+               else float("nan"),
+               "kl": kls["kl"].double().mean().item(), "kl_k3": kls["kl_k3"].double().mean().item(),
+               "length": batch["response_mask"].sum(1).double().mean().item(),
+               "eos_rate": sum(r["finished"] for r in replies) / len(replies)}
+    if reward_model is not None:
+        metrics["proxy_reward"] = score_replies(reward_model, tokenizer, prompts, texts,
+                                                batch_size).double().mean().item()
+    return metrics, texts
+
+# %% [markdown]
+# ## Experiments
+#
+# ### Experiment 1: RLVR on arithmetic, GRPO against expert iteration
+#
+# The task is 13-06's arithmetic (GSM8K in the full profile): training problems that the SFT
+# model did not see, held-out problems that neither the SFT model nor the RL runs saw, answered
+# greedily. GRPO and expert iteration start from the same SFT model and draw the same number of
+# sampled replies: GRPO `rlvr_steps` batches of `rlvr_prompts_per_step` prompts times
+# `rlvr_group_size` replies; expert iteration `ei_rounds` rounds with the same number of prompts
+# in total and the same group size, each round followed by `ei_sft_steps` SFT steps on the
+# verified replies. Both use the verifiable reward (9.10) without a format bonus.
+
+# %%
+import dataclasses
+
+import matplotlib.pyplot as plt
+
+from ftbook.data import load_sst2
+from ftbook.instruction_tuning import SFT_RECIPES, load_sft_model, synthetic_instructions
+from ftbook.workbench import Timer, show_figure
+
+timings = {}
+with Timer(DEVICE) as timer:
+    sft_model, tokenizer = load_sft_model(PROFILE, DEVICE)  # 13-06; trained first if not cached
+timings["SFT model (load or train)"] = timer.seconds
+
+if cfg.rlvr_task == "arithmetic":
+    sst2_train = load_sst2("train")
+    sft_seen = {e["messages"][0]["content"] for e in synthetic_instructions(
+        sst2_train["sentence"], sst2_train["label"], SFT_RECIPES[PROFILE].n_per_task, seed=0)}
+    rlvr_train = arithmetic_problems(cfg.rlvr_train, seed=11, exclude=sft_seen,
+                                     max_operand=cfg.rlvr_max_operand)
+    rlvr_eval = arithmetic_problems(cfg.rlvr_eval, seed=12,
+                                    exclude=sft_seen | {p["prompt"] for p in rlvr_train},
+                                    max_operand=cfg.rlvr_max_operand)
+else:
+    rlvr_train = gsm8k_problems("train", cfg.rlvr_train, seed=11)
+    rlvr_eval = gsm8k_problems("test", cfg.rlvr_eval, seed=12)
+print(f"{len(rlvr_train)} training and {len(rlvr_eval)} held-out problems, e.g. "
+      f"{rlvr_train[0]['prompt']!r} -> {rlvr_train[0]['answer']!r}")
+
+rlvr_results = {"SFT": evaluate_verifiable(sft_model, tokenizer, rlvr_eval,
+                                           max_new_tokens=cfg.rlvr_max_new_tokens,
+                                           batch_size=cfg.generate_batch_size)}
+print(f"SFT model: held-out accuracy {rlvr_results['SFT']['accuracy']:.3f}, format rate "
+      f"{rlvr_results['SFT']['format_rate']:.3f}")
+
+# %% [markdown]
+# The GRPO runs share one configuration and change one thing each: the baseline is CS336's GRPO
+# (group std, per-reply length normalisation, one on-policy step per batch, no KL term); then
+# without the std (the first half of Dr. GRPO), Dr. GRPO (no std, constant normaliser $L$ =
+# `rlvr_max_new_tokens`), several optimizer steps per batch with clipping (off-policy), and
+# REINFORCE without a baseline on the raw reward.
+
+# %%
+rlvr_grpo = GRPOConfig(steps=cfg.rlvr_steps, prompts_per_step=cfg.rlvr_prompts_per_step,
+                       group_size=cfg.rlvr_group_size, max_new_tokens=cfg.rlvr_max_new_tokens,
+                       lr=cfg.rlvr_lr, microbatch_size=cfg.microbatch_size,
+                       generate_batch_size=cfg.generate_batch_size, bf16=cfg.bf16,
+                       seed=cfg.seeds[0])
+rlvr_variants = {
+    "GRPO": rlvr_grpo,
+    "GRPO, no std": dataclasses.replace(rlvr_grpo, normalize_by_std=False),
+    "Dr. GRPO": dataclasses.replace(rlvr_grpo, normalize_by_std=False,
+                                    length_normalization="constant"),
+    f"GRPO, {cfg.rlvr_epochs} epochs/batch": dataclasses.replace(
+        rlvr_grpo, epochs_per_batch=cfg.rlvr_epochs),
+    "no baseline": dataclasses.replace(rlvr_grpo, loss_type="no_baseline"),
+}
+rlvr_logs = {}
+for name, config in rlvr_variants.items():
+    seed_everything(config.seed)
+    policy = copy.deepcopy(sft_model)
+    rlvr_logs[name] = grpo_train(policy, tokenizer, [p["prompt"] for p in rlvr_train],
+                                 [p["answer"] for p in rlvr_train], verifiable_reward, config,
+                                 desc=name)
+    rlvr_results[name] = evaluate_verifiable(policy, tokenizer, rlvr_eval,
+                                             max_new_tokens=cfg.rlvr_max_new_tokens,
+                                             batch_size=cfg.generate_batch_size)
+    del policy
+timings["RLVR: GRPO runs"] = sum(log.seconds for log in rlvr_logs.values())
+
+seed_everything(cfg.seeds[0])
+policy = copy.deepcopy(sft_model)
+ei_prompts_per_round = cfg.rlvr_steps * cfg.rlvr_prompts_per_step // cfg.ei_rounds
+ei_log = expert_iteration(policy, tokenizer, [p["prompt"] for p in rlvr_train],
+                          [p["answer"] for p in rlvr_train], verifiable_reward,
+                          rounds=cfg.ei_rounds, prompts_per_round=ei_prompts_per_round,
+                          samples_per_prompt=cfg.rlvr_group_size,
+                          max_new_tokens=cfg.rlvr_max_new_tokens, sft_steps=cfg.ei_sft_steps,
+                          lr=cfg.ei_lr, seed=cfg.seeds[0], bf16=cfg.bf16,
+                          generate_batch_size=cfg.generate_batch_size)
+rlvr_results["expert iteration"] = evaluate_verifiable(policy, tokenizer, rlvr_eval,
+                                                       max_new_tokens=cfg.rlvr_max_new_tokens,
+                                                       batch_size=cfg.generate_batch_size)
+del policy
+timings["RLVR: expert iteration"] = ei_log.seconds
+assert ei_log.responses == rlvr_logs["GRPO"].responses, "the two methods must see as many samples"
+
+rlvr_table = pd.DataFrame(rlvr_results).T
+runs = {**rlvr_logs, "expert iteration": ei_log}
+rlvr_table["sampled replies"] = [0] + [runs[n].responses for n in rlvr_table.index[1:]]
+rlvr_table["train seconds"] = [0.0] + [runs[n].seconds for n in rlvr_table.index[1:]]
+rlvr_table["TFLOPs"] = [0.0] + [runs[n].flops / 1e12 for n in rlvr_table.index[1:]]
+show_table(rlvr_table, "rlvr", CHAPTER, floatfmt="{:.3f}")
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+for name, log in rlvr_logs.items():
+    seen = [row["step"] * cfg.rlvr_prompts_per_step * cfg.rlvr_group_size for row in log.history]
+    axes[0].plot(seen, [row["answer_reward"] for row in log.history], marker=".", label=name)
+    axes[1].plot(seen, [row["length"] for row in log.history], marker=".", label=name)
+ei_seen = [row["round"] * ei_prompts_per_round * cfg.rlvr_group_size for row in ei_log.history]
+axes[0].plot(ei_seen, [row["reward"] for row in ei_log.history], marker="s", color="k",
+             label="expert iteration")
+axes[0].set(xlabel="sampled replies", ylabel="accuracy of the sampled replies",
+            title="RLVR: training reward")
+axes[1].set(xlabel="sampled replies", ylabel="reply length (tokens)", title="GRPO: reply length")
+axes[0].legend(fontsize=7)
+fig.tight_layout()
+show_figure(fig, "rlvr_training", CHAPTER)
+
+# %% [markdown]
+# ### Experiment 2: DPO on the running task
+#
+# DPO trains on exactly the preferences the reward model of 13-07 was trained on: 13-07's
+# `reward_data` re-draws them (same SFT policy, same seeds, same gold Bradley-Terry labels), and
+# its held-out split gives held-out pairs. The reference log-probabilities of all pairs are
+# computed once; then we time a few steps with the reference cached and a few with it recomputed
+# on every batch, and check that both give the same losses.
+
+# %%
+from ftbook.reward_modeling import (
+    RM_CONFIGS,
+    load_gold_reward,
+    load_reward_model,
+    reward_data,
+    sentiment_prompts,
+)
+
+rm_cfg = pick(PROFILE, RM_CONFIGS)
+with Timer(DEVICE) as timer:
+    gold = load_gold_reward(PROFILE, DEVICE)  # 13-07; trained first if not cached
+    reward_model, _ = load_reward_model(PROFILE, DEVICE)
+timings["gold reward and reward model (load or train)"] = timer.seconds
+with Timer(DEVICE) as timer:
+    train_records = reward_data(PROFILE, sft_model, tokenizer, gold, "train")
+    heldout_records = reward_data(PROFILE, sft_model, tokenizer, gold, "validation")
+timings["preference pairs (13-07's reward_data)"] = timer.seconds
+dpo_train_examples = encode_dpo_pairs(tokenizer, train_records, rm_cfg.max_len)
+dpo_heldout_examples = encode_dpo_pairs(tokenizer, heldout_records, rm_cfg.max_len)
+pair_lengths = [len(p) + len(c) for p, c, _ in dpo_train_examples] + \
+    [len(p) + len(r) for p, _, r in dpo_train_examples]
+pair_sampling_flops = batch_flops(sft_model, pair_lengths, rm_cfg.generate_batch_size, False)
+print(f"{len(dpo_train_examples)} training pairs, {len(dpo_heldout_examples)} held-out pairs; "
+      f"gold reward gap chosen - rejected: "
+      f"{sum(r['gold_chosen'] - r['gold_rejected'] for r in train_records) / len(train_records):+.3f}")
+
+with Timer(DEVICE) as timer:
+    ref_cache = precompute_reference_logps(sft_model, dpo_train_examples,
+                                           tokenizer.pad_token_id, cfg.dpo_batch_size)
+precompute_seconds = timer.seconds
+heldout_ref_cache = precompute_reference_logps(sft_model, dpo_heldout_examples,
+                                               tokenizer.pad_token_id, cfg.dpo_batch_size)
+precompute_flops = batch_flops(sft_model, pair_lengths, cfg.dpo_batch_size, False)
+timing_logs = {}
+for mode in ("cached", "recomputed"):
+    seed_everything(0)
+    policy = copy.deepcopy(sft_model)
+    reference = {"ref_logps": ref_cache} if mode == "cached" else {"ref_model": sft_model}
+    timing_logs[mode] = dpo_train(policy, dpo_train_examples, beta=cfg.dpo_beta,
+                                  steps=cfg.timing_steps, batch_size=cfg.dpo_batch_size,
+                                  lr=cfg.dpo_lr, pad_token_id=tokenizer.pad_token_id, seed=0,
+                                  bf16=cfg.bf16, desc=f"DPO timing ({mode})", **reference)
+    del policy
+per_step = {m: sorted(log.step_seconds)[len(log.step_seconds) // 2] for m, log in
+            timing_logs.items()}
+loss_gap = max(abs(a - b) for a, b in zip(timing_logs["cached"].losses,
+                                          timing_logs["recomputed"].losses, strict=True))
+timing_table = pd.DataFrame({
+    "median seconds / step": per_step,
+    "FLOPs / step": {m: log.flops / cfg.timing_steps for m, log in timing_logs.items()},
+    "one-off precompute seconds": {"cached": precompute_seconds, "recomputed": 0.0}})
+show_table(timing_table, "reference_cache", CHAPTER, floatfmt="{:.3g}")
+saving = per_step["recomputed"] - per_step["cached"]
+print(f"the cache saves {100 * saving / per_step['recomputed']:.0f}% of a step's time and "
+      f"{100 * (1 - timing_table['FLOPs / step']['cached'] / timing_table['FLOPs / step']['recomputed']):.0f}%"
+      f" of its FLOPs; " + (f"the one-off precompute is repaid after "
+                           f"{precompute_seconds / saving:.1f} steps; " if saving > 0 else
+                           "no time saving measurable at this size; ")
+      + f"max |loss cached - recomputed| = {loss_gap:.1e}")
+assert loss_gap < 1e-4
+
+# %% [markdown]
+# Now the DPO runs: one per $\beta$ of the frontier, and further seeds at the $\beta$ of the
+# comparison (the seed changes the order of the pairs). Each trained policy is evaluated on the
+# held-out prompts, and on the held-out pairs by its implicit reward.
+
+# %%
+eval_prompts = sentiment_prompts("validation", cfg.eval_prompts, seed=13)
+rl_prompts = sentiment_prompts("train", cfg.rl_prompts, seed=14)
+EVAL_SEED = 100  # the sampling seed of every evaluation
+
+
+def evaluate_policy_on_task(policy_model) -> tuple[dict, list[str]]:
+    """The running task's metrics of one policy, with the SFT model as the reference."""
+    return evaluate_sentiment(policy_model, sft_model, tokenizer, eval_prompts, gold_reward=gold,
+                              reward_model=reward_model, max_new_tokens=cfg.max_new_tokens,
+                              seed=EVAL_SEED, batch_size=cfg.generate_batch_size)
+
+
+sft_metrics, sft_texts = evaluate_policy_on_task(sft_model)
+dpo_runs = []  # one dict per (beta, seed)
+dpo_logs = {}
+dpo_samples = {}
+for beta in sorted(set(cfg.dpo_betas) | {cfg.dpo_beta}):
+    for seed in (cfg.seeds if beta == cfg.dpo_beta else cfg.seeds[:1]):
+        seed_everything(seed)
+        policy = copy.deepcopy(sft_model)
+        log = dpo_train(policy, dpo_train_examples, beta=beta, steps=cfg.dpo_steps,
+                        batch_size=cfg.dpo_batch_size, lr=cfg.dpo_lr,
+                        pad_token_id=tokenizer.pad_token_id, seed=seed, ref_logps=ref_cache,
+                        bf16=cfg.bf16, desc=f"DPO beta={beta} seed={seed}")
+        metrics, texts = evaluate_policy_on_task(policy)
+        heldout = evaluate_dpo_pairs(policy, dpo_heldout_examples, heldout_ref_cache, beta,
+                                     tokenizer.pad_token_id, cfg.dpo_batch_size)
+        dpo_runs.append({"method": "DPO", "beta": beta, "seed": seed, **metrics,
+                         "heldout pair accuracy": heldout["accuracy"],
+                         "train seconds": sum(log.step_seconds) + precompute_seconds,
+                         "FLOPs": log.flops + precompute_flops + pair_sampling_flops,
+                         "sampled replies": 2 * len(train_records)})
+        dpo_logs[(beta, seed)] = log
+        dpo_samples[(beta, seed)] = texts
+        del policy
+timings["DPO runs"] = sum(sum(log.step_seconds) for log in dpo_logs.values())
+dpo_table = pd.DataFrame(dpo_runs).set_index(["beta", "seed"])
+show_table(dpo_table[["gold_reward", "proxy_reward", "kl", "kl_k3", "heldout pair accuracy",
+                      "length", "eos_rate"]], "dpo_runs", CHAPTER, floatfmt="{:.3f}")
+
+main_log = dpo_logs[(cfg.dpo_beta, cfg.seeds[0])]
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+axes[0].plot(main_log.losses, label="loss (9.5)")
+axes[0].plot(main_log.accuracies, label="pair accuracy (batch)")
+axes[0].axhline(math.log(2), color="grey", lw=0.8, ls=":")
+axes[0].set(xlabel="step", title=f"DPO, beta = {cfg.dpo_beta}")
+axes[0].legend(fontsize=8)
+axes[1].plot(main_log.chosen_rewards, label="chosen")
+axes[1].plot(main_log.rejected_rewards, label="rejected")
+axes[1].plot(main_log.margins, label="margin")
+axes[1].axhline(0, color="grey", lw=0.8, ls=":")
+axes[1].set(xlabel="step", ylabel=r"implicit reward $\beta \log \pi_\theta / \pi_{ref}$",
+            title="implicit rewards on the training batch")
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+show_figure(fig, "dpo_training", CHAPTER)
+
+# %% [markdown]
+# ### Experiment 3: GRPO and PPO on the running task
+#
+# Both optimise 13-07's reward model on SST-2 training openings and see the same number of
+# sampled replies: GRPO `grpo_steps` batches of `grpo_prompts_per_step` prompts times
+# `grpo_group_size` replies, with DeepSeekMath's KL term ($\beta_\text{KL}$ = `grpo_kl_coef` on
+# $k_3$); PPO is 13-08's `ppo_train` with its defaults (reward normalisation, GAE, value head,
+# per-token KL penalty $\beta$ = `ppo_beta` in the reward), `ppo_batch_size` replies per step,
+# for as many steps as give the same number of replies. Replies are capped at 13-07's length.
+
+# %%
+from ftbook.rlhf_ppo import PolicyWithValue, PPOConfig, ppo_train
+
+grpo_config = GRPOConfig(steps=cfg.grpo_steps, prompts_per_step=cfg.grpo_prompts_per_step,
+                         group_size=cfg.grpo_group_size, max_new_tokens=cfg.max_new_tokens,
+                         lr=cfg.grpo_lr, kl_coef=cfg.grpo_kl_coef,
+                         microbatch_size=cfg.microbatch_size,
+                         generate_batch_size=cfg.generate_batch_size, bf16=cfg.bf16)
+rl_budget = cfg.grpo_steps * cfg.grpo_prompts_per_step * cfg.grpo_group_size
+ppo_steps = max(1, rl_budget // cfg.ppo_batch_size)
+rm_prompt_strs = [render_prompt(tokenizer, p) for p in rl_prompts]
+query = tokenizer(rm_prompt_strs, return_tensors="pt", padding=True, add_special_tokens=False)
+query_ids, query_mask = query["input_ids"].to(DEVICE), query["attention_mask"].to(DEVICE)
+mean_prompt_len = float(query["attention_mask"].sum(1).float().mean())
+
+
+def decode_rollout(rollout) -> list[str]:
+    """The reply texts of a 13-08 rollout, as `sample_replies` decodes them."""
+    return [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True).strip()
+            for ids, mask in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu(),
+                                 strict=True)]
+
+
+rl_runs, rl_samples, rl_logs = [], {}, {}
+for seed in cfg.seeds:
+    scorer = RewardModelScorer(reward_model, tokenizer, cfg.generate_batch_size)
+    seed_everything(seed)
+    policy = copy.deepcopy(sft_model)
+    log = grpo_train(policy, tokenizer, rl_prompts, rl_prompts, scorer,
+                     dataclasses.replace(grpo_config, seed=seed), ref_model=sft_model,
+                     desc=f"GRPO seed={seed}")
+    metrics, texts = evaluate_policy_on_task(policy)
+    rl_runs.append({"method": "GRPO", "beta": cfg.grpo_kl_coef, "seed": seed, **metrics,
+                    "train seconds": log.seconds, "FLOPs": log.flops + scorer.flops,
+                    "sampled replies": log.responses})
+    rl_samples[("GRPO", seed)], rl_logs[("GRPO", seed)] = texts, log
+    del policy
+
+    scorer = RewardModelScorer(reward_model, tokenizer, cfg.generate_batch_size)
+    seed_everything(seed)
+    ppo_policy = PolicyWithValue(copy.deepcopy(sft_model)).to(DEVICE)
+    ppo_config = PPOConfig(batch_size=cfg.ppo_batch_size, max_new_tokens=cfg.max_new_tokens,
+                           lr=cfg.ppo_lr, beta=cfg.ppo_beta, seed=seed)
+    ppo_log = ppo_train(
+        ppo_policy, sft_model, query_ids, query_mask,
+        lambda rollout, scorer=scorer: scorer.scores(
+            [rl_prompts[i] for i in rollout.prompt_index.tolist()], decode_rollout(rollout)),
+        ppo_config, steps=ppo_steps, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, desc=f"PPO seed={seed}")
+    # PPO's policy-side FLOPs, eqs. (A.1)-(A.3), from the logged reply lengths: per step one
+    # generation, one reference pass and ppo_epochs forward-backward passes over the batch
+    # (plus the normalisation batches, generated once each)
+    ppo_flops = 0.0
+    for row in ppo_log.history:
+        seq = max(1, round(mean_prompt_len + row["length"]))
+        forward = transformer_flops(ppo_policy.lm, cfg.ppo_batch_size, seq, training=False)
+        ppo_flops += 2 * forward + ppo_config.ppo_epochs * 3 * forward
+    ppo_flops += ppo_config.norm_batches * forward
+    metrics, texts = evaluate_policy_on_task(ppo_policy.lm)
+    rl_runs.append({"method": "PPO", "beta": cfg.ppo_beta, "seed": seed, **metrics,
+                    "train seconds": ppo_log.seconds, "FLOPs": ppo_flops + scorer.flops,
+                    "sampled replies": (ppo_steps + ppo_config.norm_batches)
+                    * cfg.ppo_batch_size})
+    rl_samples[("PPO", seed)], rl_logs[("PPO", seed)] = texts, ppo_log
+    del ppo_policy
+timings["GRPO and PPO runs"] = sum(r["train seconds"] for r in rl_runs)
+rl_table = pd.DataFrame(rl_runs).set_index(["method", "seed"])
+show_table(rl_table[["gold_reward", "proxy_reward", "kl", "kl_k3", "length", "eos_rate",
+                     "train seconds"]], "grpo_ppo_runs", CHAPTER, floatfmt="{:.3f}")
+
+# %% [markdown]
+# ### The comparison: SFT, PPO, DPO and GRPO
+#
+# One row per method: the mean over seeds of the gold reward, the proxy reward and the KL from
+# the SFT model, the spread over seeds (max - min) of the gold reward and the KL, and the cost:
+# wall time of training and model FLOPs (workbench eqs. A.1-A.3). DPO's cost includes sampling the
+# preference pairs from the SFT model and the reference pass; PPO's and GRPO's include every
+# reward-model call, but not the training of the reward model in 13-07, which they share (its FLOPs
+# are printed below the table). The SFT row is the starting point of all three.
+
+# %%
+runs_table = pd.DataFrame(
+    [{"method": "SFT", "beta": float("nan"), "seed": cfg.seeds[0], **sft_metrics,
+      "train seconds": 0.0, "FLOPs": 0.0, "sampled replies": 0}]
+    + [r for r in dpo_runs if r["beta"] == cfg.dpo_beta] + rl_runs)
+runs_table["method"] = [f"{m} (beta = {b:g})" if m in ("DPO", "PPO") else m
+                        for m, b in zip(runs_table["method"], runs_table["beta"], strict=True)]
+grouped = runs_table.groupby("method", sort=False)
+comparison = pd.DataFrame({
+    "gold reward": grouped["gold_reward"].mean(),
+    "gold spread (seeds)": grouped["gold_reward"].max() - grouped["gold_reward"].min(),
+    "proxy reward": grouped["proxy_reward"].mean(),
+    "KL (k1)": grouped["kl"].mean(),
+    "KL spread (seeds)": grouped["kl"].max() - grouped["kl"].min(),
+    "train seconds": grouped["train seconds"].mean(),
+    "TFLOPs": grouped["FLOPs"].mean() / 1e12,
+    "sampled replies": grouped["sampled replies"].mean(),
+    "seeds": grouped["seed"].count()})
+show_table(comparison, "comparison", CHAPTER, floatfmt="{:.3f}")
+rm_training_flops = rm_cfg.steps * transformer_flops(
+    reward_model, 2 * rm_cfg.batch_size, round(sum(pair_lengths) / len(pair_lengths)), True)
+print(f"standard error of one gold-reward mean: ~{sft_metrics['gold_reward_se']:.3f}; "
+      f"13-07's reward-model training (shared by PPO and GRPO): ~{rm_training_flops / 1e12:.3f} "
+      f"TFLOPs")
+
+# %% [markdown]
+# **The reward-KL frontier** (the DPO paper's Figure 2, scaled down): the gold reward against the
+# KL from the SFT model for DPO at several $\beta$, for PPO's frontier traced by 13-08 (read from
+# its cache; several $\beta$ and seeds), and for this chapter's PPO and GRPO runs. A method
+# whose points lie up and to the left achieves more reward for the same divergence.
+
+# %%
+from ftbook.workbench import cache_dir
+
+frontier_path = cache_dir() / "13_08_rlhf_ppo" / f"frontier_{PROFILE}.csv"
+ppo_frontier = None
+if frontier_path.is_file():
+    ppo_frontier = pd.read_csv(frontier_path)
+    missing = {"beta", "kl", "gold_reward", "proxy_reward", "seed"} - set(ppo_frontier.columns)
+    if missing:
+        raise ValueError(f"{frontier_path}: missing columns {sorted(missing)}")
+    print(f"13-08's PPO frontier: {len(ppo_frontier)} runs from {frontier_path}")
+else:
+    print(f"13-08's PPO frontier is missing ({frontier_path} does not exist: run chapter 13-08 "
+          f"in the {PROFILE} profile first); the figure shows this chapter's runs only.")
+
+dpo_front = dpo_table.xs(cfg.seeds[0], level="seed").sort_index()
+fig, ax = plt.subplots(figsize=(6.4, 4.2))
+ax.plot(dpo_front["kl"], dpo_front["gold_reward"], marker="o", label="DPO (beta sweep)")
+for beta, row in dpo_front.iterrows():
+    ax.annotate(f"{beta:g}", (row["kl"], row["gold_reward"]), fontsize=7,
+                textcoords="offset points", xytext=(3, 3))
+if ppo_frontier is not None:
+    ax.scatter(ppo_frontier["kl"], ppo_frontier["gold_reward"], marker="s", color="C1",
+               label="PPO (13-08's frontier)")
+for method, marker, color in (("PPO", "D", "C3"), ("GRPO", "^", "C2")):
+    part = rl_table.xs(method, level="method")
+    ax.scatter(part["kl"], part["gold_reward"], marker=marker, color=color,
+               label=f"{method} (this chapter, {len(part)} seeds)")
+ax.scatter([sft_metrics["kl"]], [sft_metrics["gold_reward"]], marker="*", s=140, color="k",
+           label="SFT")
+ax.set(xlabel=r"KL$(\pi_\theta \| \pi_\mathrm{SFT})$ per reply (nats, $k_1$)",
+       ylabel="gold reward", title="Reward vs KL on the running task")
+ax.legend(fontsize=7)
+show_figure(fig, "frontier", CHAPTER)
+
+# %% [markdown]
+# One held-out prompt, answered by each policy (seed 0):
+
+# %%
+sample_rows = []
+for i in range(min(3, len(eval_prompts))):
+    sample_rows.append({"prompt": eval_prompts[i].split(": ", 1)[-1], "SFT": sft_texts[i][:60],
+                        f"DPO (beta = {cfg.dpo_beta:g})":
+                            dpo_samples[(cfg.dpo_beta, cfg.seeds[0])][i][:60],
+                        "PPO": rl_samples[("PPO", cfg.seeds[0])][i][:60],
+                        "GRPO": rl_samples[("GRPO", cfg.seeds[0])][i][:60]})
+show_table(pd.DataFrame(sample_rows).set_index("prompt"), "samples", CHAPTER)
+show_table(pd.DataFrame({"seconds": timings}), "timings", CHAPTER, floatfmt="{:.1f}")
+
+# %% [markdown]
+# ## Results and discussion
+#
+# <!-- RESULTS: integrator -->
+#
+# Read the tables in this order.
+#
+# - **RLVR.** The SFT row is the starting accuracy; GRPO and expert iteration saw the same number
+#   of sampled replies. Expert iteration learns only from the replies it keeps, so it is
+#   strongest when the model already solves a fair share of problems; GRPO also pushes the wrong
+#   replies down, and its reward curve shows how much of each batch was informative (groups where
+#   every reply was right or every reply wrong have zero advantage). Among the GRPO variants,
+#   compare accuracy and the length of the wrong replies: per-reply length normalisation lets
+#   wrong replies grow, Dr. GRPO's constant normaliser does not reward that. Several epochs per
+#   batch buy more optimisation per sample at the price of clipping; the clip fraction in the
+#   training log says how often the bound was hit.
+# - **The cache.** The cached reference removes one of the two forward passes of a DPO step; the
+#   one-off precompute pays for itself within a few steps, and the losses agree to float
+#   precision, because a frozen model's log-probabilities are a property of the data.
+# - **The comparison.** Gold reward is what we want; the proxy reward is what PPO and GRPO
+#   maximise, so a proxy gain without a gold gain is reward hacking (13-07). Read each method's
+#   gold reward against its KL: the frontier figure, not the table alone, decides which method is
+#   more efficient. DPO never samples during training and needs no reward model, which shows in
+#   its cost; its KL is set by $\beta$ and by how long it trains on a fixed set of pairs.
+#
+# ## Pitfalls
+#
+# - **`log(sigmoid(.))` in the DPO loss.** It overflows to infinity for margins below about
+#   $-104$ nats in float32 (shown above); `logsigmoid` is exact. A DPO loss that goes to 0 is not
+#   success either: the implicit-reward margins have diverged, which with a finite preference set
+#   means overfitting; watch the held-out pair accuracy and the KL.
+# - **Both likelihoods falling.** (9.6) only asks the chosen reply to gain on the rejected one;
+#   the chosen reply's own log-probability often falls too (the "chosen" implicit reward in the
+#   training figure), moving mass to replies nobody compared (Pal et al. 2024, arXiv:2402.13228).
+#   The tabular example makes the reason exact: DPO pins down log-ratios only on replies that
+#   appear in pairs.
+# - **A reference that drifts.** The reference must be the frozen SFT model. Recomputing it from a
+#   model that shares weights with the policy (an adapter left enabled, a `deepcopy` forgotten)
+#   silently turns DPO into a different objective; the cache makes the reference immutable.
+# - **Re-tokenizing samples.** GRPO's ratio and the KL must use the sampled token ids;
+#   decoding and tokenizing again can merge or split tokens differently.
+# - **The GRPO loss reads 0.** On policy, the reported loss is exactly 0 whatever is learned
+#   (shown above); watch the reward, the KL and the gradient norm instead.
+# - **All-equal groups.** Prompts that are always or never solved give zero advantages; the
+#   `zero_std_groups` column of the training log says how much of each batch was wasted.
+#   Without the $\epsilon$ of (9.8) they would divide by zero.
+# - **Off-policy without clipping.** Several optimizer steps on one batch need the importance
+#   ratio and its clip; `GRPOConfig` refuses `epochs_per_batch > 1` with the other loss types.
+#
+# ## Summary
+#
+# - The KL-regularised objective (9.1) has the closed-form optimum (9.2); solving it for the reward
+#   (9.3) turns the Bradley-Terry likelihood into a likelihood of the policy (9.4), and its
+#   negative log is the DPO loss (9.5). On an enumerable problem, minimising (9.5) lands on
+#   $\pi^* \propto \pi_\text{ref} e^{r / \beta}$ to optimiser precision.
+# - `dpo_train` caches the reference's log-probabilities once; `per_instance_dpo_loss` keeps
+#   CS336's contract with the book's chat template; token ids, reference log-probabilities and the
+#   loss match TRL's `DPOTrainer` exactly.
+# - GRPO replaces the value network by the group mean (9.8); its six CS336 functions are checked on
+#   hand-made tensors, and the Dr. GRPO variants (9.9) remove the std and length normalisations.
+# - A verifiable reward (9.10) makes RL on arithmetic need no reward model; expert iteration is
+#   the binary-reward policy gradient without a baseline (9.11), checked exactly.
+#
+# ## Exercises
+#
+# 1. Add the IPO loss (Azar et al. 2023, arXiv:2310.12036), $(\hat r_\theta(y_w) - \hat r_\theta(y_l)
+#    - 1/(2\beta))^2$ with implicit rewards averaged over tokens, to `dpo_loss`, and show on the
+#    tabular problem that with deterministic preferences ($r_i - r_j \to \infty$) IPO's optimum
+#    stays at a finite distance from $\pi_\text{ref}$ while DPO's does not.
+# 2. Replace the group mean of (9.8) by the leave-one-out mean (RLOO) and show that the
+#    advantages change by the factor $G / (G - 1)$ exactly.
+# 3. On the arithmetic task, give expert iteration the wrong replies too, with SFT weight $-0.1$
+#    (unlikelihood). Does it close the gap to GRPO?
+# 4. Run DPO on pairs sampled from the DPO policy itself every few steps (online DPO) with the
+#    reward model as the labeller. Where do its points fall on the frontier?
+#
+# ## References
+#
+# - Rafailov, Sharma, Mitchell, Ermon, Manning & Finn (2023), *Direct Preference Optimization:
+#   Your Language Model is Secretly a Reward Model*, arXiv:2305.18290, §4 (derivation and
+#   gradient), §5 (the implicit reward), §6.1 and Fig. 2 (IMDb sentiment frontier).
+# - Shao et al. (2024), *DeepSeekMath*, arXiv:2402.03300, §4.1 (GRPO, eq. 3 and Algorithm 1).
+# - Liu et al. (2025), *Understanding R1-Zero-Like Training: A Critical Perspective*,
+#   arXiv:2503.20783, §3 (the biases of GRPO, Dr. GRPO).
+# - DeepSeek-AI (2025), *DeepSeek-R1*, arXiv:2501.12948.
+# - Lambert et al. (2024), *Tülu 3: Pushing Frontiers in Open Language Model Post-Training*,
+#   arXiv:2411.15124 (RLVR).
+# - Anthony, Tian & Barber (2017), *Thinking Fast and Slow with Deep Learning and Tree Search*,
+#   arXiv:1705.08439; Zelikman et al. (2022), *STaR*, arXiv:2203.14465; Singh et al. (2023),
+#   *Beyond Human Data* (ReST$^{EM}$), arXiv:2312.06585.
+# - Azar et al. (2023), *A General Theoretical Paradigm to Understand Learning from Human
+#   Preferences* (IPO), arXiv:2310.12036.
+# - Pal et al. (2024), *Smaug: Fixing Failure Modes of Preference Optimisation with DPO-Positive*,
+#   arXiv:2402.13228.
+# - Cobbe et al. (2021), *Training Verifiers to Solve Math Word Problems* (GSM8K),
+#   arXiv:2110.14168.
+# - Stanford CS336 (Spring 2025), Assignment 5: alignment and reasoning RL, §§4-7 (expert
+#   iteration, GRPO) and the DPO part of its RLHF supplement.
+# - TRL documentation: `DPOTrainer`, `DPOConfig` (version 1.15).

@@ -1,0 +1,319 @@
+"""Tests of ftbook.rlhf_ppo (chapter 13-08): GAE, the clipped losses, the KL estimators and the
+adaptive controller (eqs. 8.4-8.13); rollouts with the KV cache against a full forward pass and
+against `model.generate`; convergence to the closed-form optimum (8.2) of a bandit; and the PPO
+update on two processes under `accelerate launch` against one process."""
+import copy
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ftbook.rlhf_ppo import (
+    KLController,
+    PolicyWithValue,
+    PPOBatch,
+    PPOConfig,
+    RewardNormalizer,
+    ToyTask,
+    clipped_policy_loss,
+    clipped_value_loss,
+    exact_metrics,
+    gae,
+    generate_rollout,
+    kl_k1,
+    kl_k3,
+    launch_update_case,
+    masked_whiten,
+    optimal_log_policy,
+    ppo_train,
+    ppo_update,
+    reference_logprobs,
+    response_logprobs,
+    run_update_case,
+    save_update_case,
+    token_rewards,
+)
+
+EOS, PAD = 2, 0
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 16) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS,
+                         attn_implementation="eager")
+    return LlamaForCausalLM(config).eval()
+
+
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+PROMPTS = [[1, 5, 9, 13, 3], [1, 7, 11], [1, 14], [1, 6, 6, 8]]
+
+
+def rollout_and_batch(seed: int = 0, value_std: float = 0.5):
+    """A policy with a non-zero value head, a rollout of the four prompts, rewards and GAE."""
+    lm = tiny_llama(seed)
+    policy = PolicyWithValue(copy.deepcopy(lm))
+    torch.nn.init.normal_(policy.value_head.weight, std=value_std)
+    ids, mask = left_padded(PROMPTS)
+    torch.manual_seed(seed + 1)
+    rollout = generate_rollout(policy, ids, mask, max_new_tokens=10, eos_token_id=EOS,
+                               pad_token_id=PAD)
+    ref = reference_logprobs(lm, rollout)
+    rewards, _ = token_rewards(torch.randn(4), rollout.logps, ref, rollout.response_mask, 0.1)
+    adv, ret = gae(rewards, rollout.values, rollout.response_mask)
+    return lm, policy, rollout, PPOBatch.from_rollout(rollout, adv, ret)
+
+
+# --- GAE, eqs. (8.6)-(8.9) ------------------------------------------------------------------------
+
+def direct_gae(rewards, values, length, gamma, lam):
+    v_next = torch.cat([values[1:length], torch.zeros(1)])
+    delta = rewards[:length] + gamma * v_next - values[:length]
+    return torch.stack([sum((gamma * lam) ** k * delta[t + k] for k in range(length - t))
+                        for t in range(length)])
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 0.0), (1.0, 1.0)])
+def test_gae_equals_direct_discounted_sum_of_td_errors_with_variable_lengths(gamma, lam):
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([6, 1, 4, 6])
+    mask = torch.arange(6)[None] < lengths[:, None]
+    rewards = torch.randn(4, 6, generator=generator).masked_fill(~mask, float("nan"))
+    values = torch.randn(4, 6, generator=generator).masked_fill(~mask, float("inf"))
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    for i, n in enumerate(lengths.tolist()):
+        expected = direct_gae(rewards[i], values[i], n, gamma, lam)
+        torch.testing.assert_close(advantages[i, :n], expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(advantages[i, n:], torch.zeros(6 - n))  # padding: zero, not NaN
+        torch.testing.assert_close(returns[i, :n], expected + values[i, :n])
+    if lam == 1.0:  # the Monte Carlo return minus the baseline
+        mc = torch.stack([sum(gamma**k * rewards[0, t + k] for k in range(6 - t))
+                          for t in range(6)])
+        torch.testing.assert_close(returns[0], mc, atol=1e-5, rtol=1e-5)
+
+
+def test_token_rewards_put_the_score_on_the_last_valid_token():
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    logps, ref_logps = torch.full((2, 3), -1.0), torch.full((2, 3), -1.5)
+    rewards, kl = token_rewards(torch.tensor([2.0, -1.0]), logps, ref_logps, mask, beta=0.2)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.5]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.1, 1.9, 0.0], [-0.1, -0.1, -1.1]]))
+    with pytest.raises(ValueError, match="at least one token"):
+        token_rewards(torch.zeros(1), logps[:1], ref_logps[:1], torch.zeros(1, 3, dtype=bool), 1)
+
+
+# --- the clipped losses, eqs. (8.10)-(8.11) ------------------------------------------------------
+
+def test_clipped_policy_loss_values_and_zero_gradient_in_the_clipped_region():
+    ratio = torch.tensor([1.5, 0.5, 1.5, 0.5, 1.1, 0.9])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, 2.0, -2.0])
+    logps = torch.log(ratio).requires_grad_()
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    loss, stats = clipped_policy_loss(logps[None], torch.zeros(1, 6), advantages[None], mask, 0.2)
+    # min(rho A, clip(rho) A): 1.2, 0.5, -1.5, -0.8, 2.2, -1.8
+    torch.testing.assert_close(loss, -torch.tensor([1.2, 0.5, -1.5, -0.8, 2.2, -1.8]).mean())
+    loss.backward()
+    grad = logps.grad
+    assert grad[0] == 0 and grad[3] == 0  # A > 0 above 1 + eps; A < 0 below 1 - eps
+    torch.testing.assert_close(grad[[1, 2, 4, 5]], -advantages[[1, 2, 4, 5]]
+                               * ratio[[1, 2, 4, 5]] / 6)  # d(-rho A)/d log pi = -rho A
+    assert stats["clip_frac"].item() == pytest.approx(2 / 6)
+    assert stats["approx_kl"].item() > 0
+
+
+def test_policy_loss_ignores_padding_and_divides_by_the_given_count():
+    logps = torch.tensor([[0.1, float("nan")]])
+    mask = torch.tensor([[True, False]])
+    loss, _ = clipped_policy_loss(logps, torch.zeros(1, 2), torch.ones(1, 2), mask, 0.2, count=4.0)
+    assert loss.item() == pytest.approx(-math.exp(0.1) / 4)
+
+
+def test_value_clipping():
+    values = torch.tensor([[2.0, 2.0, 0.1, -1.0]], requires_grad=True)
+    old = torch.zeros(1, 4)
+    returns = torch.tensor([[1.0, 3.0, 0.0, -3.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, stats = clipped_value_loss(values, old, returns, mask, 0.2)
+    # max((v - R)^2, (old + clip(v - old) - R)^2): 1 (unclipped), 7.84, 0.01, 7.84
+    assert loss.item() == pytest.approx(0.5 * (1.0 + 7.84 + 0.01 + 7.84) / 4)
+    loss.backward()
+    assert values.grad[0, 1] == 0 and values.grad[0, 3] == 0  # clipped branch wins
+    assert values.grad[0, 0] != 0 and values.grad[0, 2] != 0
+    assert stats["value_clip_frac"].item() == pytest.approx(0.5)
+    plain, _ = clipped_value_loss(values, old, returns, mask, None)
+    assert plain.item() == pytest.approx(0.5 * (1 + 1 + 0.01 + 4) / 4)
+
+
+# --- KL estimators, eq. (8.5), and the controller, eq. (8.13) ------------------------------------
+
+def test_k1_and_k3_are_unbiased_and_k3_is_nonnegative_with_less_variance():
+    generator = torch.Generator().manual_seed(0)
+    logits = 2 * torch.randn(30, generator=generator, dtype=torch.float64)
+    log_pi = torch.log_softmax(logits, 0)
+    log_ref = torch.log_softmax(logits + 0.5 * torch.randn(30, generator=generator,
+                                                           dtype=torch.float64), 0)
+    exact = (log_pi.exp() * (log_pi - log_ref)).sum().item()
+    n = 400_000
+    tokens = torch.multinomial(log_pi.exp(), n, replacement=True, generator=generator)
+    k1, k3 = kl_k1(log_pi[tokens], log_ref[tokens]), kl_k3(log_pi[tokens], log_ref[tokens])
+    assert abs(k1.mean().item() - exact) < 5 * k1.std().item() / math.sqrt(n)
+    assert abs(k3.mean().item() - exact) < 5 * k3.std().item() / math.sqrt(n)
+    assert (k3 >= 0).all() and (k1 < 0).any()
+    assert k3.std() < k1.std()
+
+
+def test_adaptive_kl_controller_moves_beta_in_the_right_direction():
+    up = KLController(0.1, target=1.0)
+    assert up.update(3.0) == pytest.approx(0.1 * 1.02)  # error clipped at +0.2, K_beta = 0.1
+    down = KLController(0.1, target=1.0)
+    assert down.update(0.9) == pytest.approx(0.1 * (1 - 0.01))
+    assert down.update(0.0) < 0.1 * 0.99
+    steady = KLController(0.1, target=1.0)
+    assert steady.update(1.0) == 0.1
+    assert KLController(0.3).update(50.0) == 0.3  # fixed
+    with pytest.raises(ValueError):
+        KLController(0.1, target=0.0)
+
+
+def test_reward_normalizer_and_whitening():
+    scores = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    normed = RewardNormalizer().fit(scores)(scores)
+    assert normed.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert normed.std().item() == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="zero spread"):
+        RewardNormalizer().fit(torch.ones(4))
+    values = torch.tensor([[1.0, 2.0, float("nan")], [3.0, 4.0, 5.0]])
+    mask = ~values.isnan()
+    white = masked_whiten(values, mask)
+    assert white[mask].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert white[mask].pow(2).mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert white[0, 2] == 0
+
+
+# --- rollouts with the KV cache ------------------------------------------------------------------
+
+def test_kv_cache_rollout_logprobs_and_values_equal_a_full_forward_with_left_padding():
+    _, policy, rollout, _ = rollout_and_batch(seed=0)
+    assert rollout.query_mask[:, 0].tolist() == [1, 0, 0, 0]  # three left-padded rows
+    assert rollout.ended.any() and rollout.response_mask.sum(1).min() < 10  # some replies end
+    with torch.no_grad():
+        logits, values, _ = policy(**rollout.full_inputs())
+    P, T = rollout.query_ids.shape[1], rollout.response_ids.shape[1]
+    recomputed = response_logprobs(logits, rollout.response_ids, P)
+    mask = rollout.response_mask
+    torch.testing.assert_close(recomputed[mask], rollout.logps[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(values[:, P - 1:P - 1 + T][mask], rollout.values[mask],
+                               atol=1e-5, rtol=0)
+    assert (rollout.logps[~mask] == 0).all()
+    ended = rollout.ended.nonzero().flatten()
+    last = mask.sum(1) - 1
+    assert (rollout.response_ids[ended, last[ended]] == EOS).all()  # EOS is in the reply
+
+
+def test_padding_does_not_change_a_prompts_distribution():
+    policy = PolicyWithValue(tiny_llama(3))
+    alone, _ = left_padded([[1, 14]])
+    padded, padded_mask = left_padded([[1, 5, 9, 13, 3], [1, 14]])
+    with torch.no_grad():
+        solo = policy(alone, torch.ones_like(alone))[0][0, -1]
+        batch = policy(padded, padded_mask, (padded_mask.cumsum(1) - 1).clamp(min=0))[0][1, -1]
+    torch.testing.assert_close(solo, batch, atol=1e-5, rtol=0)
+
+
+def test_rollout_samples_the_same_tokens_as_model_generate():
+    lm = tiny_llama(1)
+    ids, mask = left_padded(PROMPTS)
+    torch.manual_seed(5)
+    ours = generate_rollout(PolicyWithValue(copy.deepcopy(lm)), ids, mask, max_new_tokens=8,
+                            eos_token_id=EOS, pad_token_id=PAD)
+    torch.manual_seed(5)
+    theirs = lm.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
+                         max_new_tokens=8, eos_token_id=EOS, pad_token_id=PAD)
+    theirs = theirs[:, ids.shape[1]:]
+    width = theirs.shape[1]
+    assert torch.equal(ours.response_ids[:, :width][ours.response_mask[:, :width]],
+                       theirs[ours.response_mask[:, :width]])
+
+
+def test_rollout_rejects_right_padded_prompts():
+    policy = PolicyWithValue(tiny_llama(0))
+    ids = torch.tensor([[1, 5, 0]])
+    with pytest.raises(ValueError, match="left-padded"):
+        generate_rollout(policy, ids, torch.tensor([[1, 1, 0]]), max_new_tokens=2,
+                         eos_token_id=EOS, pad_token_id=PAD)
+
+
+# --- the update -----------------------------------------------------------------------------------
+
+def test_first_minibatch_ratio_is_one_and_the_update_moves_the_policy():
+    _, policy, _, batch = rollout_and_batch(seed=2)
+    before = copy.deepcopy(policy.state_dict())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
+    stats = ppo_update(policy, optimizer, batch, PPOConfig(batch_size=4, ppo_epochs=1,
+                                                           num_minibatches=1))
+    assert stats["approx_kl"] < 1e-9 and stats["clip_frac"] == 0.0  # cached = recomputed
+    moved = max((policy.state_dict()[k] - before[k]).abs().max() for k in before)
+    assert moved > 1e-4
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="divisible"):
+        PPOConfig(batch_size=6, num_minibatches=4)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        PPOConfig(lr_schedule="cosine")
+    with pytest.raises(ValueError, match="num_contexts"):
+        ToyTask(num_contexts=4, num_tokens=3)
+
+
+def test_toy_enumeration_is_complete_and_the_optimum_attains_beta_log_z():
+    task = ToyTask(num_contexts=2, num_tokens=3, max_len=3, seed=1)
+    ref = task.log_probs(task.reference_model(seed=1))
+    assert ref.shape == (2, 1 + 3 + 9 + 27)
+    torch.testing.assert_close(ref.exp().sum(-1), torch.ones(2), atol=1e-5, rtol=0)
+    rewards = task.rewards()
+    metrics = exact_metrics(optimal_log_policy(ref, rewards, 0.3), ref, rewards, 0.3)
+    assert metrics["objective"] == pytest.approx(metrics["optimum"], abs=1e-5)
+    assert metrics["kl_to_optimum"] == pytest.approx(0.0, abs=1e-6)
+    assert exact_metrics(ref, ref, rewards, 0.3)["kl_to_optimum"] > 0.05
+
+
+def test_ppo_converges_to_the_closed_form_optimum_of_a_bandit():
+    task = ToyTask(num_contexts=3, num_tokens=3, max_len=1, seed=0)
+    ref = task.reference_model(seed=0)
+    ref_table, rewards = task.log_probs(ref), task.rewards()
+    beta = 0.5
+    start = exact_metrics(ref_table, ref_table, rewards, beta)["kl_to_optimum"]
+    policy = PolicyWithValue(copy.deepcopy(ref))
+    config = PPOConfig(batch_size=64, ppo_epochs=2, num_minibatches=1, max_new_tokens=1,
+                       lr=3e-3, vf_coef=0.5, beta=beta, normalize_rewards=False, seed=0)
+    ppo_train(policy, ref, *task.prompts(), task.reward, config, steps=80,
+              eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id)
+    final = exact_metrics(task.log_probs(policy), ref_table, rewards, beta)
+    probs = task.log_probs(policy).exp()
+    optimum = optimal_log_policy(ref_table, rewards, beta).exp()
+    assert final["kl_to_optimum"] < 0.05 * start
+    assert (probs - optimum).abs().sum(-1).max() < 0.1  # total variation < 0.05 per context
+
+
+@pytest.mark.slow
+def test_ppo_update_on_two_processes_equals_one_process(tmp_path):
+    """`accelerate launch` with two CPU processes (gloo, DDP), each with half of the rows, gives
+    the parameters of one process with all rows, to 1e-6 (float32 reduction order)."""
+    _, policy, _, batch = rollout_and_batch(seed=4, value_std=0.1)
+    config = PPOConfig(batch_size=4, ppo_epochs=2, num_minibatches=1, lr=1e-3, seed=0)
+    save_update_case(tmp_path, policy, batch, config)
+    one = run_update_case(tmp_path)
+    two = launch_update_case(tmp_path, num_processes=2)
+    assert two["processes"] == 2 and two["backend"] == "gloo"
+    before = policy.state_dict()
+    assert max((one[k] - before[k]).abs().max().item() for k in one) > 1e-4  # it moved
+    gap = max((one[k] - two["state"][k]).abs().max().item() for k in one)
+    assert gap < 1e-6
