@@ -1679,7 +1679,6 @@ if PROFILE != "smoke":
         assert run["final"]["kl_to_optimum"] < 0.1 * run["curve"]["kl_to_optimum"].iloc[0]
 
 # %% [markdown]
-# <!-- RESULTS: integrator -->
 # Both runs close the gap to the optimum of (8.2) from where the reference policy starts to a
 # few hundredths of a nat: PPO with the per-token KL penalty, GAE and the clipped losses solves
 # the KL-regularised problem (8.1), not some nearby one. The objective reaches $\beta \log Z$ up
@@ -1738,8 +1737,7 @@ if PROFILE != "smoke":
     assert all(0.4 < run["history"]["beta"].iloc[-1] < 0.625 for run in adaptive.values())
 
 # %% [markdown]
-# <!-- RESULTS: integrator -->
-# From either side, $\beta$ walks to within a few percent of 0.5 and the policy's exact KL ends
+# From either side, $\beta$ walks to within 7% of 0.5 and the policy's exact KL ends
 # near the target, while a fixed $\beta_0$ would have settled at a KL that differs from the
 # target by the factor the table shows. The controller's step is bounded (2% per PPO step with
 # $K_\beta = 0.1$), so it needs a few dozen steps to correct a factor of two; the batch KL it
@@ -1811,7 +1809,6 @@ if PROFILE != "smoke":
         "full recipe", "gap_mean"]
 
 # %% [markdown]
-# <!-- RESULTS: integrator -->
 # Without normalisation the same problem is solved markedly worse in the same number of steps:
 # the value head starts at 0 and must learn returns around 10, at most $\varepsilon_V = 0.2$ per
 # PPO step because of value clipping, and until it has, the advantages carry the offset. The
@@ -1880,7 +1877,6 @@ if PROFILE != "smoke":
     assert fault_table.loc["neither", "end"] > 2 * fault_table.loc["full recipe", "end"]
 
 # %% [markdown]
-# <!-- RESULTS: integrator -->
 # The gradient norms show the fault: tens of times the usual norm. With the full recipe, and
 # with either defence alone, the curve shows at most a bump, and the run ends where an
 # undisturbed one would. Without both, the policy is thrown away from the optimum and then
@@ -2004,7 +2000,15 @@ fig.tight_layout()
 show_figure(fig, "training_curves", CHAPTER)
 
 # %% [markdown]
-# <!-- RESULTS: integrator -->
+# **This run.** Against the proxy, PPO works: on held-out prompts the proxy reward of the main
+# run ($\beta = 0.1$) roughly doubles over the SFT policy's. The KL from the reference grows to
+# about 1.4 nats per reply, and every reply now ends with EOS. Much of that gain is one
+# exploit, though: the replies shrink from about 11 tokens to about 5. 13-07 found that this
+# reward model prefers short replies (correlation with length about −0.45), and the policy
+# found the cheapest way to please it. The gold reward of the main run ends *below* the SFT
+# policy's. This is the over-optimisation of 13-07's best-of-$n$ experiment, now reached by a
+# trained policy.
+#
 # The curves are those of the training batches (16 replies each in the tiny profile, so they
 # are noisy). What to read in them: the proxy reward rises; the KL grows from 0 as the policy
 # leaves the reference; entropy falls as the policy concentrates; the clip fraction says how
@@ -2068,88 +2072,11 @@ for ax, column, title in ((ax_gold, "gold_reward", "gold reward"),
 show_figure(fig, "frontier", CHAPTER)
 
 # %% [markdown]
-# <!-- RESULTS: integrator -->
-# Read the frontier from right to left: the smallest $\beta$ travels farthest from the reference.
-# Whether the gold reward follows the proxy at that distance, or has begun to fall behind it,
-# is the over-optimisation question of 13-07 asked of a trained policy rather than of
-# best-of-$n$ sampling.
-#
-# ## Pitfalls
-#
-# - **The behaviour log-probabilities must be those of the sampling distribution.** With a
-#   temperature other than 1, top-$k$ or top-$p$, the sampled tokens come from a modified
-#   distribution; the ratio in (8.10) must use the same one, or it is not 1 at the start of the
-#   update. We sample at temperature 1 and apply any temperature in both places.
-# - **Dropout.** With dropout active, sampling and training see different networks and the
-#   ratio starts away from 1; `PolicyWithValue` switches it off.
-# - **Left padding without position ids.** A left-padded prompt must count positions from its
-#   first real token; otherwise padded rows see shifted rotary positions and their samples (and
-#   log-probabilities) differ from unpadded ones. The KV-cache check above covers this.
-# - **Padding that is not masked.** Tokens after EOS must carry zero reward, zero value and no
-#   loss; a value that leaks into the padding breaks $V(s_{T+1}) = 0$ in GAE. Mask with
-#   `torch.where`: fully masked attention rows can produce NaN, and $0 \times$ NaN is NaN.
-# - **Token means across processes or microbatches.** Divide by the token count of the whole
-#   batch (the check with `accelerate launch` above); the same holds for the whitening
-#   statistics.
-# - **The reward model's scale.** Without normalisation, $\beta$ means a different KL budget for
-#   every reward model (Experiment 3), and the value head has to chase the reward's offset.
-# - **Missing EOS.** A reply cut at `max_new_tokens` is scored by a reward model that was trained
-#   on complete replies. `PPOConfig.missing_eos_penalty` subtracts a constant from such replies
-#   (TRL's former PPO trainer had the same option); watch the EOS rate in the log.
-# - **$k_3$ is for estimating, not for free.** Its samples are non-negative and low-variance,
-#   but the gradient of a $k_3$ term in the loss is not the gradient of the KL; we put $k_1$ in
-#   the reward (8.4), where its sum is exactly the sequence log-ratio. 13-09 discusses GRPO's
-#   choice.
-#
-# ## Summary
-#
-# - RLHF maximises reward minus $\beta$ times the KL from the reference, eq. (8.1); its optimum
-#   tilts the reference by $e^{r/\beta}$, eq. (8.2), and the gap to it is $\beta$ times a KL,
-#   eq. (8.3).
-# - Per token, the reward is $-\beta$ times the log-ratio plus the reward model's score at the
-#   last token, eq. (8.4); $k_1$ and $k_3$ are unbiased estimators of the KL, $k_3$ with less
-#   variance.
-# - GAE, eqs. (8.8)-(8.9), trades bias for variance with $\lambda$; the clipped surrogate (8.10)
-#   and the clipped value loss (8.11) allow several epochs on one batch.
-# - Our PPO converges to the closed-form optimum of a token-level problem; the adaptive
-#   controller (8.13) finds the $\beta$ for a KL target; normalisation, whitening, gradient
-#   clipping and a decaying learning rate each protect against a failure we could show.
-# - The update gives the same parameters on two processes as on one, because every mean and
-#   every statistic is taken over the whole batch.
-#
-# ## Exercises
-#
-# 1. Replace the shared trunk by a separate critic: a copy of the reward model with a value head
-#    (Ouyang et al. §3.5). Compare the value loss and the gold reward at the same number of
-#    steps, and the time per step.
-# 2. Set $\lambda = 1$ and $\lambda = 0$ on the token-level toy problem. Which converges faster,
-#    and why does the answer depend on how good the value function is?
-# 3. Put $k_3$ instead of $k_1$ in the per-token reward (8.4). Does PPO still converge to the
-#    optimum (8.2) of the toy problem? Compute what it converges to instead.
-# 4. Give `ppo_update` several minibatches and two processes, and show that the result differs
-#    from one process only through the composition of the minibatches: make both draw the same
-#    global minibatches and recover equality.
-# 5. Train with the gold reward itself as the reward (no reward model) and add its frontier to
-#    the plot: how much of the gap between proxy and gold is due to the reward model?
-#
-# ## References
-#
-# - Schulman, Wolski, Dhariwal, Radford & Klimov (2017), *Proximal Policy Optimization
-#   Algorithms*, arXiv:1707.06347, §3 (eq. 7) and §5.
-# - Schulman, Moritz, Levine, Jordan & Abbeel (2015), *High-Dimensional Continuous Control Using
-#   Generalized Advantage Estimation*, arXiv:1506.02438, §3.
-# - Ziegler, Stiennon, Wu, Brown, Radford, Amodei, Christiano & Irving (2019), *Fine-Tuning
-#   Language Models from Human Preferences*, arXiv:1909.08593, §2.2 (KL reward, adaptive
-#   controller).
-# - Ouyang et al. (2022), *Training language models to follow instructions with human
-#   feedback*, arXiv:2203.02155, §3.5 (PPO objective, $\beta = 0.02$, value model from the
-#   reward model).
-# - Schulman (2020), *Approximating KL Divergence*, blog note (joschu.net), the $k_1$, $k_2$,
-#   $k_3$ estimators.
-# - Gao, Schulman & Hilton (2022), *Scaling Laws for Reward Model Overoptimization*,
-#   arXiv:2210.10760.
-# - Huang et al. (2024), *The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
-#   Summarization*, arXiv:2403.17031.
-# - Huang, Dossa, Raffin, Kanervisto & Wang (2022), *The 37 Implementation Details of Proximal
-#   Policy Optimization*, ICLR Blog Track; CleanRL (Huang et al. 2022, JMLR 23(274)).
-# - Rafailov et al. (2023), *Direct Preference Optimization*, arXiv:2305.18290, Fig. 2.
+# Read the frontier from right to left. The proxy reward orders the runs as $\beta$ does: the
+# smaller $\beta$, the farther from the reference and the higher the proxy. The gold reward does
+# not follow. At $\beta = 0.3$ and $0.1$ (KL about 1.1 and 1.4) it is at or below the SFT
+# policy's; only the run that travelled farthest, $\beta = 0.03$ at KL 2.5, improves it clearly.
+# With one seed and 64 evaluation prompts
+# the gold column has a standard error of a few tenths, so the middle points are not
+# distinguishable from each other. The frontier is saved for 13-09, which runs DPO on the same
+# task and compares the two.
