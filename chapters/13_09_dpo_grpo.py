@@ -17,7 +17,7 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** {ref}`reward-modeling` (13-07); 13-08 (RLHF with PPO) for the comparison.
-# **Reading time:** ~12 min; the tiny profile runs in under 10 minutes on 2 CPU cores.
+# **Reading time:** ~12 min; the tiny profile ran in about 12 minutes on 2 CPU cores shared with other jobs.
 # **You will build** `ftbook.dpo_grpo`: Direct Preference Optimization derived from the
 # KL-regularised objective and checked against its closed-form optimum, then implemented with a
 # cached reference, CS336's `per_instance_dpo_loss`, and parity with TRL's `DPOTrainer`; the GRPO
@@ -2162,27 +2162,44 @@ show_table(pd.DataFrame({"seconds": timings}), "timings", CHAPTER, floatfmt="{:.
 # %% [markdown]
 # ## Results and discussion
 #
-# <!-- RESULTS: integrator -->
+# **RLVR: a negative result, and why.** On held-out sums with operands up to 12, the SFT model
+# answers 11% correctly. Twelve GRPO steps of 48 sampled replies, in every variant, end *below*
+# that: all five variants land on the same 1.6%, with replies shortened to a single digit. Their
+# training rewards (figure) never leave the 0–19% band of the SFT model. Expert iteration, on the
+# same 576 sampled replies, ends slightly below the start too (7.8%). With about one right
+# answer in ten samples, many groups of 8 are all wrong and carry zero advantage (the
+# `zero-std groups` of the check above), and the few informative groups are too few to teach addition to a model
+# that never learned it (13-06). What the variants share is a drift to shorter replies, which
+# we read as the one consistent signal in the groups: on small sums, a one-digit answer is more
+# often exactly right. The mechanics (the contracts, the clipping, the Dr. GRPO normaliser) are
+# checked above on hand-computed tensors; a model that solves a fair share of problems, the full
+# profile's 0.5B model on GSM8K, is what this experiment needs.
 #
-# Read the tables in this order.
+# **The cache.** The cached reference removes one of a DPO step's two forward passes: 18% of the
+# step's time and 25% of its FLOPs here. The one-off precompute pays for itself after about 60
+# steps, and the losses agree to 6e-8, because a frozen model's log-probabilities are a property
+# of the data.
 #
-# - **RLVR.** The SFT row is the starting accuracy; GRPO and expert iteration saw the same number
-#   of sampled replies. Expert iteration learns only from the replies it keeps, so it is
-#   strongest when the model already solves a fair share of problems; GRPO also pushes the wrong
-#   replies down, and its reward curve shows how much of each batch was informative (groups where
-#   every reply was right or every reply wrong have zero advantage). Among the GRPO variants,
-#   compare accuracy and the length of the wrong replies: per-reply length normalisation lets
-#   wrong replies grow, Dr. GRPO's constant normaliser does not reward that. Several epochs per
-#   batch buy more optimisation per sample at the price of clipping; the clip fraction in the
-#   training log says how often the bound was hit.
-# - **The cache.** The cached reference removes one of the two forward passes of a DPO step; the
-#   one-off precompute pays for itself within a few steps, and the losses agree to float
-#   precision, because a frozen model's log-probabilities are a property of the data.
-# - **The comparison.** Gold reward is what we want; the proxy reward is what PPO and GRPO
-#   maximise, so a proxy gain without a gold gain is reward hacking (13-07). Read each method's
-#   gold reward against its KL: the frontier figure, not the table alone, decides which method is
-#   more efficient. DPO never samples during training and needs no reward model, which shows in
-#   its cost; its KL is set by $\beta$ and by how long it trains on a fixed set of pairs.
+# **The comparison** (2 seeds each; the standard error of one gold mean is about 0.27):
+#
+# - **DPO** moves least. At $\beta = 0.1$ it raises the gold reward from 0.20 to 0.47 at a KL of
+#   0.44 nats, and larger $\beta$ keeps it closer still (KL 0.2 at $\beta = 0.3$, 0.07 at 1.0)
+#   with smaller or no gains. Its held-out pair accuracy is 0.51–0.60: on 640 noisy pairs the implicit
+#   reward learns about as little as 13-07's explicit one did in the same number of epochs.
+# - **PPO and GRPO** reach gold rewards near 1.4, at KLs near 1.7. They do it by the exploit 13-08
+#   found: the replies shrink to one or two words ("the", "art"), which this reward model likes,
+#   and which the gold classifier happens to score as mildly positive. The spread between seeds
+#   (0.5–0.65 in gold, up to 1.1 in KL) is as large as the differences between the methods.
+# - **Cost.** Per run, PPO used 0.9 TFLOPs, GRPO 1.3 (no value head, but $G$ replies per
+#   prompt) and DPO 4.3: its passes over the pairs cost more than the RL methods' sampling in
+#   this budget. Its real
+#   saving is elsewhere: it needs no reward model (1.8 TFLOPs in 13-07) and no sampling during
+#   training.
+# - **Frontier.** In the figure, DPO's points sit at small KL with small gains. PPO's frontier
+#   from 13-08 and the runs here spread over KL 1–2.5 with gold gains that are large only where
+#   the replies have collapsed. At this scale, "more gold reward per nat" is bought by exploiting
+#   the gold classifier as much as by following the preferences. That is the DPO paper's Fig. 2
+#   question, asked where no method is strong enough to answer it cleanly.
 #
 # ## Pitfalls
 #
