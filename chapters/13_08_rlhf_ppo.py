@@ -2076,7 +2076,86 @@ show_figure(fig, "frontier", CHAPTER)
 # smaller $\beta$, the farther from the reference and the higher the proxy. The gold reward does
 # not follow. At $\beta = 0.3$ and $0.1$ (KL about 1.1 and 1.4) it is at or below the SFT
 # policy's; only the run that travelled farthest, $\beta = 0.03$ at KL 2.5, improves it clearly.
-# With one seed and 64 evaluation prompts
-# the gold column has a standard error of a few tenths, so the middle points are not
-# distinguishable from each other. The frontier is saved for 13-09, which runs DPO on the same
-# task and compares the two.
+# With one seed and 64 evaluation prompts the gold column has a standard error of a few tenths,
+# so the middle points are not distinguishable from each other. The frontier is saved for 13-09,
+# which runs DPO on the same task and compares the two.
+#
+# ## Pitfalls
+#
+# - **The behaviour log-probabilities must be those of the sampling distribution.** With a
+#   temperature other than 1, top-$k$ or top-$p$, the sampled tokens come from a modified
+#   distribution; the ratio in (8.10) must use the same one, or it is not 1 at the start of the
+#   update. We sample at temperature 1 and apply any temperature in both places.
+# - **Dropout.** With dropout active, sampling and training see different networks and the
+#   ratio starts away from 1; `PolicyWithValue` switches it off.
+# - **Left padding without position ids.** A left-padded prompt must count positions from its
+#   first real token; otherwise padded rows see shifted rotary positions and their samples (and
+#   log-probabilities) differ from unpadded ones. The KV-cache check above covers this.
+# - **Padding that is not masked.** Tokens after EOS must carry zero reward, zero value and no
+#   loss; a value that leaks into the padding breaks $V(s_{T+1}) = 0$ in GAE. Mask with
+#   `torch.where`: fully masked attention rows can produce NaN, and $0 \times$ NaN is NaN.
+# - **Token means across processes or microbatches.** Divide by the token count of the whole
+#   batch (the check with `accelerate launch` above); the same holds for the whitening
+#   statistics.
+# - **The reward model's scale.** Without normalisation, $\beta$ means a different KL budget for
+#   every reward model (Experiment 3), and the value head has to chase the reward's offset.
+# - **Missing EOS.** A reply cut at `max_new_tokens` is scored by a reward model that was trained
+#   on complete replies. `PPOConfig.missing_eos_penalty` subtracts a constant from such replies
+#   (TRL's former PPO trainer had the same option); watch the EOS rate in the log.
+# - **$k_3$ is for estimating, not for free.** Its samples are non-negative and low-variance,
+#   but the gradient of a $k_3$ term in the loss is not the gradient of the KL; we put $k_1$ in
+#   the reward (8.4), where its sum is exactly the sequence log-ratio. 13-09 discusses GRPO's
+#   choice.
+#
+# ## Summary
+#
+# - RLHF maximises reward minus $\beta$ times the KL from the reference, eq. (8.1); its optimum
+#   tilts the reference by $e^{r/\beta}$, eq. (8.2), and the gap to it is $\beta$ times a KL,
+#   eq. (8.3).
+# - Per token, the reward is $-\beta$ times the log-ratio plus the reward model's score at the
+#   last token, eq. (8.4); $k_1$ and $k_3$ are unbiased estimators of the KL, $k_3$ with less
+#   variance.
+# - GAE, eqs. (8.8)-(8.9), trades bias for variance with $\lambda$; the clipped surrogate (8.10)
+#   and the clipped value loss (8.11) allow several epochs on one batch.
+# - Our PPO converges to the closed-form optimum of a token-level problem; the adaptive
+#   controller (8.13) finds the $\beta$ for a KL target; normalisation, whitening, gradient
+#   clipping and a decaying learning rate each protect against a failure we could show.
+# - The update gives the same parameters on two processes as on one, because every mean and
+#   every statistic is taken over the whole batch.
+#
+# ## Exercises
+#
+# 1. Replace the shared trunk by a separate critic: a copy of the reward model with a value head
+#    (Ouyang et al. §3.5). Compare the value loss and the gold reward at the same number of
+#    steps, and the time per step.
+# 2. Set $\lambda = 1$ and $\lambda = 0$ on the token-level toy problem. Which converges faster,
+#    and why does the answer depend on how good the value function is?
+# 3. Put $k_3$ instead of $k_1$ in the per-token reward (8.4). Does PPO still converge to the
+#    optimum (8.2) of the toy problem? Compute what it converges to instead.
+# 4. Give `ppo_update` several minibatches and two processes, and show that the result differs
+#    from one process only through the composition of the minibatches: make both draw the same
+#    global minibatches and recover equality.
+# 5. Train with the gold reward itself as the reward (no reward model) and add its frontier to
+#    the plot: how much of the gap between proxy and gold is due to the reward model?
+#
+# ## References
+#
+# - Schulman, Wolski, Dhariwal, Radford & Klimov (2017), *Proximal Policy Optimization
+#   Algorithms*, arXiv:1707.06347, §3 (eq. 7) and §5.
+# - Schulman, Moritz, Levine, Jordan & Abbeel (2015), *High-Dimensional Continuous Control Using
+#   Generalized Advantage Estimation*, arXiv:1506.02438, §3.
+# - Ziegler, Stiennon, Wu, Brown, Radford, Amodei, Christiano & Irving (2019), *Fine-Tuning
+#   Language Models from Human Preferences*, arXiv:1909.08593, §2.2 (KL reward, adaptive
+#   controller).
+# - Ouyang et al. (2022), *Training language models to follow instructions with human
+#   feedback*, arXiv:2203.02155, §3.5 (PPO objective, $\beta = 0.02$, value model from the
+#   reward model).
+# - Schulman (2020), *Approximating KL Divergence*, blog note (joschu.net), the $k_1$, $k_2$,
+#   $k_3$ estimators.
+# - Gao, Schulman & Hilton (2022), *Scaling Laws for Reward Model Overoptimization*,
+#   arXiv:2210.10760.
+# - Huang et al. (2024), *The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
+#   Summarization*, arXiv:2403.17031.
+# - Huang, Dossa, Raffin, Kanervisto & Wang (2022), *The 37 Implementation Details of Proximal
+#   Policy Optimization*, ICLR Blog Track; CleanRL (Huang et al. 2022, JMLR 23(274)).
+# - Rafailov et al. (2023), *Direct Preference Optimization*, arXiv:2305.18290, Fig. 2.
