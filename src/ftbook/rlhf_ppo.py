@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftbook.reward_modeling import position_ids_from_mask  # 13-07
+
 
 def reduce_sum(value: torch.Tensor, accelerator: Any = None) -> torch.Tensor:
     """Sum `value` over all processes (identity on one process or without an accelerator)."""
@@ -261,15 +263,10 @@ class Rollout:
         input_ids = torch.cat([self.query_ids, self.response_ids], dim=1)
         attention_mask = torch.cat([self.query_mask.long(), self.response_mask.long()], dim=1)
         return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "position_ids": positions_from_mask(attention_mask)}
+                "position_ids": position_ids_from_mask(attention_mask)}
 
     def lengths(self) -> torch.Tensor:
         return self.response_mask.long().sum(1)
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that count real tokens only: cumsum(mask) - 1, clamped at 0 on padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +296,7 @@ def generate_rollout(policy: PolicyWithValue, query_ids: torch.Tensor, query_mas
     policy.eval()
     batch = query_ids.shape[0]
     attention = query_mask.long()
-    position = positions_from_mask(attention)  # (batch, P)
+    position = position_ids_from_mask(attention)  # (batch, P)
     logits, values, cache = policy(query_ids, attention, position, use_cache=True, last_only=True)
     finished = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
     tokens, logps, vals, alive = [], [], [], []
