@@ -1601,9 +1601,9 @@ show_figure(fig, "ablations", CHAPTER)
 # most of them masked, and for the 4,096-way softmax at every position, pad or not. A padded
 # batch of 16 examples, on the other hand, materialises logits for 16 rows of the longest
 # example; on a CPU those large tensors cost memory traffic and page faults that grow faster than
-# their size. The ratio printed above comes from 8 steps on a 2-core machine and is noisy: on
-# one otherwise idle core it was 2.4x; while other jobs shared the machine we measured anything
-# from 1.3x to 12x. On a GPU with a
+# their size. The ratio printed above comes from 8 steps on a 2-core machine and is noisy: in a
+# quiet build with 2 threads it was 1.5x, on one otherwise idle core 2.4x, and while other jobs
+# shared the machine anything from 1.3x to 12x. On a GPU with a
 # varlen attention kernel (FlashAttention's `cu_seqlens`), the masked blocks are skipped and the
 # speedup approaches the utilisation ratio.
 
