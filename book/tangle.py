@@ -9,7 +9,8 @@ chapters and a provenance comment before every cell, and are byte-for-byte deter
 
 Exported cells are checked before anything is written: ``#| export`` is the only directive; an
 exported cell must parse and may hold only imports, ``def``, ``class``, UPPER_CASE constants and
-docstrings (importing the module must not train a model); and it must not import its own module.
+docstrings (importing the module must not train a model); and no code cell of a chapter, exported
+or not, may import the chapter's own module(s).
 Every violation is reported with the chapter, the cell number (1-based, counting all cells) and
 the nearest markdown heading above the cell.
 
@@ -263,6 +264,29 @@ def _self_import_lines(tree: ast.Module, module: str) -> list[int]:
     return sorted(found)
 
 
+def _own_modules(cells: Sequence[Cell], slug: str) -> list[str]:
+    """The modules a chapter writes: its slug and every ``#| export <module>`` target."""
+    own = {slug}
+    for cell in cells:
+        first = next((line.strip() for line in cell.lines if line.strip()), "")
+        match = EXPORT.match(first) if cell.kind == "code" else None
+        if match and match["module"]:
+            own.add(match["module"])
+    return sorted(own)
+
+
+def _plain_cell_self_imports(cell: Cell, own: Sequence[str]) -> list[tuple[str, int]]:
+    """(module, line) for every import of one of the chapter's own modules in a code cell that
+    is not exported. A cell that does not parse (IPython syntax) is left to the kernel."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse("\n".join(cell.lines) + "\n")
+    except (SyntaxError, ValueError):
+        return []
+    return [(module, lineno) for module in own for lineno in _self_import_lines(tree, module)]
+
+
 def _overlaps(node: ast.stmt, others: Sequence[ast.stmt]) -> bool:
     end = node.end_lineno or node.lineno
     return any(
@@ -279,7 +303,9 @@ def read_chapter(root: Path, path: Path, errors: list[str]) -> list[Piece]:
     slug = chapter_slug(path)
     text = path.read_text(encoding="utf-8")
     pieces: list[Piece] = []
-    for cell in split_cells(text):
+    cells = split_cells(text)
+    own = _own_modules(cells, slug)
+    for cell in cells:
         if cell.kind != "code":
             continue
 
@@ -308,6 +334,12 @@ def read_chapter(root: Path, path: Path, errors: list[str]) -> list[Piece]:
                     "the only directive is '#| export [module]'"
                 )
         if match is None or first is None:
+            for module, lineno in _plain_cell_self_imports(cell, own):
+                error(
+                    f"the cell imports the chapter's own module {PACKAGE}.{module} at line "
+                    f"{lineno} of the cell; a chapter defines those names in its own cells "
+                    "(run as a script it would otherwise use whatever was last tangled)"
+                )
             continue
 
         module = match["module"] or slug

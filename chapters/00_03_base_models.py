@@ -43,7 +43,7 @@ PROFILE = get_profile()
 SEED = 0
 seed_everything(SEED)
 DEVICE = get_device()
-device_cell(PROFILE, SEED, DEVICE)
+RUN_INFO = device_cell(PROFILE, SEED, DEVICE)
 
 # %% [markdown]
 # ## The encoder
@@ -581,7 +581,7 @@ def training_log(profile: str) -> dict[str, Any]:
 # %%
 import pandas as pd
 
-from ftbook.workbench import show_figure, show_table
+from ftbook.workbench import rounding_bound, show_figure, show_table
 
 if PROFILE == "full":
     print(f"full profile: the causal LM is {FULL_CAUSAL_LM} from the hub; nothing to pretrain")
@@ -645,6 +645,8 @@ if PROFILE != "full":
     ppl = pd.DataFrame({"before": log["perplexity_before"], "after": log["perplexity_after"]})
     ppl["reduction x"] = ppl["before"] / ppl["after"]
     show_table(ppl, "heldout_perplexity", "00_03_base_models")
+    # tiny only, where training moves every corpus far from the random model's perplexity of
+    # about |V| (the reduction column); the smoke run's four steps barely move it
     assert (ppl["after"] < ppl["before"]).all() if PROFILE == "tiny" else True
 
 # %% [markdown]
@@ -661,6 +663,22 @@ if PROFILE != "full":
 # `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` on it, exactly as for
 # `Qwen/Qwen2.5-0.5B-Instruct` in the full profile. We check the round trip (the loaded model
 # reproduces a perplexity from the log), the chat template, and sample a few continuations.
+#
+# The two perplexities come from the same float32 weights but not from the same arithmetic: the
+# log was written right after training, with the default attention kernel, possibly at another
+# thread count; the reload runs the eager kernel. So they agree up to rounding, and the
+# tolerance follows from the summation bound of Appendix A ("Tolerances from the arithmetic").
+# Each matmul reduces at most $n = \max(d, d_\text{ff}, T)$
+# terms, so its result is off by at most $\gamma_n$ relative to its sum of absolute terms;
+# along the $5L + 1$ matmuls in series (queries, scores, weights times values, output, MLP up
+# and down per layer, then the head) these relative errors add to first order. A logit
+# $z_i = h \cdot e_i$ is bounded by $|z_i| \le \lVert h \rVert \lVert e_i \rVert$ with
+# $\lVert h \rVert \le \max|g| \sqrt d$ after the final RMSNorm of gain $g$, and a logit error
+# $\delta$ moves a token's negative log-likelihood by at most $2\delta$. Each log-perplexity is
+# then within $\epsilon = 2 (5L + 1) \gamma_n z_\text{max}$ of the exact one, and the two are
+# within $2\epsilon$ of each other: a loose bound, far above the rounding one actually sees, and
+# far below the factor by which a broken round trip (other weights, another tokenizer) moves a
+# perplexity.
 
 # %%
 if PROFILE != "full":
@@ -669,7 +687,14 @@ if PROFILE != "full":
     reloaded = perplexity(lm, lm_tokenizer, heldout["arithmetic"])
     print(f"arithmetic perplexity after reload: {reloaded:.4f} (log: "
           f"{log['perplexity_after']['arithmetic']:.4f})")
-    assert abs(reloaded / log["perplexity_after"]["arithmetic"] - 1) < 1e-3
+    lm_config = lm.config
+    n_reduce = max(lm_config.hidden_size, lm_config.intermediate_size, 256)  # 256: perplexity's max_len
+    z_max = (lm.model.norm.weight.abs().max().item() * math.sqrt(lm_config.hidden_size)
+             * lm.lm_head.weight.norm(dim=1).max().item())
+    epsilon = 2 * (5 * lm_config.num_hidden_layers + 1) * rounding_bound(n_reduce + 1, 1.0) * z_max
+    print(f"|log ratio| {abs(math.log(reloaded / log['perplexity_after']['arithmetic'])):.2e}, "
+          f"tolerance 2 epsilon = {2 * epsilon:.2e}")
+    assert abs(math.log(reloaded / log["perplexity_after"]["arithmetic"])) <= 2 * epsilon
     assert lm_tokenizer.pad_token_id != lm_tokenizer.eos_token_id
     chat = lm_tokenizer.apply_chat_template(
         [{"role": "user", "content": "Is this review positive? a gripping film"},

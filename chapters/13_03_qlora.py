@@ -39,7 +39,7 @@ PROFILE = get_profile()
 SEED = 0
 seed_everything(SEED)
 DEVICE = get_device()
-device_cell(PROFILE, SEED, DEVICE)
+RUN_INFO = device_cell(PROFILE, SEED, DEVICE)
 
 # %% [markdown]
 # ## Blockwise absmax quantization
@@ -115,6 +115,25 @@ def normal_float_levels(offset: float = NF4_OFFSET) -> torch.Tensor:
 NF4_LEVELS = tuple(float(v) for v in normal_float_levels())
 
 
+def bnb_table_tolerance(offset: float = NF4_OFFSET) -> torch.Tensor:
+    """(16,) float64 bound on |NF4_LEVELS - bitsandbytes' NF4 table|, level by level.
+
+    bitsandbytes makes its quantile points with a float32 `torch.linspace`: each point p < 1 is
+    off by at most 3u (u = 2^-24: the offset's rounding, the step, one multiply-add). A quantile
+    q = Phi^-1(p) then moves by 3u / phi(q), the level q / q_max by that over q_max plus |level|
+    times the same for q_max, and each table's own float32 rounding adds u |level|. The levels
+    -1, 0 and 1 are exact in both."""
+    u = torch.finfo(torch.float32).eps / 2
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64),
+                                        torch.tensor(1.0, dtype=torch.float64))
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float64)
+    q_max = normal.icdf(torch.tensor(offset, dtype=torch.float64))
+    density = normal.log_prob(levels * q_max).exp()  # phi(q) at each level
+    bound = (3 * u * (1 / density + levels.abs() / normal.log_prob(q_max).exp()) / q_max
+             + 2 * u * levels.abs())
+    return torch.where((levels == 0) | (levels.abs() == 1), 0.0, bound)
+
+
 # %% [markdown]
 # **Check of (3.2).** Our levels against the table that bitsandbytes ships, and against the
 # normal quantiles themselves; then the information argument: on normal data, scaled blockwise as
@@ -136,7 +155,10 @@ from bitsandbytes.functional import get_4bit_type  # noqa: E402
 bnb_levels = get_4bit_type("nf4", device="cpu").float()
 print("NF4 levels:", [round(v, 4) for v in NF4_LEVELS])
 print(f"max |ours - bitsandbytes table|: {(levels - bnb_levels).abs().max().item():.2e}")
-assert torch.allclose(levels, bnb_levels, atol=1e-7)
+# bitsandbytes computes its table from float32 quantile points (see `bnb_table_tolerance`), so
+# the tables differ by a few float32 steps: bounded level by level, not equal
+level_bound = bnb_table_tolerance()
+assert ((levels.double() - bnb_levels.double()).abs() <= level_bound).all()
 assert levels[7] == 0 and levels[0] == -1 and levels[-1] == 1
 
 
@@ -391,7 +413,7 @@ def bnb_reference_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
                                     state.blocksize, state.shape, state.dtype)
 
 
-parity_rows = []
+parity_rows, dequant_bounds = [], {}
 tensors = {"random 768x768": torch.randn(768, 768),
            "random 1000x37 (ragged last block)": torch.randn(1000, 37),
            "random 64x32 (rows shorter than a block)": torch.randn(64, 32)}
@@ -415,9 +437,13 @@ for name, w in tensors.items():
         "max |ours - bnb reference|": (ours_deq - bnb_reference_dequantize(packed, state)).abs().max().item(),
         "max |ours - bnb CPU kernel|": (ours_deq - bnbf.dequantize_4bit(packed, state)).abs().max().item(),
         "DQ error ours / bnb": err_ours / err_bnb})
+    # same codes and constants: the values differ by the two tables' levels (`level_bound`)
+    # times a constant <= max |w|, plus one float32 rounding of each product
+    dequant_bounds[name] = (level_bound.max().item() + 2 * 2.0**-24) * w.abs().max().item()
 parity = pd.DataFrame(parity_rows).set_index("tensor")
 show_table(parity, "bnb_parity", CHAPTER, floatfmt="{:.3g}")
-kernel_off = parity[parity["max |ours - bnb CPU kernel|"] > 1e-6]
+# the kernel is off where it differs by more than the two level tables explain
+kernel_off = parity[parity["max |ours - bnb CPU kernel|"] > pd.Series(dequant_bounds)]
 print(f"{len(parity)} tensors: codes and constants identical in all: "
       f"{bool(parity['same codes'].all() and parity['same constants'].all())}; "
       f"max |ours - bnb reference| {parity['max |ours - bnb reference|'].max():.2e}; "
@@ -426,14 +452,18 @@ print(f"{len(parity)} tensors: codes and constants identical in all: "
 print("bnb's CPU kernel disagrees with bnb's own reference on shapes:",
       sorted(set(kernel_off["shape"])) or "none")
 assert parity["same codes"].all() and parity["same constants"].all()
-assert parity["max |ours - bnb reference|"].max() < 1e-6
+assert (parity["max |ours - bnb reference|"] <= pd.Series(dequant_bounds)).all()
+# Not an identity: bitsandbytes' second-level constants differ from ours in a few 8-bit codes
+# (the 4-bit codes are the same), so this compares accuracy. The printed range of the ratio is
+# what to read; the 1% only guards against a different method (another block size, no offset).
 assert ((parity["DQ error ours / bnb"] - 1).abs() < 0.01).all()
 assert all(int(shape.split("x")[-1]) % 64 for shape in kernel_off["shape"]), \
     "the CPU kernel should only disagree when rows are not a multiple of the block size"
 
 # %% [markdown]
 # Our quantizer reproduces bitsandbytes exactly: identical codes and constants, and dequantization
-# equal to bitsandbytes' reference to float32 precision. The second column records a finding of
+# equal to bitsandbytes' reference up to the few float32 steps by which the two level tables
+# differ (bounded above, level by level). The second column records a finding of
 # this comparison: in the installed bitsandbytes, the compiled CPU dequantization kernel returns
 # wrong values when the row length is even but not a multiple of the block size (a block then
 # spans two rows), while its quantizer and its PyTorch reference are right. Our Llama's
@@ -458,8 +488,9 @@ for name, w in ((f"encoder {tuple(first_linear.weight.shape)}", first_linear.wei
                       "overhead saved (bits/param)": plain.bits_per_param - double.bits_per_param})
 bits = pd.DataFrame(bits_rows).set_index("tensor")
 show_table(bits, "bits_per_param", CHAPTER)
-assert abs(bits.iloc[1]["bits/param, fp32 constants"] - 4.5) < 1e-6
-assert abs(bits.iloc[1]["bits/param, double quant"] - (4 + 8 / 64 + 32 / (64 * 256))) < 1e-3
+# exact: byte counts over 2^24 parameters are binary fractions (the last term is the offset)
+assert bits.iloc[1]["bits/param, fp32 constants"] == 4.5
+assert bits.iloc[1]["bits/param, double quant"] == 4 + 8 / 64 + 32 / (64 * 256) + 32 / 4096**2
 
 # %% [markdown]
 # ## A 4-bit linear layer
@@ -586,7 +617,17 @@ nf4(x).square().sum().backward()
 reference_layer(x_ref).square().sum().backward()
 print(f"forward max |diff| {(nf4(x) - reference_layer(x_ref)).abs().max().item():.2e}, "
       f"input-gradient max |diff| {(x.grad - x_ref.grad).abs().max().item():.2e}")
-assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+# Same W_hat, same sums, perhaps in other orders. By the bound of Appendix A, y = x W_hat^T + b
+# is within gamma_193 of its sum of absolute terms |x| |W_hat|^T + |b|, and the gradient 2 y W_hat
+# within gamma_97 of 2 |y| |W_hat| plus the propagated error of y; the two within twice that.
+from ftbook.workbench import rounding_bound  # noqa: E402
+
+with torch.no_grad():
+    W_abs = reference_layer.weight.abs()
+    y_bound = rounding_bound(194, x.abs() @ W_abs.T + reference_layer.bias.abs())
+    y_ref = reference_layer(x_ref)
+    grad_bound = 2 * (2 * y_bound @ W_abs + rounding_bound(98, 2 * (y_ref.abs() + y_bound) @ W_abs))
+assert ((x.grad - x_ref.grad).abs() <= grad_bound).all()
 
 bnb_layer = bnb.nn.Linear4bit(192, 96, bias=True, compute_dtype=torch.float32,
                               compress_statistics=False, quant_type="nf4")
@@ -594,9 +635,15 @@ bnb_layer.load_state_dict(dense.state_dict())
 bnb_layer = bnb_layer.to("cpu")  # quantizes on the move, as .cuda() does on a GPU
 with torch.no_grad():
     x_eval = torch.randn(4, 7, 192)
-    diff_bnb = (nf4(x_eval) - bnb_layer(x_eval)).abs().max().item()
+    gap_bnb = (nf4(x_eval) - bnb_layer(x_eval)).abs()
+    diff_bnb = gap_bnb.max().item()
+    # bitsandbytes dequantizes with its own level table: each weight differs by at most
+    # (level_bound + 2u) max|W|; then each matmul within gamma_193 of |x| |W_hat|^T + |b|
+    weight_gap = (level_bound.max().item() + 2 * 2.0**-24) * dense.weight.abs().max().item()
+    bnb_bound = (weight_gap * x_eval.abs().sum(-1, keepdim=True)
+                 + 2 * rounding_bound(194, x_eval.abs() @ nf4.weight.abs().T + dense.bias.abs()))
 print(f"NF4Linear vs bitsandbytes Linear4bit (float32 compute): max |diff| {diff_bnb:.2e}")
-assert diff_bnb < 1e-4
+assert (gap_bnb <= bnb_bound).all()
 
 # %% [markdown]
 # ## Paged optimizers
@@ -692,6 +739,8 @@ for _ in range(10):
     torch_adamw.step()
 max_diff = max((a - b).abs().max().item() for a, b in zip(params_a, params_b, strict=True))
 print(f"after 10 steps: max |PagedAdamW - torch AdamW| = {max_diff:.1e}")
+# exact on any machine: elementwise operations only (no sums), the same ones in the same order
+# with the same scalars, each correctly rounded element by element
 assert max_diff == 0.0
 
 # %% [markdown]
@@ -774,7 +823,13 @@ import copy
 
 from ftbook.data import load_sst2, subset
 from ftbook.full_finetuning import FT_CONFIGS, evaluate_accuracy, sample_batches, train_classifier
-from ftbook.lora import apply_lora, encoder_target_modules, lora_layers, merge_lora
+from ftbook.lora import (
+    PARITY_TOLERANCE,
+    apply_lora,
+    encoder_target_modules,
+    lora_layers,
+    merge_lora,
+)
 from ftbook.workbench import Timer, count_parameters
 
 cfg = pick(PROFILE, QLORA_CONFIGS)
@@ -953,7 +1008,8 @@ def merge_lora_nf4(model: nn.Module, requantize: bool = False,
         merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                            device=base.quantized.packed.device, dtype=dtype)
         with torch.no_grad():
-            merged.weight.copy_(base.dequantized(torch.float32) + layer.delta_weight().float())
+            acc = torch.promote_types(dtype, torch.float32)  # the sum in float32, or float64
+            merged.weight.copy_(base.dequantized(acc) + layer.delta_weight().to(acc))
             if base.bias is not None:
                 merged.bias.copy_(base.bias)
         if requantize:
@@ -1007,10 +1063,23 @@ merge_table = pd.DataFrame({
 show_table(merge_table, "merge_into_4bit", CHAPTER, floatfmt="{:.3g}")
 print(f"one layer: mean |ΔW| = {delta.mean():.2e}, mean NF4 step = {gaps:.2e} "
       f"(ratio {delta.mean() / gaps:.2f})")
-assert merge_table.iloc[1, 0] < 1e-3
+
+# The check, on float64 copies: there the float merge and the unmerged model agree to float64
+# rounding, far below 13-02's parity tolerance (the float32 row above shows float32 rounding).
+check_model = copy.deepcopy(qlora_model).double()
+for module in check_model.modules():
+    if isinstance(module, NF4Linear):
+        module.compute_dtype = torch.float64
+with torch.no_grad():
+    unmerged64 = check_model(**dev_batch).logits
+    merged64 = merge_lora_nf4(check_model, dtype=torch.float64).eval()(**dev_batch).logits
+merge_gap64 = (merged64 - unmerged64).abs().max().item()
+print(f"float64 copies: max |merged - unmerged| logits = {merge_gap64:.2e}")
+assert merge_gap64 < PARITY_TOLERANCE
+del check_model
 
 # %% [markdown]
-# The float merge reproduces the unmerged model up to float rounding (asserted). Requantizing
+# The float merge reproduces the unmerged model up to float rounding (asserted on float64 copies). Requantizing
 # changes the logits by orders of magnitude more, and can flip predictions: the printed ratio shows
 # $\Delta W$ is a fraction of one NF4 step, so rounding to the grid loses much of what training
 # learned. Keep the merged model in 16 bits, or keep the adapter separate; requantize only after

@@ -41,7 +41,7 @@ PROFILE = get_profile()
 SEED = 0
 seed_everything(SEED)
 DEVICE = get_device()
-device_cell(PROFILE, SEED, DEVICE)
+RUN_INFO = device_cell(PROFILE, SEED, DEVICE)
 
 # %% [markdown]
 # ## Prompt tuning: a soft prompt in the input
@@ -125,9 +125,11 @@ import torch
 
 torch.manual_seed(0)
 d_h, T, P = 16, 7, 3
-q = torch.randn(d_h)
-keys, values = torch.randn(T, d_h), torch.randn(T, d_h)
-prefix_keys, prefix_values = torch.randn(P, d_h), torch.randn(P, d_h)
+# drawn in float32, computed in float64: both sides then agree to float64 rounding, which for
+# softmax-weighted sums of 10 values of size ~3 (a few dozen roundings) is below 1e-14
+q = torch.randn(d_h).double()
+keys, values = torch.randn(T, d_h).double(), torch.randn(T, d_h).double()
+prefix_keys, prefix_values = torch.randn(P, d_h).double(), torch.randn(P, d_h).double()
 
 s_input, s_prefix = keys @ q / d_h**0.5, prefix_keys @ q / d_h**0.5
 joint = torch.softmax(torch.cat([s_prefix, s_input]), 0) @ torch.cat([prefix_values, values])
@@ -135,7 +137,7 @@ lam = s_prefix.exp().sum() / (s_prefix.exp().sum() + s_input.exp().sum())
 split = ((1 - lam) * torch.softmax(s_input, 0) @ values
          + lam * torch.softmax(s_prefix, 0) @ prefix_values)
 print(f"lambda(q) = {lam:.3f}; max |joint - eq. (5.4)| = {(joint - split).abs().max():.2e}")
-assert torch.allclose(joint, split, atol=1e-6)
+assert (joint - split).abs().max() < 1e-12
 
 # %% [markdown]
 # ## Implementation
@@ -444,6 +446,7 @@ print(f"prefix tuning (P=5, h=16, L={L}, d_kv={d_kv}): {counted} trainable, eq. 
 assert counted == expected
 before = prefix(input_ids=toy_ids, attention_mask=toy_mask).logits
 after = prefix.fold()(input_ids=toy_ids, attention_mask=toy_mask).logits
+# exact: the folded table is the MLP's output, computed by the same operations as before
 assert torch.equal(before, after) and prefix.transform is None
 
 # %% [markdown]
@@ -451,21 +454,47 @@ assert torch.equal(before, after) and prefix.transform is None
 #
 # Run the frozen causal LM on the soft prompt alone with a cache: the cache holds, for every layer,
 # the keys and values $f_l(E)$ the prompt produces. Install them as a prefix (with the text at
-# positions $P, P+1, \dots$) and the logits of the text must equal those of prompt tuning.
+# positions $P, P+1, \dots$) and the logits of the text must equal those of prompt tuning. Two
+# computations of the same network differ by rounding only; as in 13-02 we compare them in
+# float64, where that rounding is far below the parity tolerance of $10^{-9}$. `float64_copy`
+# also switches to SDPA attention: transformers' eager Llama attention takes its softmax in
+# float32 even in a float64 model.
+
+# %%
+#| export
+PARITY_TOLERANCE = 1e-9  # max |logits ours - PEFT| in float64 (13-02 derives it)
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 deep copy of `model` for parity checks, with PyTorch's SDPA attention wherever
+    it used transformers' eager attention: eager Llama attention computes its softmax in float32
+    whatever the model's dtype, which would limit a comparison to float32 rounding. (Our prefix
+    attention already calls SDPA.)"""
+    import copy
+
+    copied = copy.deepcopy(model).double()
+    for module in copied.modules():
+        config = getattr(module, "config", None)
+        if (hasattr(module, "set_attn_implementation")
+                and getattr(config, "_attn_implementation", None) == "eager"):
+            module.set_attn_implementation("sdpa")
+    return copied
+
 
 # %%
 with torch.no_grad():
-    cache = toy_lm(inputs_embeds=soft.prompt.unsqueeze(0), use_cache=True).past_key_values
-    as_prefix = PrefixTuning(copy.deepcopy(toy_lm), num_virtual_tokens=5)
+    toy_lm64, soft64 = float64_copy(toy_lm), float64_copy(soft)
+    cache = toy_lm64(inputs_embeds=soft64.prompt.unsqueeze(0), use_cache=True).past_key_values
+    as_prefix = PrefixTuning(copy.deepcopy(toy_lm64), num_virtual_tokens=5).double()
     table = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
     # (L, 2, kv_heads, P, head_dim) -> (P, 2 L kv_heads head_dim), the layout of prefix_table()
     as_prefix.embedding.weight.copy_(table.permute(3, 0, 1, 2, 4).reshape(5, -1))
     full_ids = torch.randint(1, 100, (2, 6))
-    via_prompt = soft(input_ids=full_ids).logits[:, 5:]  # drop the prompt positions
+    via_prompt = soft64(input_ids=full_ids).logits[:, 5:]  # drop the prompt positions
     via_prefix = as_prefix(input_ids=full_ids).logits
 gap = (via_prompt - via_prefix).abs().max().item()
-print(f"max |logits(prompt tuning) - logits(prefix = f_l(E))| = {gap:.2e}")
-assert gap < 1e-5
+print(f"max |logits(prompt tuning) - logits(prefix = f_l(E))| (float64) = {gap:.2e}")
+assert gap < PARITY_TOLERANCE
 
 # %% [markdown]
 # ## Parity with PEFT
@@ -474,13 +503,11 @@ assert gap < 1e-5
 # `prompt_encoder.default.embedding.weight` and our prefix encoder's state dict into PEFT's
 # `PrefixEncoder`, and compare logits and losses. The three settings PEFT supports are prompt
 # tuning of a sequence classifier, prompt tuning of a causal LM, and prefix tuning of a causal LM
-# (with and without the MLP).
+# (with and without the MLP). As in 13-02 the two run on float64 copies, so that their rounding
+# is far below the tolerance.
 
 # %%
 #| export
-PARITY_TOLERANCE = 1e-5  # max |logits ours - PEFT| in float32
-
-
 def copy_into_peft(ours: nn.Module, peft_model: nn.Module) -> None:
     """Copy our trained prompt (or prefix encoder) into a PEFT prompt-learning model."""
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]
@@ -520,7 +547,9 @@ labels_lm = toy_ids.masked_fill(toy_mask == 0, -100)
 
 
 def parity_row(setting, ours, peft_config, base, batch):
-    peft_model = get_peft_model(copy.deepcopy(base), peft_config)
+    """Ours against PEFT, both in float64 (so that rounding is far below PARITY_TOLERANCE)."""
+    peft_model = get_peft_model(float64_copy(base), peft_config).double()
+    ours = float64_copy(ours)
     copy_into_peft(ours, peft_model)
     with torch.no_grad():
         a, b = ours(**batch), peft_model(**batch)
@@ -566,7 +595,7 @@ assert (parity["max |logits diff|"] < PARITY_TOLERANCE).all()
 assert (parity["trainable (ours)"] == parity["trainable (PEFT)"]).all()
 
 # %% [markdown]
-# Every row agrees to float32 rounding, with the same number of trainable parameters (the BERT
+# Every row agrees to float64 rounding (the comparison runs on float64 copies), with the same number of trainable parameters (the BERT
 # row counts the classifier head in both). The toy causal LM uses grouped-query attention (4 query
 # heads, 2 key/value heads), so the prefix width is $d_{kv} = 16$, not $d = 32$; PEFT sizes its
 # prefix the same way.
@@ -930,23 +959,34 @@ print(f"best template on the selection rows: {discrete.loc[best_index, 'template
 #
 # The soft prompt contains the discrete one. Initialise $E$ from the prefix's own token
 # embeddings ($P$ equal to its length) and feed the rest of the template: the class logits are
-# those of the discrete prompt, to the last bit of float32 arithmetic.
+# those of the discrete prompt, up to rounding (compared on float64 copies of the LM, to the
+# parity tolerance).
 
 # %%
 prefix_text = best_template.prefix or "Review:"
 n_prefix = len(lm_tokenizer(prefix_text, add_special_tokens=False)["input_ids"])
-relaxed = PromptTuning(lm, n_prefix, init="text", init_text=prefix_text, tokenizer=lm_tokenizer)
+lm64 = float64_copy(lm)
+relaxed = PromptTuning(lm64, n_prefix, init="text", init_text=prefix_text, tokenizer=lm_tokenizer)
 probe = dev_ds[:8]["sentence"]
 label_ids = verbalizer_ids(lm_tokenizer, best_template)
+
+
+def class_logits64(model, template, **encode):
+    """class_logits without its float32 cast: (batch, classes) in float64."""
+    batch = {k: v.to(DEVICE) for k, v in encode_prompted(lm_tokenizer, probe, template,
+                                                         **encode).items()}
+    return model(**batch).logits[:, -1, list(label_ids)]
+
+
 with torch.no_grad():
-    as_discrete = class_logits(lm, {k: v.to(DEVICE) for k, v in encode_prompted(
-        lm_tokenizer, probe, Template(prefix_text, best_template.suffix, best_template.verbalizer)
-    ).items()}, label_ids)
-    as_soft = class_logits(relaxed, {k: v.to(DEVICE) for k, v in encode_prompted(
-        lm_tokenizer, probe, best_template, with_prefix=False).items()}, label_ids)
+    as_discrete = class_logits64(lm64, Template(prefix_text, best_template.suffix,
+                                                best_template.verbalizer))
+    as_soft = class_logits64(relaxed, best_template, with_prefix=False)
 gap = (as_discrete - as_soft).abs().max().item()
-print(f"{n_prefix}-token prefix {prefix_text!r}: max |class logits discrete - soft| = {gap:.2e}")
-assert gap < 1e-4
+print(f"{n_prefix}-token prefix {prefix_text!r}: max |class logits discrete - soft| = {gap:.2e} "
+      "(float64)")
+assert gap < PARITY_TOLERANCE
+del lm64, relaxed
 
 # %% [markdown]
 # ### Experiment 2: the continuous relaxation on the causal LM
@@ -1071,8 +1111,13 @@ print(f"prefix tuning {kept:.3f} with positions kept, {shifted:.3f} shifted by P
       f"({100 * (kept - shifted):+.1f} points, {verdict} single-seed noise of 2 points); "
       f"LoRA {lora_acc:.3f}")
 print(f"best soft prompt {prompts.max():.3f} vs prefix {kept:.3f} vs LoRA {lora_acc:.3f}")
-if PROFILE != "smoke":
-    assert kept > prompts.max(), "a prefix in every layer should beat a prompt at the input"
+from ftbook.workbench import binomial_interval  # noqa: E402
+
+for label, value in (("best soft prompt", prompts.max()), ("prefix, positions kept", kept),
+                     ("LoRA", lora_acc)):
+    low, high = binomial_interval(round(value * len(dev_ds)), len(dev_ds))
+    print(f"  {label}: {value:.3f}, 95% interval [{low:.3f}, {high:.3f}] on {len(dev_ds)} dev rows"
+          " (one seed)")
 
 # %% [markdown]
 # ## Results and discussion
@@ -1091,8 +1136,10 @@ if PROFILE != "smoke":
 # **The classifier.** On the encoder, whose pooled representation already separates sentiment,
 # every method learns within the budget, and the table ranks them. Three readings:
 #
-# - *Depth.* At the same $P$, the prefix, which conditions every layer (eq. 5.4), is well ahead
-#   of every soft prompt, which conditions only the input (asserted above). The soft prompts end
+# - *Depth.* At the same $P$, the prefix conditions every layer (eq. 5.4), every soft prompt
+#   only the input. The intervals printed above say whether the prefix's lead over the best soft
+#   prompt clears the sampling noise of the dev set; the training seed adds to it (13-04
+#   measures that spread), so a gap within the intervals is not a finding. The soft prompts end
 #   about where the new head alone ends at the same budget (feature extraction in 13-04's
 #   harness): at this scale a prompt at the input adds little to the head. The prefix pays in parameters: $2 L P d_{kv}$ numbers
 #   after folding against $P d$, and during training the MLP of eq. (5.3), which is why its

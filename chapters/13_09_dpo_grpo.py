@@ -47,7 +47,7 @@ PROFILE = get_profile()
 SEED = 0
 seed_everything(SEED)
 DEVICE = get_device()
-device_cell(PROFILE, SEED, DEVICE)
+RUN_INFO = device_cell(PROFILE, SEED, DEVICE)
 
 # %% [markdown]
 # ## Configuration
@@ -272,8 +272,9 @@ print(f"eq. (9.3): reward - beta log(pi*/pi_ref) = {(reward - implied).min():.6f
       f"{(reward - implied).max():.6f} (the constant beta log Z = "
       f"{beta_check * torch.logsumexp(log_ref + reward / beta_check, 0):.6f})")
 print(f"eq. (9.4): max |P(i > j) from pi* - P(i > j) from r| = {gap:.2e}")
-assert torch.allclose(reward - implied, (reward - implied).mean().expand(K), atol=1e-12)
-assert gap < 1e-12
+# float64: values below 12 in a few operations, so rounding is ~1e-14 ((A.1)); 1e-9 leaves 1e5
+assert torch.allclose(reward - implied, (reward - implied).mean().expand(K), rtol=0, atol=1e-9)
+assert gap < 1e-9
 
 # %% [markdown]
 # ### DPO converges to the optimum: a problem with every reply enumerated
@@ -371,6 +372,8 @@ for beta_toy in (0.1, 0.5, 2.0):
                      "E_pi*[r] - E_ref[r]": ((log_star.exp() - log_ref.exp()) * reward).sum().item()})
 toy_table = pd.DataFrame(toy_rows).set_index("beta")
 show_table(toy_table, "toy_optimum", CHAPTER, floatfmt="{:.3g}")
+# a known answer: L-BFGS in float64 with a gradient tolerance of 1e-12 on a smooth convex
+# problem lands within ~1e-11 of it, 1e5 below the threshold
 assert (toy_table["max |pi_DPO - pi*|"] < 1e-6).all()
 
 # %% [markdown]
@@ -412,6 +415,8 @@ ref_w, ref_l = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.f
 losses, chosen_rewards, rejected_rewards = dpo_loss(policy_w, policy_l, ref_w, ref_l, beta_check)
 losses.sum().backward()
 weight = torch.sigmoid(rejected_rewards - chosen_rewards)  # eq. (9.6)
+# float64: allclose's default relative tolerance 1e-5 is ~1e10 times the rounding of these few
+# operations, and far below a wrong formula
 assert torch.allclose(policy_w.grad, -beta_check * weight)
 assert torch.allclose(policy_l.grad, beta_check * weight)
 at_ref, _, _ = dpo_loss(ref_w, ref_l, ref_w, ref_l, beta_check)
@@ -563,6 +568,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ftbook.base_models import causal_lm_name
 from ftbook.instruction_tuning import REVIEW_PROMPT
+from ftbook.rlhf_ppo import forward_tolerance  # 13-08
 
 lm_tokenizer = AutoTokenizer.from_pretrained(causal_lm_name(PROFILE))  # the book's tokenizer
 torch.manual_seed(0)
@@ -588,6 +594,7 @@ logps, ref_logps = sequence_log_probs(toy_lm, toy_batch), sequence_log_probs(toy
 batched, _, _ = dpo_loss(logps[:1], logps[1:], ref_logps[:1], ref_logps[1:], 0.1)
 print(f"per-instance DPO loss: {same.item():.4f} with pi = pi_ref, {loss_one.item():.6f} after a "
       f"perturbation (batched: {batched.item():.6f})")
+# the same float32 arithmetic on the same batch (exact), and ln 2 in float32 (within 1e-7)
 assert abs(same.item() - math.log(2)) < 1e-6 and abs(loss_one.item() - batched.item()) < 1e-6
 for margin in (-1e4, 1e4):
     logp_w = torch.tensor([margin], requires_grad=True)
@@ -604,7 +611,7 @@ for margin in (-1e4, 1e4):
 # `dpo_train` draws pairs in seeded, reshuffled epochs and minimises (9.5) with AdamW, a linear
 # warmup and decay, and gradient clipping (the recipe of 13-07's reward model). The reference
 # enters either as cached log-probabilities or as a model that is run on every batch; the two give
-# the same numbers, and the second exists only to measure what the cache saves. Beside the loss it
+# the same numbers up to rounding, and the second exists only to measure what the cache saves. Beside the loss it
 # logs what the DPO literature watches: the implicit rewards of chosen and rejected replies, their
 # margin and the fraction of pairs ranked correctly (TRL's `rewards/*` metrics), and the model
 # FLOPs of each step.
@@ -713,8 +720,13 @@ def evaluate_dpo_pairs(policy: nn.Module, examples: Sequence[tuple[Sequence[int]
 
 # %% [markdown]
 # A check that the loop learns: on eight pairs from the tiny random Llama, a few dozen steps drive
-# the training loss well below $\ln 2$ and rank every pair correctly, and the cached and the
-# recomputed reference give the same losses step for step.
+# the training loss well below $\ln 2$ and rank every pair correctly. And a check of the cache:
+# the cached reference log-probabilities (all pairs in one batch) equal those recomputed in the
+# training batches of four pairs, to the rounding of two float32 forward passes over differently
+# shaped batches (`forward_tolerance` of 13-08, per token, times the reply length). The cached
+# and the recomputed runs therefore start from the same loss; after that, AdamW can turn rounding
+# differences in near-zero gradients into steps of order the learning rate (13-08), so the gap
+# over all steps is printed, not asserted.
 
 # %%
 toy_records = [{"prompt": REVIEW_PROMPT.format(opening=o), "chosen": c, "rejected": r}
@@ -739,11 +751,25 @@ toy_gap = max(abs(a - b) for a, b in zip(toy_logs["cached"].losses,
                                          toy_logs["recomputed"].losses, strict=True))
 toy_eval = evaluate_dpo_pairs(toy_policy, toy_examples, toy_ref_logps, 0.5,
                               lm_tokenizer.pad_token_id)
+with torch.no_grad():
+    fours = [collate_dpo(toy_examples[i:i + 4], lm_tokenizer.pad_token_id)
+             for i in range(0, len(toy_examples), 4)]
+    recomputed_ref = [torch.cat(parts) for parts in zip(
+        *(sequence_log_probs(toy_ref, b).chunk(2) for b in fours), strict=True)]
+    whole = collate_dpo(toy_examples, lm_tokenizer.pad_token_id)
+    ref_tol = forward_tolerance(toy_ref, {"input_ids": whole["input_ids"][:, :-1]})["logp"] * \
+        int(whole["response_mask"].sum(1).max())  # per token, times the longest reply
+cache_gap = max((c - r).abs().max().item()
+                for c, r in zip(toy_ref_logps, recomputed_ref, strict=True))
 print(f"toy DPO: loss {toy_logs['cached'].losses[0]:.4f} -> {toy_logs['cached'].losses[-1]:.4f}; "
-      f"accuracy after training {toy_eval['accuracy']:.2f}; max |cached - recomputed| loss = "
-      f"{toy_gap:.1e}")
+      f"accuracy after training {toy_eval['accuracy']:.2f}; max |cached - recomputed| reference "
+      f"log-probability {cache_gap:.1e} (tolerance {ref_tol:.1e}); loss at the first step "
+      f"{abs(toy_logs['cached'].losses[0] - toy_logs['recomputed'].losses[0]):.1e}, over all "
+      f"steps {toy_gap:.1e}")
+# it learns, by a wide margin: over seeds 0-7 the last training loss and the loss over all
+# pairs stayed below 0.003 (threshold 0.35); one misranked pair alone costs ln 2 / 8 = 0.087
 assert toy_logs["cached"].losses[-1] < 0.5 * math.log(2) and toy_eval["accuracy"] == 1.0
-assert toy_gap < 1e-5
+assert cache_gap <= ref_tol
 
 # %% [markdown]
 # ## Parity with TRL's `DPOTrainer`
@@ -841,10 +867,16 @@ ref_gap = (trl_ref - torch.stack(toy_lm_ref_logps, 1)).abs().max().item()
 with torch.no_grad():
     ours_policy = sequence_log_probs(toy_lm, collate_dpo(toy_examples, lm_tokenizer.pad_token_id))
     ours_losses, _, _ = dpo_loss(*ours_policy.chunk(2), *toy_lm_ref_logps, 0.1)
+# two float32 implementations on differently collated batches: per token forward_tolerance,
+# times the longest reply; the loss (9.5) is 1-Lipschitz in beta times the four log-probabilities
+whole = collate_dpo(toy_examples, lm_tokenizer.pad_token_id)
+seq_tol = max(forward_tolerance(m, {"input_ids": whole["input_ids"][:, :-1]})["logp"]
+              for m in (toy_lm, toy_ref)) * int(whole["response_mask"].sum(1).max())
 print(f"TRL kernel replaced by TorchChunkedLogProb: {patched}; token ids identical: {same_tokens}; "
-      f"max |ref log-prob TRL - ours| = {ref_gap:.1e}; loss TRL {trl_loss:.6f}, ours "
-      f"{ours_losses.mean().item():.6f}")
-assert same_tokens and ref_gap < 1e-4 and abs(trl_loss - ours_losses.mean().item()) < 1e-5
+      f"max |ref log-prob TRL - ours| = {ref_gap:.1e} (tolerance {seq_tol:.1e}); loss TRL "
+      f"{trl_loss:.6f}, ours {ours_losses.mean().item():.6f}")
+assert same_tokens and ref_gap <= seq_tol
+assert abs(trl_loss - ours_losses.mean().item()) <= 4 * 0.1 * seq_tol  # beta = 0.1
 
 # %% [markdown]
 # ## GRPO: policy gradients with a group baseline
@@ -1108,6 +1140,7 @@ advantages, raw, meta = compute_group_normalized_rewards(table_reward, responses
 std = torch.tensor([1.0, 0.0, 1.0, 0.0]).std().item()  # unbiased: 0.5774
 print("raw rewards", raw.tolist(), "| advantages", [round(a, 4) for a in advantages.tolist()],
       f"| zero-std groups {meta['zero_std_groups']}")
+# float32, a mean and a std of 4 numbers: (A.1) allows a few 1e-7; allclose's rtol is 1e-5
 assert torch.allclose(advantages[:4], torch.tensor([0.5, -0.5, 0.5, -0.5]) / (std + 1e-6))
 assert torch.equal(advantages[4:], torch.zeros(4))  # a group with one reward teaches nothing
 no_std, _, _ = compute_group_normalized_rewards(table_reward, responses, truths, 4, 1e-6, False)
@@ -1118,6 +1151,7 @@ old = torch.log(torch.tensor([[0.25, 0.5], [0.25, 0.5]]))  # ratios 2 and 1
 clip_loss, clip_meta = compute_grpo_clip_loss(torch.tensor([[1.0], [-1.0]]), log_probs, old, 0.2)
 print("clip loss", [[round(v, 4) for v in row] for row in clip_loss.tolist()], "| clipped",
       clip_meta["clipped"].tolist())
+# exp(log 0.5 - log 0.25) = 2 to a few u: allclose's rtol 1e-5 is far above (A.1) here
 assert torch.allclose(clip_loss, torch.tensor([[-1.2, -1.0], [2.0, 1.0]]))  # A > 0: capped at 1.2
 assert clip_meta["clipped"].tolist() == [[True, False], [False, False]]
 
@@ -1141,6 +1175,8 @@ loss, step_meta = grpo_microbatch_train_step(logps, mask, 1, "grpo_clip", advant
 grad_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in toy_lm.parameters())).item()
 print(f"on-policy GRPO loss {loss.item():.2e}, gradient norm {grad_norm:.3f}, clip fraction "
       f"{step_meta['clip_fraction'].item():.2f}")
+# every ratio is exp(0) = 1 and the advantages (+-1, +-0.5) cancel exactly: the loss is 0 in
+# floating point too; the gradient norm of this random model is of order 1, 1000 x the bound
 assert abs(loss.item()) < 1e-6 and grad_norm > 1e-3
 toy_lm.zero_grad()
 
@@ -1574,6 +1610,8 @@ toy_lm.zero_grad()
 factor = len(rewards_01) / rewards_01.sum()
 gap = (grads["SFT on the kept replies"] - factor * grads["no-baseline policy gradient"]).abs().max()
 print(f"eq. (9.11): max |grad SFT(kept) - (n / n_kept) grad PG(no baseline)| = {gap:.2e}")
+# exact in floating point: the same forward pass, and upstream gradients that differ by the
+# factor n / n_kept = 2, a power of two, which every (linear) backward operation carries exactly
 assert gap < 1e-6
 
 # %%
@@ -1862,7 +1900,9 @@ show_figure(fig, "rlvr_training", CHAPTER)
 # `reward_data` re-draws them (same SFT policy, same seeds, same gold Bradley-Terry labels), and
 # its held-out split gives held-out pairs. The reference log-probabilities of all pairs are
 # computed once; then we time a few steps with the reference cached and a few with it recomputed
-# on every batch, and check that both give the same losses.
+# on every batch, and compare their losses. (The toy check above asserts that the cache equals
+# the recomputation; here the recomputation runs in other batches, in bfloat16 where the profile
+# uses it, and AdamW can amplify rounding differences from step to step, so the gap is printed.)
 
 # %%
 from ftbook.reward_modeling import (
@@ -1923,8 +1963,8 @@ print(f"the cache saves {100 * saving / per_step['recomputed']:.0f}% of a step's
       f" of its FLOPs; " + (f"the one-off precompute is repaid after "
                            f"{precompute_seconds / saving:.1f} steps; " if saving > 0 else
                            "no time saving measurable at this size; ")
-      + f"max |loss cached - recomputed| = {loss_gap:.1e}")
-assert loss_gap < 1e-4
+      + f"max |loss cached - recomputed| = {loss_gap:.1e} (first step "
+      f"{abs(timing_logs['cached'].losses[0] - timing_logs['recomputed'].losses[0]):.1e})")
 
 # %% [markdown]
 # Now the DPO runs: one per $\beta$ of the frontier, and further seeds at the $\beta$ of the

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ftbook import base_models as bm
+from ftbook.workbench import rounding_bound
 
 TEXTS = [
     "the film is a gripping , funny ride .",
@@ -115,8 +116,18 @@ def test_perplexity_equals_exp_of_model_loss(tokenizer):
     text = "the film is a gripping , funny ride ."
     ids = torch.tensor([[1, *tokenizer(text, add_special_tokens=False).input_ids, 2]])
     with torch.no_grad():
-        loss = model(input_ids=ids, labels=ids).loss
-    assert bm.perplexity(model, tokenizer, [text]) == pytest.approx(math.exp(loss), rel=1e-5)
+        out = model(input_ids=ids, labels=ids)
+        # perplexity's own call passes an attention mask
+        masked = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    loss = out.loss
+    # log perplexity and the loss are means of the same n NLLs, summed in different orders in
+    # float32: by (A.1) each is within gamma_{n+1} * loss of the exact mean (the sum, then one
+    # division and one store); a logit difference d between the two forward passes (0 here: the
+    # same kernels) moves an NLL by at most 2 d
+    n = ids.size(1) - 1
+    logit_gap = (masked - out.logits).abs().max().item()
+    tolerance = 2 * rounding_bound(n + 2, loss.item()) + 2 * logit_gap
+    assert abs(math.log(bm.perplexity(model, tokenizer, [text])) - loss.item()) <= tolerance
     # padding does not change a text's score
     both = bm.perplexity(model, tokenizer, [text, text + " and more words here ."])
     assert both != pytest.approx(math.exp(loss), rel=1e-3)
@@ -133,9 +144,11 @@ def test_pretrain_lowers_loss_and_reports_flops(tokenizer):
     rows = bm.pack_stream(token_lists, config.seq_len, 1, 2, seed=0)
     log = bm.pretrain(model, rows, config, torch.device("cpu"), peak_flops=1e12)
     assert len(log["losses"]) == 30
-    assert sum(log["losses"][-5:]) / 5 < 0.7 * sum(log["losses"][:5]) / 5
+    # learns at all: over 12 seeds the ratio last/first was 0.671-0.691 (sd 0.006); 0.8 is far
+    # above that spread (a threshold of 0.7 sat within two standard deviations of it)
+    assert sum(log["losses"][-5:]) / 5 < 0.8 * sum(log["losses"][:5]) / 5
     assert log["flops_per_step"] == bm.transformer_flops(model, 8, 32)
-    assert 0 < log["mfu"] < 1
+    assert 0 < log["mfu"] < 1  # a timing, but the CPU runs this model at ~1/250 of 1e12 FLOP/s
 
 
 def test_smoke_base_lm_cached_and_loads_like_a_hub_model(real_env):

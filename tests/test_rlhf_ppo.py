@@ -1,7 +1,12 @@
 """Tests of ftbook.rlhf_ppo (chapter 13-08): GAE, the clipped losses, the KL estimators and the
 adaptive controller (eqs. 8.4-8.13); rollouts with the KV cache against a full forward pass and
 against `model.generate`; convergence to the closed-form optimum (8.2) of a bandit; and the PPO
-update on two processes under `accelerate launch` against one process."""
+update on two processes under `accelerate launch` against one process.
+
+Tolerances (Appendix A): identities are checked in float64 where they involve sums, with 1e-9,
+far above float64 rounding; float32 checks of a few operations on O(1) numbers use
+`assert_close`'s defaults (rtol 1.3e-6, about 20 unit roundoffs, above the (A.1) bound of those
+few operations); forward passes compared in float32 use `forward_tolerance` of 13-08."""
 import copy
 import math
 
@@ -19,6 +24,7 @@ from ftbook.rlhf_ppo import (
     clipped_policy_loss,
     clipped_value_loss,
     exact_metrics,
+    forward_tolerance,
     gae,
     generate_rollout,
     kl_k1,
@@ -34,6 +40,7 @@ from ftbook.rlhf_ppo import (
     save_update_case,
     token_rewards,
 )
+from ftbook.workbench import rounding_bound
 
 EOS, PAD = 2, 0
 
@@ -86,18 +93,21 @@ def test_gae_equals_direct_discounted_sum_of_td_errors_with_variable_lengths(gam
     generator = torch.Generator().manual_seed(0)
     lengths = torch.tensor([6, 1, 4, 6])
     mask = torch.arange(6)[None] < lengths[:, None]
-    rewards = torch.randn(4, 6, generator=generator).masked_fill(~mask, float("nan"))
-    values = torch.randn(4, 6, generator=generator).masked_fill(~mask, float("inf"))
+    rewards = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    rewards = rewards.masked_fill(~mask, float("nan"))
+    values = torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    values = values.masked_fill(~mask, float("inf"))
     advantages, returns = gae(rewards, values, mask, gamma, lam)
+    tol = 1e-9  # float64: sums of <= 18 terms of size < 10, (A.1) < 1e-13
     for i, n in enumerate(lengths.tolist()):
         expected = direct_gae(rewards[i], values[i], n, gamma, lam)
-        torch.testing.assert_close(advantages[i, :n], expected, atol=1e-5, rtol=1e-5)
-        assert torch.equal(advantages[i, n:], torch.zeros(6 - n))  # padding: zero, not NaN
-        torch.testing.assert_close(returns[i, :n], expected + values[i, :n])
+        torch.testing.assert_close(advantages[i, :n], expected, atol=tol, rtol=0)
+        assert torch.equal(advantages[i, n:], torch.zeros(6 - n, dtype=torch.float64))  # not NaN
+        torch.testing.assert_close(returns[i, :n], expected + values[i, :n], atol=tol, rtol=0)
     if lam == 1.0:  # the Monte Carlo return minus the baseline
         mc = torch.stack([sum(gamma**k * rewards[0, t + k] for k in range(6 - t))
                           for t in range(6)])
-        torch.testing.assert_close(returns[0], mc, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(returns[0], mc, atol=tol, rtol=0)
 
 
 def test_token_rewards_put_the_score_on_the_last_valid_token():
@@ -186,15 +196,17 @@ def test_adaptive_kl_controller_moves_beta_in_the_right_direction():
 def test_reward_normalizer_and_whitening():
     scores = torch.tensor([1.0, 3.0, 5.0, 7.0])
     normed = RewardNormalizer().fit(scores)(scores)
-    assert normed.mean().item() == pytest.approx(0.0, abs=1e-6)
-    assert normed.std().item() == pytest.approx(1.0, abs=1e-6)
+    # float32: two means and two stds of 4 values (gamma_8 each, (A.1)) and 2 roundings per value
+    tol = 2 * rounding_bound(10, 1.0)
+    assert normed.mean().item() == pytest.approx(0.0, abs=tol)
+    assert normed.std().item() == pytest.approx(1.0, abs=tol)
     with pytest.raises(ValueError, match="zero spread"):
         RewardNormalizer().fit(torch.ones(4))
     values = torch.tensor([[1.0, 2.0, float("nan")], [3.0, 4.0, 5.0]])
     mask = ~values.isnan()
-    white = masked_whiten(values, mask)
-    assert white[mask].mean().item() == pytest.approx(0.0, abs=1e-6)
-    assert white[mask].pow(2).mean().item() == pytest.approx(1.0, abs=1e-5)
+    white = masked_whiten(values, mask)  # statistics in float64, values rounded to float32
+    assert white[mask].mean().item() == pytest.approx(0.0, abs=tol)
+    assert white[mask].pow(2).mean().item() == pytest.approx(1.0, abs=tol)
     assert white[0, 2] == 0
 
 
@@ -209,9 +221,10 @@ def test_kv_cache_rollout_logprobs_and_values_equal_a_full_forward_with_left_pad
     P, T = rollout.query_ids.shape[1], rollout.response_ids.shape[1]
     recomputed = response_logprobs(logits, rollout.response_ids, P)
     mask = rollout.response_mask
-    torch.testing.assert_close(recomputed[mask], rollout.logps[mask], atol=1e-5, rtol=0)
+    tol = forward_tolerance(policy, rollout.full_inputs())  # two float32 forward passes
+    torch.testing.assert_close(recomputed[mask], rollout.logps[mask], atol=tol["logp"], rtol=0)
     torch.testing.assert_close(values[:, P - 1:P - 1 + T][mask], rollout.values[mask],
-                               atol=1e-5, rtol=0)
+                               atol=tol["value"], rtol=0)
     assert (rollout.logps[~mask] == 0).all()
     ended = rollout.ended.nonzero().flatten()
     last = mask.sum(1) - 1
@@ -222,10 +235,13 @@ def test_padding_does_not_change_a_prompts_distribution():
     policy = PolicyWithValue(tiny_llama(3))
     alone, _ = left_padded([[1, 14]])
     padded, padded_mask = left_padded([[1, 5, 9, 13, 3], [1, 14]])
+    padded_position = (padded_mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
         solo = policy(alone, torch.ones_like(alone))[0][0, -1]
-        batch = policy(padded, padded_mask, (padded_mask.cumsum(1) - 1).clamp(min=0))[0][1, -1]
-    torch.testing.assert_close(solo, batch, atol=1e-5, rtol=0)
+        batch = policy(padded, padded_mask, padded_position)[0][1, -1]
+    tol = forward_tolerance(policy, {"input_ids": padded, "attention_mask": padded_mask,
+                                     "position_ids": padded_position})
+    torch.testing.assert_close(solo, batch, atol=tol["logp"] / 2, rtol=0)  # logits, not logp
 
 
 def test_rollout_samples_the_same_tokens_as_model_generate():
@@ -257,11 +273,15 @@ def test_first_minibatch_ratio_is_one_and_the_update_moves_the_policy():
     _, policy, _, batch = rollout_and_batch(seed=2)
     before = copy.deepcopy(policy.state_dict())
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.0)
+    tol = forward_tolerance(policy, {"input_ids": batch.input_ids,
+                                     "attention_mask": batch.attention_mask,
+                                     "position_ids": batch.position_ids})["logp"]
     stats = ppo_update(policy, optimizer, batch, PPOConfig(batch_size=4, ppo_epochs=1,
                                                            num_minibatches=1))
-    assert stats["approx_kl"] < 1e-9 and stats["clip_frac"] == 0.0  # cached = recomputed
+    # cached = recomputed log-probabilities up to tol, so k3 = expm1(x) - x <= x^2 for |x| <= tol
+    assert stats["approx_kl"] <= tol**2 and stats["clip_frac"] == 0.0
     moved = max((policy.state_dict()[k] - before[k]).abs().max() for k in before)
-    assert moved > 1e-4
+    assert moved > 1e-4  # AdamW's first step moves an entry with |g| >> eps by ~lr = 1e-3
 
 
 def test_config_rejects_bad_values():
@@ -275,13 +295,14 @@ def test_config_rejects_bad_values():
 
 def test_toy_enumeration_is_complete_and_the_optimum_attains_beta_log_z():
     task = ToyTask(num_contexts=2, num_tokens=3, max_len=3, seed=1)
-    ref = task.log_probs(task.reference_model(seed=1))
+    ref = task.log_probs(task.reference_model(seed=1).double())  # float64: identities to 1e-9
     assert ref.shape == (2, 1 + 3 + 9 + 27)
-    torch.testing.assert_close(ref.exp().sum(-1), torch.ones(2), atol=1e-5, rtol=0)
-    rewards = task.rewards()
+    torch.testing.assert_close(ref.exp().sum(-1), torch.ones(2, dtype=torch.float64), atol=1e-9,
+                               rtol=0)
+    rewards = task.rewards().double()
     metrics = exact_metrics(optimal_log_policy(ref, rewards, 0.3), ref, rewards, 0.3)
-    assert metrics["objective"] == pytest.approx(metrics["optimum"], abs=1e-5)
-    assert metrics["kl_to_optimum"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["objective"] == pytest.approx(metrics["optimum"], abs=1e-9)
+    assert metrics["kl_to_optimum"] == pytest.approx(0.0, abs=1e-9)
     assert exact_metrics(ref, ref, rewards, 0.3)["kl_to_optimum"] > 0.05
 
 
@@ -299,21 +320,29 @@ def test_ppo_converges_to_the_closed_form_optimum_of_a_bandit():
     final = exact_metrics(task.log_probs(policy), ref_table, rewards, beta)
     probs = task.log_probs(policy).exp()
     optimum = optimal_log_policy(ref_table, rewards, beta).exp()
-    assert final["kl_to_optimum"] < 0.05 * start
+    # it learns, with margins far above the seed-to-seed spread: over seeds 0-7 the remaining
+    # gap was 0.05-1.9% of the initial one and the L1 distance 0.013-0.038 (mean 0.024, sd 0.009)
+    assert final["kl_to_optimum"] < 0.25 * start
     assert (probs - optimum).abs().sum(-1).max() < 0.1  # total variation < 0.05 per context
 
 
 @pytest.mark.slow
 def test_ppo_update_on_two_processes_equals_one_process(tmp_path):
     """`accelerate launch` with two CPU processes (gloo, DDP), each with half of the rows, gives
-    the parameters of one process with all rows, to 1e-6 (float32 reduction order)."""
+    the gradient of one process with all rows at the first optimizer step (after the all-reduce
+    and clipping). Compared in float64, where rounding through the network is ~1e-13 of the
+    magnitudes involved (13-08); parameters after AdamW are not compared, since AdamW turns
+    rounding in near-zero gradients into steps of order lr."""
     _, policy, _, batch = rollout_and_batch(seed=4, value_std=0.1)
     config = PPOConfig(batch_size=4, ppo_epochs=2, num_minibatches=1, lr=1e-3, seed=0)
     save_update_case(tmp_path, policy, batch, config)
-    one = run_update_case(tmp_path)
-    two = launch_update_case(tmp_path, num_processes=2)
+    one = run_update_case(tmp_path, dtype=torch.float64)
+    two = launch_update_case(tmp_path, num_processes=2, dtypes=(torch.float64,))[torch.float64]
     assert two["processes"] == 2 and two["backend"] == "gloo"
+    assert one["grad"].keys() == two["grad"].keys() == dict(policy.named_parameters()).keys()
     before = policy.state_dict()
-    assert max((one[k] - before[k]).abs().max().item() for k in one) > 1e-4  # it moved
-    gap = max((one[k] - two["state"][k]).abs().max().item() for k in one)
-    assert gap < 1e-6
+    # two AdamW steps move the entry with the largest |g| (>> eps) by >= (1 - 0.744) lr
+    assert max((one["state"][k] - before[k].double()).abs().max().item()
+               for k in before) > 0.1 * config.lr
+    for k, g in one["grad"].items():  # 1e-9 of the largest |g|: 1e4 x float64 rounding (13-08)
+        assert (g - two["grad"][k]).abs().max() <= 1e-9 * g.abs().max(), k

@@ -448,6 +448,32 @@ def test_self_import_fails(
     assert f"imports its own module ftbook.{module} at line 2 of the cell" in err
 
 
+@pytest.mark.parametrize(
+    ("chapter", "anchor", "line", "cell", "module"),
+    [
+        (ALPHA_PATH, 'print(greet("world"))', "from ftbook.alpha import greet", 4, "alpha"),
+        (UNSLOTH_PATH, "value = scaled_rank(16)", "import ftbook.efficient_finetuning", 3,
+         "efficient_finetuning"),
+    ],
+)
+def test_plain_cell_self_import_fails(
+    tangled: Path,
+    capsys: pytest.CaptureFixture[str],
+    chapter: str,
+    anchor: str,
+    line: str,
+    cell: int,
+    module: str,
+) -> None:
+    """A demonstration cell that imports its own chapter's module would, run as a script, use
+    whatever was last tangled instead of the cells above it."""
+    edit(tangled, chapter, anchor, f"{line}\n{anchor}")
+    assert run(tangled) == 2
+    err = capsys.readouterr().err
+    assert f"{chapter}, cell {cell} " in err
+    assert f"imports the chapter's own module ftbook.{module} at line 1 of the cell" in err
+
+
 def test_importing_another_module_is_fine(
     tangled: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

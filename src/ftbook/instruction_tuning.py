@@ -178,6 +178,38 @@ def sft_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: tor
                            "per_example_loss": -per_example.detach()}
 
 
+# --- chapters/13_06_instruction_tuning.py :: The SFT helpers: CS336 Assignment 5's contracts ---
+import math
+
+from ftbook.workbench import rounding_bound, unit_roundoff
+
+
+def log_softmax_tolerance(logits: torch.Tensor) -> float:
+    """Bound on the rounding error of a log-sum-exp over the last dimension of `logits`, in
+    their dtype, and so of each log-probability: gamma_{V-1} (A.5) for the sum of V exponentials
+    plus 6 u (max|z| + ln V + 1) for the shift, exponential, logarithm and subtraction."""
+    V = logits.shape[-1]
+    low, high = logits.detach().aminmax()
+    z_max = max(-low.item(), high.item())
+    return (rounding_bound(V, 1.0, logits.dtype)
+            + 6 * unit_roundoff(logits.dtype) * (z_max + math.log(V) + 1))
+
+
+def transformer_tolerance(config: Any, n_tokens: int, scale: float, backward: bool = False,
+                          dtype: torch.dtype = torch.float32) -> float:
+    """How far rounding alone can move outputs of size up to `scale` between two computations of
+    the same transformer (`config`) on at most `n_tokens` tokens that differ in batching, padding
+    or implementation: gamma_n of (A.1), n the longest reduction (hidden size, MLP width or
+    `n_tokens`), for each of the 7 products per layer and the head, relative to `scale`; doubled
+    for two computations, tripled for a backward pass (see the chapter for the assumptions)."""
+    hidden = config.hidden_size
+    width = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+             or 4 * hidden)
+    n = max(hidden, width, n_tokens)
+    products = (7 * config.num_hidden_layers + 1) * (3 if backward else 1)
+    return 2 * products * rounding_bound(n + 1, scale, dtype)
+
+
 # --- chapters/13_06_instruction_tuning.py :: Packing ---
 def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int,
                   pad_token_id: int) -> dict[str, torch.Tensor]:

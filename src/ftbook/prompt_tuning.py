@@ -246,10 +246,27 @@ class PrefixTuning(nn.Module):
                 del module.prefix_kv
 
 
+# --- chapters/13_05_prompt_tuning.py :: Prompt tuning is prefix tuning with tied layers, eq.... ---
+PARITY_TOLERANCE = 1e-9  # max |logits ours - PEFT| in float64 (13-02 derives it)
+
+
+def float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 deep copy of `model` for parity checks, with PyTorch's SDPA attention wherever
+    it used transformers' eager attention: eager Llama attention computes its softmax in float32
+    whatever the model's dtype, which would limit a comparison to float32 rounding. (Our prefix
+    attention already calls SDPA.)"""
+    import copy
+
+    copied = copy.deepcopy(model).double()
+    for module in copied.modules():
+        config = getattr(module, "config", None)
+        if (hasattr(module, "set_attn_implementation")
+                and getattr(config, "_attn_implementation", None) == "eager"):
+            module.set_attn_implementation("sdpa")
+    return copied
+
+
 # --- chapters/13_05_prompt_tuning.py :: Parity with PEFT ---
-PARITY_TOLERANCE = 1e-5  # max |logits ours - PEFT| in float32
-
-
 def copy_into_peft(ours: nn.Module, peft_model: nn.Module) -> None:
     """Copy our trained prompt (or prefix encoder) into a PEFT prompt-learning model."""
     encoder = peft_model.prompt_encoder[peft_model.active_adapter]

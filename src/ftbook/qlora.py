@@ -35,6 +35,25 @@ def normal_float_levels(offset: float = NF4_OFFSET) -> torch.Tensor:
 NF4_LEVELS = tuple(float(v) for v in normal_float_levels())
 
 
+def bnb_table_tolerance(offset: float = NF4_OFFSET) -> torch.Tensor:
+    """(16,) float64 bound on |NF4_LEVELS - bitsandbytes' NF4 table|, level by level.
+
+    bitsandbytes makes its quantile points with a float32 `torch.linspace`: each point p < 1 is
+    off by at most 3u (u = 2^-24: the offset's rounding, the step, one multiply-add). A quantile
+    q = Phi^-1(p) then moves by 3u / phi(q), the level q / q_max by that over q_max plus |level|
+    times the same for q_max, and each table's own float32 rounding adds u |level|. The levels
+    -1, 0 and 1 are exact in both."""
+    u = torch.finfo(torch.float32).eps / 2
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64),
+                                        torch.tensor(1.0, dtype=torch.float64))
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float64)
+    q_max = normal.icdf(torch.tensor(offset, dtype=torch.float64))
+    density = normal.log_prob(levels * q_max).exp()  # phi(q) at each level
+    bound = (3 * u * (1 / density + levels.abs() / normal.log_prob(q_max).exp()) / q_max
+             + 2 * u * levels.abs())
+    return torch.where((levels == 0) | (levels.abs() == 1), 0.0, bound)
+
+
 # --- chapters/13_03_qlora.py :: Quantize, pack, dequantize ---
 def _pack(codes: torch.Tensor, pad_code: int) -> torch.Tensor:
     """(n,) codes in 0..15 -> (ceil(n/2),) uint8, first code of each pair in the high nibble;
@@ -385,7 +404,8 @@ def merge_lora_nf4(model: nn.Module, requantize: bool = False,
         merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                            device=base.quantized.packed.device, dtype=dtype)
         with torch.no_grad():
-            merged.weight.copy_(base.dequantized(torch.float32) + layer.delta_weight().float())
+            acc = torch.promote_types(dtype, torch.float32)  # the sum in float32, or float64
+            merged.weight.copy_(base.dequantized(acc) + layer.delta_weight().to(acc))
             if base.bias is not None:
                 merged.bias.copy_(base.bias)
         if requantize:

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,12 @@ import torch
 from torch import nn
 
 from ftbook.reward_modeling import position_ids_from_mask  # 13-07
+from ftbook.workbench import rounding_bound, unit_roundoff  # Appendix A
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 if it is in a narrower type (bf16, fp16); float64 stays float64."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def reduce_sum(value: torch.Tensor, accelerator: Any = None) -> torch.Tensor:
@@ -140,7 +146,7 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution, (..., vocab) -> (...): logsumexp(z) - E_p[z]."""
-    logits = logits.float()
+    logits = at_least_float32(logits)
     return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
@@ -233,7 +239,7 @@ class PolicyWithValue(nn.Module):
         if last_only:
             hidden = hidden[:, -1:]
         logits = self.lm.get_output_embeddings()(hidden)  # (batch, seq, vocab)
-        values = self.value_head(hidden.float()).squeeze(-1)  # (batch, seq)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)  # (b, seq)
         return logits, values, out.past_key_values if use_cache else None
 
 
@@ -329,7 +335,7 @@ def response_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, prompt_l
     """log pi(y_t | s_t) of the reply tokens from full-sequence logits (batch, P + T, vocab):
     the logits at position P - 1 + t predict reply token t. Returns (batch, T)."""
     length = response_ids.shape[1]
-    scores = logits[:, prompt_len - 1:prompt_len - 1 + length].float() / temperature
+    scores = at_least_float32(logits[:, prompt_len - 1:prompt_len - 1 + length]) / temperature
     return torch.log_softmax(scores, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
 
 
@@ -343,6 +349,40 @@ def reference_logprobs(ref: nn.Module, rollout: Rollout, temperature: float = 1.
     logps = response_logprobs(logits, rollout.response_ids, rollout.query_ids.shape[1],
                               temperature)
     return torch.where(rollout.response_mask, logps, torch.zeros_like(logps))
+
+
+@torch.no_grad()
+def forward_tolerance(model: nn.Module, inputs: dict[str, torch.Tensor],
+                      activations: torch.dtype | None = None) -> dict[str, float]:
+    """How far two forward passes of `model` (a Llama-style causal LM, or a `PolicyWithValue`)
+    over the same tokens (`inputs`: input_ids and optionally attention_mask, position_ids) may
+    disagree in a token's log-probability (`"logp"`) and, for a `PolicyWithValue`, a value
+    (`"value"`), when they add in different orders (a KV cache, another batch shape, another
+    kernel). First-order, from (A.1): each layer chains 9 sums (two norms, q/k/v, scores,
+    softmax, probabilities x values, output, gate/up, down), then come the final norm, the head
+    and the log-softmax; each adds at most gamma_n of the magnitudes of its terms, n the longest
+    sum, in the precision of the weights. RMSNorm keeps those magnitudes at the scale of the
+    head's terms, sum_j |W_ij h_j|, which we measure; two computations double the bound, and a
+    log-softmax doubles a logit's error. With `activations` (llama.cpp's F16 path rounds the
+    input of every matrix product to float16), one of the two computations also rounds the
+    inputs of the 7 products per layer and of the head, each by at most that type's unit
+    roundoff of the terms' magnitudes."""
+    lm = model.lm if isinstance(model, PolicyWithValue) else model
+    config = lm.config
+    head = lm.get_output_embeddings().weight  # (vocab, hidden)
+    dtype = head.dtype
+    mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+    hidden = lm.base_model(**inputs).last_hidden_state[mask].abs().float()  # (tokens, hidden)
+    n = max(config.hidden_size, config.intermediate_size, mask.shape[1])
+    per_unit = 2 * (9 * config.num_hidden_layers + 3) * rounding_bound(n + 1, 1.0, dtype)
+    if activations is not None:
+        per_unit += (7 * config.num_hidden_layers + 1) * unit_roundoff(activations)
+    tolerance = {"logp": 2 * per_unit * (hidden @ head.abs().float().T).max().item()}
+    if isinstance(model, PolicyWithValue):
+        value_head = model.value_head
+        tolerance["value"] = per_unit * ((hidden @ value_head.weight.abs().float().T).max().item()
+                                         + value_head.bias.abs().item())
+    return tolerance
 
 
 # --- chapters/13_08_rlhf_ppo.py :: The PPO update ---
@@ -766,11 +806,14 @@ def exact_metrics(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, rewards:
 ACCELERATE_SCRIPT = """\
 import sys
 
+import torch
 from accelerate import Accelerator
 
 from ftbook.rlhf_ppo import run_update_case
 
-run_update_case(sys.argv[1], Accelerator(cpu=True))
+accelerator = Accelerator(cpu=True)
+for dtype in sys.argv[2:]:
+    run_update_case(sys.argv[1], accelerator, getattr(torch, dtype))
 """
 
 
@@ -786,19 +829,35 @@ def save_update_case(folder: str | Path, policy: PolicyWithValue, batch: PPOBatc
     return folder
 
 
-def run_update_case(folder: str | Path, accelerator: Any = None) -> dict[str, torch.Tensor]:
-    """Load a saved case, run one `ppo_update` (with `accelerator`: on this process's share of
-    the rows, under DDP) and save the parameters afterwards as `after-<processes>.pt`."""
+def run_update_case(folder: str | Path, accelerator: Any = None,
+                    dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Load a saved case in `dtype`, run one `ppo_update` (with `accelerator`: on this process's
+    share of the rows, under DDP) and return, and save as `after-<processes>-<dtype>.pt`: the
+    parameters after the update (`state`), the gradient the optimizer's first step used, after
+    the all-reduce and clipping (`grad`), `stats`, `processes` and `backend`. In float64 the
+    attention is PyTorch's SDPA (transformers' eager attention rounds its softmax to float32)."""
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     config = PPOConfig(**json.loads((folder / "config.json").read_text()))
     torch.manual_seed(config.seed)
-    lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=torch.float32)
+    sdpa = {"attn_implementation": "sdpa"} if dtype == torch.float64 else {}
+    lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=dtype, **sdpa)
     policy = PolicyWithValue(lm)
     policy.value_head.load_state_dict(torch.load(folder / "value_head.pt"))
-    batch = PPOBatch(**torch.load(folder / "batch.pt"))
+    policy.to(dtype)  # the value head too (a no-op in float32)
+    batch = PPOBatch(**{k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                        for k, v in torch.load(folder / "batch.pt").items()})
     optimizer = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
+    names = {p: n for n, p in policy.named_parameters()}
+    grad: dict[str, torch.Tensor] = {}
+
+    def keep_first_gradient(*_: Any) -> None:  # runs before every optimizer step
+        if not grad:
+            grad.update({n: p.grad.detach().clone() for p, n in names.items()
+                         if p.grad is not None})
+
+    optimizer.register_step_pre_hook(keep_first_gradient)
     processes = 1
     if accelerator is not None:
         policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -809,21 +868,23 @@ def run_update_case(folder: str | Path, accelerator: Any = None) -> dict[str, to
                        generator=generator)
     model = accelerator.unwrap_model(policy) if accelerator is not None else policy
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    backend = getattr(accelerator.state, "backend", None) if accelerator is not None else None
+    result = {"state": state, "grad": grad, "stats": stats, "processes": processes,
+              "backend": backend}
     if accelerator is None or accelerator.is_main_process:
-        backend = getattr(accelerator.state, "backend", None) if accelerator is not None else None
-        torch.save({"state": state, "stats": stats, "processes": processes, "backend": backend},
-                   folder / f"after-{processes}.pt")
+        torch.save(result, folder / f"after-{processes}-{str(dtype).removeprefix('torch.')}.pt")
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    return state
+    return result
 
 
-def launch_update_case(folder: str | Path, num_processes: int = 2, timeout: float = 300.0
-                       ) -> dict[str, Any]:
-    """Run `ACCELERATE_SCRIPT` on a saved case on `num_processes` CPU processes with
-    `accelerate launch --multi_gpu --num_processes N` (torchrun; the script's
-    `Accelerator(cpu=True)` selects gloo) in a subprocess; returns what the main process saved
-    (`state`, `stats`, `processes`, `backend`)."""
+def launch_update_case(folder: str | Path, num_processes: int = 2,
+                       dtypes: Sequence[torch.dtype] = (torch.float32,), timeout: float = 300.0
+                       ) -> dict[torch.dtype, dict[str, Any]]:
+    """Run `ACCELERATE_SCRIPT` on a saved case, once per dtype, on `num_processes` CPU processes
+    with `accelerate launch --multi_gpu --num_processes N` (torchrun; the script's
+    `Accelerator(cpu=True)` selects gloo) in a subprocess; returns, per dtype, what the main
+    process saved (`state`, `grad`, `stats`, `processes`, `backend`)."""
     import os
     import socket
     import subprocess
@@ -835,16 +896,18 @@ def launch_update_case(folder: str | Path, num_processes: int = 2, timeout: floa
     with socket.socket() as probe:  # a free port, so that concurrent launches do not collide
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    names = [str(dtype).removeprefix("torch.") for dtype in dtypes]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", str(num_processes), "--num_machines", "1",
                "--main_process_port", str(port), "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(script), str(folder)]
+               "--dynamo_backend", "no", str(script), str(folder), *names]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"accelerate launch failed ({result.returncode}):\n"
                            f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    return torch.load(folder / f"after-{num_processes}.pt")
+    return {dtype: torch.load(folder / f"after-{num_processes}-{name}.pt")
+            for dtype, name in zip(dtypes, names, strict=True)}
 
 
 # --- chapters/13_08_rlhf_ppo.py :: Budget per profile ---

@@ -18,7 +18,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -444,3 +444,48 @@ def device_cell(profile: str, seed: int, device: torch.device | None = None) -> 
     print(f"device  : {info.device}\nprofile : {profile}\nseed    : {seed}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()))
     return info
+
+
+# --- chapters/00_01_workbench.py :: Tolerances from the arithmetic ---
+def unit_roundoff(dtype: torch.dtype = torch.float32) -> float:
+    """Unit roundoff u = eps / 2 of a floating-point type (2^-24 for float32)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def rounding_bound(n_terms: int, abs_sum: float, dtype: torch.dtype = torch.float32) -> float:
+    """Higham's bound (A.5) on the rounding error of a sum of `n_terms` terms whose absolute
+    values add up to `abs_sum`, for any summation order: gamma_{n-1} * abs_sum (Appendix A,
+    "Tolerances from the arithmetic"). For a dot product pass n_terms = n + 1."""
+    nu = max(n_terms - 1, 1) * unit_roundoff(dtype)
+    if nu >= 1:
+        raise ValueError(f"rounding_bound: n_terms={n_terms} is too large for {dtype}")
+    return nu / (1 - nu) * abs_sum
+
+
+# --- chapters/00_01_workbench.py :: Measurements and their uncertainty ---
+def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval (A.6) for a proportion k/n (Appendix A, "Measurements and their
+    uncertainty")."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"binomial_interval: need 0 <= k <= n and n > 0, got k={k}, n={n}")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + level / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean of `values` and the half-width of its Student-t interval (nan for one value)."""
+    from scipy.stats import t as student_t
+
+    m = len(values)
+    if m == 0:
+        raise ValueError("mean_interval: no values")
+    mean = sum(values) / m
+    if m == 1:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (m - 1))
+    return mean, float(student_t.ppf(0.5 + level / 2, m - 1)) * sd / math.sqrt(m)
