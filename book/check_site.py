@@ -29,6 +29,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -93,10 +94,19 @@ async () => {
 """
 
 
+REFRESH = re.compile(r'<meta\s+http-equiv="refresh"\s+content="\d+;\s*url=([^"]+)"', re.I)
+
+
 def pages(site: Path) -> list[Path]:
     """Every HTML page of the site, in a stable order."""
     return sorted(p for p in site.rglob("*.html")
                   if not any(part in SKIP_FOLDERS for part in p.relative_to(site).parts))
+
+
+def redirect_target(page: Path) -> str | None:
+    """The target of a redirect page (Jupyter Book's index.html), else None."""
+    match = REFRESH.search(page.read_text(encoding="utf-8", errors="replace")[:2000])
+    return match.group(1) if match else None
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -134,6 +144,13 @@ def check_site(site: Path) -> dict:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             for page_path in pages(site):
                 rel = page_path.relative_to(site).as_posix()
+                target = redirect_target(page_path)
+                if target is not None:  # a redirect: its target must exist, and is checked
+                    missing = not (page_path.parent / target.split("#")[0]).is_file()
+                    report["pages"][rel] = {
+                        "formulas": 0, "images": 0, "redirect": target,
+                        "problems": [f"redirect to a missing page: {target}"] if missing else []}
+                    continue
                 page = browser.new_page()
                 external, js_errors, http_errors = [], [], []
 

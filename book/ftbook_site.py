@@ -5,7 +5,10 @@
   (``FTBOOK_PROFILE``, default ``tiny``), with its outputs, and refuses a missing or stale one:
   Jupyter Book executes nothing itself.
 - ``setup``: copies MathJax (PyPI ``django-static-mathjax``) into the site's ``_static/mathjax``,
-  so formulas typeset offline; ``_config.yml`` points ``mathjax_path`` there.
+  so formulas typeset offline (``_config.yml`` points ``mathjax_path`` there); and drops the
+  scripts of sphinx-thebe, which Jupyter Book loads by default: the book offers no live kernel,
+  their configuration points at unpkg.com, and it is added twice (a JavaScript error on every
+  page, "Identifier 'THEBE_JS_URL' has already been declared").
 """
 
 from __future__ import annotations
@@ -71,6 +74,18 @@ def _copy_mathjax(app: Any, exception: Exception | None) -> None:
                     ignore=lambda folder, names: [n for n in names if n.startswith(MATHJAX_SKIP)])
 
 
+def _is_thebe(script: Any) -> bool:
+    filename = str(getattr(script, "filename", "") or "")
+    body = str(getattr(script, "attributes", {}).get("body", "") or "")
+    return "thebe" in filename.lower() or "THEBE" in body
+
+
+def _drop_thebe(app: Any, pagename: str, templatename: str, context: dict, doctree: Any) -> None:
+    if "script_files" in context:
+        context["script_files"] = [s for s in context["script_files"] if not _is_thebe(s)]
+
+
 def setup(app: Any) -> dict[str, Any]:
     app.connect("build-finished", _copy_mathjax)
+    app.connect("html-page-context", _drop_thebe)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -377,7 +377,7 @@ def train_classifier(model: nn.Module, tokenizer: Any, train: Any, *, steps: int
 #
 # For a causal LM fine-tuned as a classifier, `backbone_perplexity` copies the classifier's
 # transformer (everything but the classification head) into a causal LM of the same
-# architecture and measures perplexity with {func}`ftbook.base_models.perplexity`. The LM head is
+# architecture and measures perplexity with `ftbook.base_models.perplexity` ({ref}`base-models`). The LM head is
 # tied to the input embeddings, so it carries whatever fine-tuning did to them.
 
 # %%

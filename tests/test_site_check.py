@@ -54,6 +54,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "_images" / "dot.png").write_bytes(DOT_PNG)
     (root / "index.html").write_text(GOOD)
     (root / "bad.html").write_text(BAD)
+    (root / "redirect.html").write_text('<meta http-equiv="Refresh" content="0; url=index.html" />')
+    (root / "broken.html").write_text('<meta http-equiv="Refresh" content="0; url=nowhere.html" />')
     return root
 
 
@@ -71,4 +73,7 @@ def test_good_and_bad_pages(site: Path) -> None:
     assert "control character in the prose" in problems
     assert "TeX in the prose" in problems
     assert "request to another host (blocked): https://cdn.example.org/x.js" in problems
-    assert report["summary"]["pages"] == 2
+    assert report["pages"]["redirect.html"]["problems"] == []
+    broken = report["pages"]["broken.html"]["problems"]
+    assert broken == ["redirect to a missing page: nowhere.html"]
+    assert report["summary"]["pages"] == 4
