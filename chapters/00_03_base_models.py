@@ -515,6 +515,25 @@ def build_base_lm(config: BaseLMConfig, folder: Path, device: torch.device) -> d
     return log
 
 
+def build_once(folder: Path, build: Any) -> Path:
+    """`folder`, built by `build(tmp)` into a temporary sibling and renamed into place unless it
+    exists: an interrupted run never leaves a half-written cache, and when two processes build
+    the same folder the first to finish wins."""
+    if folder.is_dir():
+        return folder
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        build(tmp)
+        if folder.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
 def base_lm_path(config: BaseLMConfig, device: torch.device | None = None) -> Path:
     """The cached folder of the base LM of `config`, pretraining it first if it is missing."""
     folder = cache_dir("base_lm") / config_key(config)
@@ -524,17 +543,7 @@ def base_lm_path(config: BaseLMConfig, device: torch.device | None = None) -> Pa
             template.write_text(CHAT_TEMPLATE)  # the template changed, the weights did not
         return folder
     device = device if device is not None else torch.device("cpu")
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        build_base_lm(config, tmp, device)
-        if folder.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return build_once(folder, lambda tmp: build_base_lm(config, tmp, device))
 
 
 def causal_lm_name(profile: str) -> str:
@@ -812,24 +821,6 @@ def set_chat_special_tokens(tokenizer: Any, model: Any | None = None) -> None:
             config.pad_token_id = tokenizer.pad_token_id
 
 
-def _cached_folder(folder: Path, build: Any) -> Path:
-    """`folder`, built by `build(tmp)` into a temporary sibling and renamed into place (another
-    process that finished first wins), unless it exists."""
-    if folder.is_dir():
-        return folder
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        build(tmp)
-        if folder.exists():
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
 def convert_gguf_chat_model(gguf: Path, folder: Path) -> None:
     """Dequantize a GGUF chat model (Llama architecture) into a float32 transformers folder,
     with the end of turn as EOS and a distinct pad token, and a `provenance.json`."""
@@ -877,8 +868,8 @@ def chat_lm_name(profile: str) -> str:
     key = hashlib.sha256(f"{CHAT_LM_FORMAT}|{gguf.stat().st_size}|{profile}".encode())
     folder = cache_dir("chat_lm") / f"{profile}-{key.hexdigest()[:12]}"
     if profile == "smoke":
-        return str(_cached_folder(folder, build_smoke_chat_lm))
-    return str(_cached_folder(folder, lambda tmp: convert_gguf_chat_model(gguf, tmp)))
+        return str(build_once(folder, build_smoke_chat_lm))
+    return str(build_once(folder, lambda tmp: convert_gguf_chat_model(gguf, tmp)))
 
 
 def load_chat_lm(profile: str, device: torch.device | None = None,

@@ -418,18 +418,23 @@ def test_syntax_error_in_unexported_cell_is_not_checked(
     assert run(tangled, "--check") == 0, capsys.readouterr().err
 
 
+EXPORTED = "imports its own module ftbook.{} at line 2 of the cell"
+PLAIN = "imports the chapter's own module ftbook.{} at line 1 of the cell"
+
+
 @pytest.mark.parametrize(
-    ("chapter", "anchor", "line", "cell", "module"),
+    ("chapter", "anchor", "line", "cell", "message"),
     [
-        (ALPHA_PATH, "def shout", "from ftbook.alpha import greet", 6, "alpha"),
-        (ALPHA_PATH, "def shout", "from ftbook import alpha", 6, "alpha"),
-        (
-            UNSLOTH_PATH,
-            "import math",
-            "import ftbook.efficient_finetuning",
-            2,
-            "efficient_finetuning",
-        ),
+        (ALPHA_PATH, "def shout", "from ftbook.alpha import greet", 6, EXPORTED.format("alpha")),
+        (ALPHA_PATH, "def shout", "from ftbook import alpha", 6, EXPORTED.format("alpha")),
+        (UNSLOTH_PATH, "import math", "import ftbook.efficient_finetuning", 2,
+         EXPORTED.format("efficient_finetuning")),
+        # a demonstration cell that imports its own chapter's module would, run as a script,
+        # use whatever was last tangled instead of the cells above it
+        (ALPHA_PATH, 'print(greet("world"))', "from ftbook.alpha import greet", 4,
+         PLAIN.format("alpha")),
+        (UNSLOTH_PATH, "value = scaled_rank(16)", "import ftbook.efficient_finetuning", 3,
+         PLAIN.format("efficient_finetuning")),
     ],
 )
 def test_self_import_fails(
@@ -439,39 +444,13 @@ def test_self_import_fails(
     anchor: str,
     line: str,
     cell: int,
-    module: str,
+    message: str,
 ) -> None:
     edit(tangled, chapter, anchor, f"{line}\n{anchor}")
     assert run(tangled) == 2
     err = capsys.readouterr().err
     assert f"{chapter}, cell {cell} " in err
-    assert f"imports its own module ftbook.{module} at line 2 of the cell" in err
-
-
-@pytest.mark.parametrize(
-    ("chapter", "anchor", "line", "cell", "module"),
-    [
-        (ALPHA_PATH, 'print(greet("world"))', "from ftbook.alpha import greet", 4, "alpha"),
-        (UNSLOTH_PATH, "value = scaled_rank(16)", "import ftbook.efficient_finetuning", 3,
-         "efficient_finetuning"),
-    ],
-)
-def test_plain_cell_self_import_fails(
-    tangled: Path,
-    capsys: pytest.CaptureFixture[str],
-    chapter: str,
-    anchor: str,
-    line: str,
-    cell: int,
-    module: str,
-) -> None:
-    """A demonstration cell that imports its own chapter's module would, run as a script, use
-    whatever was last tangled instead of the cells above it."""
-    edit(tangled, chapter, anchor, f"{line}\n{anchor}")
-    assert run(tangled) == 2
-    err = capsys.readouterr().err
-    assert f"{chapter}, cell {cell} " in err
-    assert f"imports the chapter's own module ftbook.{module} at line 1 of the cell" in err
+    assert message in err
 
 
 def test_importing_another_module_is_fine(
