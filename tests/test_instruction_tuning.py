@@ -437,16 +437,17 @@ def test_sft_train_packs_rows_full_and_learns():
     assert padded.utilization < 1 and len(padded.losses) == 2
 
 
-def test_tokenize_for_sft_matches_trl_completion_only_pipeline(real_env, tmp_path):
+@pytest.mark.parametrize("loader", ["load_causal_lm", "load_chat_lm"])  # book's template, ChatML
+def test_tokenize_for_sft_matches_trl_completion_only_pipeline(real_env, tmp_path, loader):
     import warnings
 
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from ftbook.base_models import load_causal_lm
+    from ftbook import base_models
     from ftbook.instruction_tuning import conversation_to_prompt_and_output, tokenize_for_sft
 
-    lm, tok = load_causal_lm("smoke")
+    lm, tok = getattr(base_models, loader)("smoke")
     convs = [[{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi there"}],
              [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]]
     pairs = [conversation_to_prompt_and_output(tok, c) for c in convs]
