@@ -149,10 +149,13 @@ class FileHashes:
 
 
 def toc_chapters(root: Path = ROOT) -> list[str]:
-    """Chapter names (``13_02_lora``) in the order of ``_toc.yml``, executable ones only."""
+    """Chapter names (``13_02_lora``) in execution order: the appendices (``00_*``), which
+    build the models every chapter loads, then the chapters, each group in the order of
+    ``_toc.yml``. (Run first, an appendix is charged with its own pretraining in the timings.)"""
     names = re.findall(r"^\s*-?\s*file:\s*chapters/(\S+?)\s*$", (root / "_toc.yml").read_text(),
                        re.M)
-    return [n.removesuffix(".py") for n in names if (root / "chapters" / f"{n}.py").exists()]
+    names = [n.removesuffix(".py") for n in names if (root / "chapters" / f"{n}.py").exists()]
+    return sorted(names, key=lambda name: not name.startswith("00_"))  # stable: toc order kept
 
 
 def named_modules(text: str, package_dir: Path) -> set[str]:
