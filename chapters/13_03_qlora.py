@@ -383,12 +383,16 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
 #
 # bitsandbytes runs on CPU, so we can compare closely: on random weights and on linear layers
 # of both base models, without double quantization, the packed bytes and the constants must be
-# identical and the dequantized tensors equal to float32 precision (tolerance $10^{-6}$). With
+# identical and the dequantized tensors equal to float32 precision. With
 # double quantization we compare what matters, the relative reconstruction error
 # $\lVert W - \hat W \rVert_F / \lVert W \rVert_F$: ours must be within 1% of bitsandbytes'.
-# (Our NF4 levels are the exact quantiles rounded to float32; bitsandbytes' table differs in the
-# last bit for some levels, so a value within about $10^{-7}$ of a midpoint could round
-# differently. On real and random tensors this does not happen, as the first column shows.)
+# One exception is allowed, and it is arithmetic, not a difference of method: our NF4 levels are
+# the exact quantiles rounded to float32, bitsandbytes' table differs in the last bit for some
+# levels, and the two divide $w$ by its block's absmax in their own way, so a scaled weight
+# within a few float32 steps of the midpoint between two levels (a *tie*) may get the adjacent
+# code. The first two columns count the codes that differ and check that every one of them is
+# such a tie; whether any occur depends on the weights (a model pretrained on another CPU has
+# other last bits), and the checks hold either way.
 #
 # bitsandbytes has two CPU dequantization paths: a compiled kernel (used when the row length is
 # even) and a pure-PyTorch reference (used otherwise). We compare with both, because they do not
@@ -421,6 +425,10 @@ for model_name, model in (("encoder", encoder), ("causal LM", causal_lm)):
     layer_zero = [(n, m) for n, m in model.named_modules()
                   if isinstance(m, torch.nn.Linear) and (".0." in n or "layer.0" in n)]
     tensors.update({f"{model_name} {n}": m.weight.detach() for n, m in layer_zero})
+levels = torch.tensor(NF4_LEVELS)
+# a tie: the two codes are adjacent levels and the scaled weight lies within float32 reach of
+# their midpoint (the tables' difference, plus the rounding of w / absmax and of the midpoint)
+tie_tolerance = level_bound.max().item() + 4 * 2.0**-24
 for name, w in tensors.items():
     ours = quantize_nf4(w, double_quant=False)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
@@ -430,28 +438,41 @@ for name, w in tensors.items():
                                          compress_statistics=True)
     err_ours = float((dequantize_nf4(ours_dq) - w).norm() / w.norm())
     err_bnb = float((bnb_reference_dequantize(packed2, state2) - w).norm() / w.norm())
+    codes_ours = _unpack(ours.packed, w.numel()).long()  # (n,)
+    codes_bnb = _unpack(packed.reshape(-1), w.numel()).long()  # (n,)
+    differ = codes_ours != codes_bnb
+    scaled = w.reshape(-1) / _expand(ours.absmax, w.numel(), 64)  # (n,) in [-1, 1]
+    midpoint = (levels[codes_ours[differ]] + levels[codes_bnb[differ]]) / 2
+    ties = ((codes_ours[differ] - codes_bnb[differ]).abs() == 1) & \
+        ((scaled[differ] - midpoint).abs() <= tie_tolerance)
+    gap = (ours_deq - bnb_reference_dequantize(packed, state)).abs().reshape(-1)  # (n,)
     parity_rows.append({
         "tensor": name, "shape": "x".join(map(str, w.shape)),
-        "same codes": torch.equal(ours.packed, packed.reshape(-1)),
+        "codes differ": int(differ.sum()), "all of them ties": bool(ties.all()),
         "same constants": torch.equal(ours.absmax, state.absmax),
-        "max |ours - bnb reference|": (ours_deq - bnb_reference_dequantize(packed, state)).abs().max().item(),
+        "max |ours - bnb reference|": gap[~differ].max().item(),
         "max |ours - bnb CPU kernel|": (ours_deq - bnbf.dequantize_4bit(packed, state)).abs().max().item(),
         "DQ error ours / bnb": err_ours / err_bnb})
     # same codes and constants: the values differ by the two tables' levels (`level_bound`)
     # times a constant <= max |w|, plus one float32 rounding of each product
     dequant_bounds[name] = (level_bound.max().item() + 2 * 2.0**-24) * w.abs().max().item()
+    # at a tie the two values are the two adjacent levels times the block's constant
+    tie_gaps = (levels[codes_ours[differ]] - levels[codes_bnb[differ]]).abs() \
+        * _expand(ours.absmax, w.numel(), 64)[differ]
+    assert (gap[differ] <= tie_gaps + dequant_bounds[name]).all()
 parity = pd.DataFrame(parity_rows).set_index("tensor")
 show_table(parity, "bnb_parity", CHAPTER, floatfmt="{:.3g}")
 # the kernel is off where it differs by more than the two level tables explain
 kernel_off = parity[parity["max |ours - bnb CPU kernel|"] > pd.Series(dequant_bounds)]
-print(f"{len(parity)} tensors: codes and constants identical in all: "
-      f"{bool(parity['same codes'].all() and parity['same constants'].all())}; "
+print(f"{len(parity)} tensors: constants identical in all: {bool(parity['same constants'].all())}; "
+      f"codes that differ: {parity['codes differ'].sum()} of {sum(w.numel() for w in tensors.values()):,}, "
+      f"all of them ties: {bool(parity['all of them ties'].all())}; "
       f"max |ours - bnb reference| {parity['max |ours - bnb reference|'].max():.2e}; "
       f"DQ error ratio in [{parity['DQ error ours / bnb'].min():.4f}, "
       f"{parity['DQ error ours / bnb'].max():.4f}]")
 print("bnb's CPU kernel disagrees with bnb's own reference on shapes:",
       sorted(set(kernel_off["shape"])) or "none")
-assert parity["same codes"].all() and parity["same constants"].all()
+assert parity["all of them ties"].all() and parity["same constants"].all()
 assert (parity["max |ours - bnb reference|"] <= pd.Series(dequant_bounds)).all()
 # Not an identity: bitsandbytes' second-level constants differ from ours in a few 8-bit codes
 # (the 4-bit codes are the same), so this compares accuracy. The printed range of the ratio is
@@ -461,9 +482,9 @@ assert all(int(shape.split("x")[-1]) % 64 for shape in kernel_off["shape"]), \
     "the CPU kernel should only disagree when rows are not a multiple of the block size"
 
 # %% [markdown]
-# Our quantizer reproduces bitsandbytes exactly: identical codes and constants, and dequantization
-# equal to bitsandbytes' reference up to the few float32 steps by which the two level tables
-# differ (bounded above, level by level). The second column records a finding of
+# Our quantizer reproduces bitsandbytes: identical constants, identical codes except at exact
+# ties (the count is printed above), and dequantization equal to bitsandbytes' reference up to
+# the few float32 steps by which the two level tables differ (bounded above, level by level). The second column records a finding of
 # this comparison: in the installed bitsandbytes, the compiled CPU dequantization kernel returns
 # wrong values when the row length is even but not a multiple of the block size (a block then
 # spans two rows), while its quantizer and its PyTorch reference are right. Our Llama's
