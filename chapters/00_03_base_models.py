@@ -938,7 +938,7 @@ assert chat_lm.generation_config.eos_token_id == chat_tokenizer.eos_token_id
 # A perplexity per token cannot compare two models with different tokenizers: SmolLM2's
 # byte-level BPE of 49,152 pieces cuts the same sentence into fewer, rarer tokens than the book's
 # SentencePiece model of a few thousand. Bits per UTF-8 byte can, since both models then predict
-# the same bytes: $	ext{bpb} = \sum_t \ell_t / (\ln 2 \cdot \#	ext{bytes})$ over the same texts.
+# the same bytes: $\text{bpb} = \sum_t \ell_t / (\ln 2 \cdot \#\text{bytes})$ over the same texts.
 # We score the book's held-out corpora (the first texts of each, 128 tokens at most) under both.
 
 # %%
