@@ -958,9 +958,11 @@ if PROFILE != "full":
 # %% [markdown]
 # In the tiny profile the table is the case for the switch: SmolLM2 predicts general English
 # (wiki, C4) and Shakespeare with far fewer bits per byte than the book's LM, which saw a few
-# million tokens; on the book's own arithmetic lines and review sentences, the domains the small
-# model was pretrained on, the gap is what the table shows. (In the smoke profile both models
-# are random and the numbers mean nothing.) The generative chapters use SmolLM2 where they need
+# million tokens. The exceptions are the book's own formats: on the arithmetic lines, written
+# exactly as the small model saw them in pretraining, the book's LM is ahead, and on review
+# sentences, its main domain, the two come close. (The wiki and C4 rows rest on the few held-out
+# documents the corpora spare, the "texts" column; in the smoke profile both models are random
+# and the numbers mean nothing.) The generative chapters use SmolLM2 where they need
 # a model that can follow an instruction; the book's own LM stays where a chapter needs a model
 # small enough to fine-tune fully within its budget (13-01's forgetting, 13-03, 13-05).
 
