@@ -36,7 +36,7 @@
 # |---|---|---|---|
 # | encoder (classification, 13-01 to 13-05) | random tiny BERT | all-MiniLM-L6-v2 (22.7M) | `roberta-base` (125M) |
 # | causal LM (`load_causal_lm`: 13-01, 13-03, 13-05, and 13-06 to 13-10 until they move to the chat LM) | random tiny Llama | the book's base LM (below) | `Qwen/Qwen2.5-0.5B-Instruct` |
-# | chat LM (`load_chat_lm`, ChatML) | random tiny Llama, SmolLM2's tokenizer | SmolLM2-135M-Instruct (134.5M) | `Qwen/Qwen2.5-0.5B-Instruct` |
+# | chat LM (`load_chat_lm`, ChatML; what 13-06's SFT starts from) | random tiny Llama, SmolLM2's tokenizer | SmolLM2-135M-Instruct (134.5M) | `Qwen/Qwen2.5-0.5B` (the base model) |
 
 # %%
 from ftbook.workbench import device_cell, get_device, get_profile, pick, seed_everything
@@ -91,6 +91,7 @@ from ftbook.workbench import (
 
 FULL_ENCODER = "roberta-base"
 FULL_CAUSAL_LM = "Qwen/Qwen2.5-0.5B-Instruct"
+FULL_CHAT_LM = "Qwen/Qwen2.5-0.5B"  # the base model; its tokenizer carries the ChatML template
 
 
 def minilm_path() -> Path:
@@ -860,10 +861,11 @@ def build_smoke_chat_lm(folder: Path, seed: int = 0) -> None:
 
 
 def chat_lm_name(profile: str) -> str:
-    """The instruction-following causal LM of `profile`: a hub id (full), the converted
-    SmolLM2-135M-Instruct (tiny) or a random tiny Llama with its ChatML tokenizer (smoke)."""
+    """The ChatML causal LM of `profile`, the model 13-06's SFT starts from: base Qwen2.5-0.5B
+    from the hub (full), the converted SmolLM2-135M-Instruct (tiny: no base model of this size
+    installs offline) or a random tiny Llama with SmolLM2's tokenizer (smoke)."""
     if profile == "full":
-        return FULL_CAUSAL_LM
+        return FULL_CHAT_LM
     gguf = smollm2_gguf_path()
     key = hashlib.sha256(f"{CHAT_LM_FORMAT}|{gguf.stat().st_size}|{profile}".encode())
     folder = cache_dir("chat_lm") / f"{profile}-{key.hexdigest()[:12]}"

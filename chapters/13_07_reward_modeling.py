@@ -56,9 +56,13 @@ RUN_INFO = device_cell(PROFILE, SEED, DEVICE)
 # %% [markdown]
 # ## Configuration
 #
-# One frozen configuration per profile. The tiny profile samples a few hundred replies of at most
-# 48 tokens from the tiny SFT model, trains the reward model for about two epochs over the
-# training pairs, and draws 64 replies for each of a few held-out prompts for best-of-$n$.
+# One frozen configuration per profile. The tiny profile samples two replies of at most 40
+# tokens to each of 160 training and 96 held-out prompts from 13-06's SFT model
+# (SmolLM2-135M-Instruct after LoRA SFT), and 8 replies to each of 32 more held-out prompts for
+# best-of-$n$. Sampling from a 135M-parameter model is the expensive part on two CPU cores, and
+# so is a backward pass through it: the tiny reward model keeps the SFT transformer frozen and
+# trains its head on features computed once (`train_backbone=False`), while the full profile
+# trains every weight, as InstructGPT does.
 
 # %%
 #| export
@@ -93,7 +97,6 @@ class RewardModelConfig:
     """Budget and hyperparameters of chapter 13-07 (one per profile)."""
 
     n_train_prompts: int  # SST-2 train openings; one preference pair each
-    n_eval_prompts: int  # SST-2 validation openings for held-out pairs
     max_new_tokens: int  # reply length cap when sampling from the SFT policy
     temperature: float  # sampling temperature of the SFT policy
     generate_batch_size: int
@@ -110,20 +113,21 @@ class RewardModelConfig:
     bon_max_n: int  # samples per prompt; n = 1, 2, 4, ..., bon_max_n
     bf16: bool = False  # autocast to bfloat16 (GPU)
     seed: int = 0
+    train_backbone: bool = True  # False: train the head on the frozen SFT transformer's features
 
 
 RM_CONFIGS = {
-    "smoke": RewardModelConfig(n_train_prompts=24, n_eval_prompts=12, max_new_tokens=8,
+    "smoke": RewardModelConfig(n_train_prompts=24, max_new_tokens=8,
                                temperature=1.0, generate_batch_size=16, max_len=128, steps=4,
                                batch_size=4, lr=1e-3, weight_decay=0.0, warmup_ratio=0.25,
                                eval_every=2, score_batch_size=32, calibration_bins=4,
-                               bon_prompts=3, bon_max_n=8),
-    "tiny": RewardModelConfig(n_train_prompts=640, n_eval_prompts=96, max_new_tokens=48,
-                              temperature=1.0, generate_batch_size=64, max_len=256, steps=60,
-                              batch_size=16, lr=1e-3, weight_decay=0.01, warmup_ratio=0.1,
-                              eval_every=20, score_batch_size=64, calibration_bins=8,
-                              bon_prompts=12, bon_max_n=64),
-    "full": RewardModelConfig(n_train_prompts=4000, n_eval_prompts=500, max_new_tokens=48,
+                               bon_prompts=3, bon_max_n=8, train_backbone=False),
+    "tiny": RewardModelConfig(n_train_prompts=128, max_new_tokens=32,
+                              temperature=1.0, generate_batch_size=64, max_len=256, steps=300,
+                              batch_size=32, lr=3e-3, weight_decay=1.0, warmup_ratio=0.1,
+                              eval_every=50, score_batch_size=64, calibration_bins=8,
+                              bon_prompts=32, bon_max_n=8, train_backbone=False),
+    "full": RewardModelConfig(n_train_prompts=4000, max_new_tokens=48,
                               temperature=1.0, generate_batch_size=128, max_len=256, steps=500,
                               batch_size=32, lr=1e-5, weight_decay=0.01, warmup_ratio=0.05,
                               eval_every=100, score_batch_size=128, calibration_bins=10,
@@ -718,17 +722,23 @@ def collate_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_toke
 @torch.no_grad()
 def score_pairs(reward_model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                 pad_token_id: int, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen_rewards, rejected_rewards), each (pairs,) float32 on the CPU."""
-    reward_model.eval()
-    device = next(reward_model.parameters()).device
-    chosen, rejected = [], []
-    for i in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[i:i + batch_size], pad_token_id)
-        rewards = reward_model(**{k: v.to(device) for k, v in batch.items()}).cpu()
-        c, r = rewards.chunk(2)
-        chosen.append(c)
-        rejected.append(r)
-    return torch.cat(chosen), torch.cat(rejected)
+    """(chosen_rewards, rejected_rewards), each (pairs,) float32 on the CPU: the head applied
+    to `last_token_features` (the shared prefix encoded once)."""
+    rewards = score_rows(reward_model, [c for c, _ in pairs] + [r for _, r in pairs],
+                         pad_token_id, batch_size)
+    return rewards[:len(pairs)], rewards[len(pairs):]
+
+
+@torch.no_grad()
+def score_rows(reward_model: nn.Module, rows: Sequence[Sequence[int]], pad_token_id: int,
+               batch_size: int = 32) -> torch.Tensor:
+    """(n,) float32 rewards on the CPU of token `rows`, eq. (7.6), computed as the head applied
+    to `last_token_features`."""
+    if not rows:
+        return torch.zeros(0)
+    features = last_token_features(reward_model, rows, pad_token_id, batch_size)
+    head = reward_model.head
+    return head(features.to(head.weight.device, head.weight.dtype)).squeeze(-1).float().cpu()
 
 
 @torch.no_grad()
@@ -739,15 +749,9 @@ def score_replies(reward_model: nn.Module, tokenizer: Any, prompts: Sequence[str
     assistant header)."""
     if len(prompts) != len(replies):
         raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
-    reward_model.eval()
-    device = next(reward_model.parameters()).device
     rows = [tokenizer(reward_model_text(tokenizer, p, y), add_special_tokens=False)["input_ids"]
             for p, y in zip(prompts, replies, strict=True)]
-    rewards = []
-    for i in range(0, len(rows), batch_size):
-        batch = pad_sequences(rows[i:i + batch_size], tokenizer.pad_token_id)
-        rewards.append(reward_model(**{k: v.to(device) for k, v in batch.items()}).cpu())
-    return torch.cat(rewards) if rewards else torch.zeros(0)
+    return score_rows(reward_model, rows, tokenizer.pad_token_id, batch_size)
 
 
 def evaluate_reward_model(reward_model: nn.Module,
@@ -767,6 +771,7 @@ class RewardLog:
     accuracies: list[float] = field(default_factory=list)  # on each training batch
     evals: list[dict] = field(default_factory=list)  # {"step", "loss", "accuracy"}
     step_seconds: list[float] = field(default_factory=list)
+    feature_seconds: float = 0.0  # frozen backbone: computing the features once
 
 
 def train_reward_model(reward_model: nn.Module,
@@ -829,6 +834,126 @@ def train_reward_model(reward_model: nn.Module,
     return log
 
 
+@torch.no_grad()
+def last_token_features(reward_model: "RewardModel", rows: Sequence[Sequence[int]],
+                        pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """(n, d) float32 hidden states h_{T*} of eq. (7.6) of token `rows`, from the backbone
+    alone: what the head reads when the backbone is frozen. Rows are right-padded in batches
+    sorted by length; the token prefix that all rows share (the system prompt) is encoded once
+    and its key/value cache reused, which changes the batching and nothing else."""
+    if not rows:
+        raise ValueError("no rows to score")
+    device = next(reward_model.parameters()).device
+    reward_model.eval()
+    shared, head, limit = 0, rows[0], min(len(r) for r in rows) - 1  # T* stays in the suffix
+    while shared < limit and all(r[shared] == head[shared] for r in rows):
+        shared += 1
+    prefix_cache = None
+    if shared > 0:
+        prefix = torch.tensor([list(head[:shared])], device=device)  # (1, shared)
+        prefix_cache = reward_model.backbone(input_ids=prefix, use_cache=True).past_key_values
+    features = torch.zeros(len(rows), reward_model.config.hidden_size)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = pad_sequences([rows[i][shared:] for i in chunk], pad_token_id)
+        mask = batch["attention_mask"].to(device)  # (b, L)
+        kwargs = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(chunk))
+            kwargs["past_key_values"] = cache
+            mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)
+        hidden = reward_model.backbone(input_ids=batch["input_ids"].to(device),
+                                       attention_mask=mask, **kwargs).last_hidden_state
+        last = last_token_index(batch["attention_mask"]).to(device)  # (b,) within the suffix
+        features[chunk] = hidden[torch.arange(len(chunk), device=device), last].float().cpu()
+    return features
+
+
+def train_reward_head(reward_model: "RewardModel",
+                      pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, steps: int,
+                      lr: float, batch_size: int, pad_token_id: int, seed: int,
+                      weight_decay: float = 0.0, warmup_ratio: float = 0.1,
+                      max_grad_norm: float = 1.0,
+                      eval_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
+                      eval_every: int = 0, desc: str = "reward head") -> RewardLog:
+    """`train_reward_model` with the backbone frozen: the features h_{T*} of every sequence are
+    computed once (`last_token_features`), then only the head w of eq. (7.6) is trained, with the
+    same loss (7.2), batches, schedule and clipping. A linear head on frozen features is a
+    logistic regression on feature differences: r(a) - r(b) = w^T (h_a - h_b)."""
+    from ftbook.full_finetuning import schedule_factor
+
+    if not pairs:
+        raise ValueError("no training pairs")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
+    start = time.perf_counter()
+    features = last_token_features(reward_model, [c for c, _ in pairs] + [r for _, r in pairs],
+                                   pad_token_id)
+    h_chosen, h_rejected = features.chunk(2)  # (pairs, d) each
+    if eval_pairs:
+        eval_features = last_token_features(
+            reward_model, [c for c, _ in eval_pairs] + [r for _, r in eval_pairs], pad_token_id)
+        eval_chosen, eval_rejected = eval_features.chunk(2)
+    log = RewardLog(feature_seconds=time.perf_counter() - start)
+    head = reward_model.head
+    weight = head.weight.detach().float().cpu().clone().requires_grad_(True)  # (1, d)
+    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    warmup = round(warmup_ratio * steps)
+
+    def evaluate(step: int) -> None:
+        if eval_pairs and eval_every:
+            with torch.no_grad():
+                c, r = eval_chosen @ weight[0], eval_rejected @ weight[0]
+            log.evals.append({"step": step, "loss": bradley_terry_loss(c, r).item(),
+                              "accuracy": pairwise_accuracy(c, r)})
+
+    evaluate(0)
+    order: list[int] = []
+    for step in progress(range(steps), desc=desc):
+        tick = time.perf_counter()
+        rows = []
+        while len(rows) < batch_size:
+            if not order:
+                order = torch.randperm(len(pairs), generator=generator).tolist()
+            rows.append(order.pop())
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
+        chosen, rejected = h_chosen[rows] @ weight[0], h_rejected[rows] @ weight[0]  # (B,)
+        loss = bradley_terry_loss(chosen, rejected)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([weight], max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.losses.append(check_finite(loss, f"{desc} loss", step))
+        log.accuracies.append(pairwise_accuracy(chosen.detach(), rejected.detach()))
+        log.step_seconds.append(time.perf_counter() - tick)
+        if eval_every and (step + 1) % eval_every == 0:
+            evaluate(step + 1)
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight.device, head.weight.dtype))
+    reward_model.eval()
+    return log
+
+
+def fit_reward_model(reward_model: "RewardModel",
+                     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                     cfg: RewardModelConfig, pad_token_id: int,
+                     eval_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None
+                     ) -> RewardLog:
+    """The chapter's recipe for `cfg`: `train_reward_model` (every weight) or, with
+    `cfg.train_backbone` False, `train_reward_head` (the head on frozen features)."""
+    args = dict(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                pad_token_id=pad_token_id, seed=cfg.seed, weight_decay=cfg.weight_decay,
+                warmup_ratio=cfg.warmup_ratio, eval_pairs=eval_pairs,
+                eval_every=cfg.eval_every if eval_pairs else 0)
+    if cfg.train_backbone:
+        return train_reward_model(reward_model, pairs, bf16=cfg.bf16, **args)
+    return train_reward_head(reward_model, pairs, **args)
+
+
 # %% [markdown]
 # A quick check of the loop on a separable toy problem: in every pair the chosen sequence ends
 # with token 7 and the rejected one with token 9. The loss must fall from $\ln 2$ and the
@@ -860,11 +985,31 @@ assert toy_eval["accuracy"] == 1.0
 # `REVIEW_PROMPT` around it. Training prompts come from SST-2 train, held-out prompts from its
 # validation split.
 #
-# **Gold reward.** $r^\star(y) = z_+(y) - z_-(y)$, the difference of the two logits of an SST-2
-# classifier on the reply text: the log-odds of "positive" under the classifier. In the tiny
-# profile the classifier is MiniLM fine-tuned with 13-01's `train_classifier` and full
-# fine-tuning recipe (`FT_CONFIGS`); in smoke it is the random tiny BERT trained for a few steps.
-# It is trained once and cached.
+# **Gold reward.** A reader asked for a movie review wants a review: a sentence of reasonable
+# length, not a fragment, a word list or one word repeated, and among those, the more positive
+# the better. The gold reward says exactly that. Its sentiment part is
+# $s(y) = z_+(y) - z_-(y)$, the difference of the two logits of an SST-2 classifier on the
+# reply: the log-odds of "positive". In the tiny profile the classifier is MiniLM fine-tuned with
+# 13-01's `train_classifier` and full fine-tuning recipe (`FT_CONFIGS`); in smoke it is the random
+# tiny BERT trained for a few steps; it is trained once and cached. A sentiment classifier alone
+# is a poor judge of replies: it scores "great" or "a great film" as very positive, and a policy
+# optimised against it learns to say exactly that (the first version of this book's PPO chapter
+# did). So the sentiment counts only as far as the reply is a review:
+#
+# $$
+# r^\star(y) = g(y)\, s(y) + \big(1 - g(y)\big)\, r_\text{floor},
+# \qquad g(y) = g_\text{len}\, g_\text{rep}\, g_\text{func}\, g_\text{end} \in [0, 1],
+# \tag{7.1b}
+# $$
+#
+# where, with $n$ the number of words of $y$: $g_\text{len} = \min(1, n / 8)$ (a sentence, not
+# a fragment); $g_\text{rep} = \min(1, d / 0.7)$ with $d$ the share of distinct words (no
+# repetition loops); $g_\text{func} = \min(1, f / 0.2)$ with $f$ the share of function words
+# such as "the", "of", "is" (running text rather than a list of adjectives; they make up about
+# half of English text); and $g_\text{end} = 1$ if the reply ends a sentence (., ! or ?), else
+# $1/2$ (cut off mid-sentence). A reply with $g = 0$ gets $r_\text{floor} = -4$, about the
+# sentiment log-odds of a clearly negative review: to the reader, a non-answer is as bad as a
+# bad review. The cell after the code measures $g$ on real reviews and on degenerate replies.
 #
 # **Preference pairs.** For each prompt the SFT policy samples two replies $a, b$; a simulated
 # labeller prefers $a$ with probability $\sigma(r^\star(a) - r^\star(b))$, eq. (7.1) with the gold
@@ -877,7 +1022,7 @@ assert toy_eval["accuracy"] == 1.0
 #| export
 SST2_MIN_WORDS = 7  # a sentence must leave words to continue after the opening
 OPENING_WORDS = (3, 6)  # the opening's length in words, drawn uniformly
-CACHE_FORMAT = 1  # bump to invalidate the cached gold classifiers and reward models
+CACHE_FORMAT = 2  # bump to invalidate the cached gold classifiers and reward models
 RECIPE_FILE = "recipe.json"
 
 
@@ -904,10 +1049,39 @@ def sentiment_prompts(split: str, n: int, seed: int) -> list[str]:
     return prompts
 
 
+GOLD_MIN_WORDS = 8  # g_len = min(1, n / 8)
+GOLD_MIN_DISTINCT = 0.7  # g_rep = min(1, share of distinct words / 0.7)
+GOLD_MIN_FUNCTION = 0.2  # g_func = min(1, share of function words / 0.2)
+GOLD_FLOOR = -4.0  # r_floor of eq. (7.1b)
+FUNCTION_WORDS = frozenset(
+    "the a an of to and in is it that this with for as but its was on be by not are at from or "
+    "his her their they he she you we i me my your our has have had were been so than too very "
+    "all no if what who which when there more most just about into can will would do does "
+    "'s n't".split())
+
+
+def well_formedness(text: str) -> float:
+    """g(y) of eq. (7.1b): the product of the length, repetition, function-word and ending
+    factors, in [0, 1]; 0 for an empty reply."""
+    import re
+
+    words = text.lower().split()
+    if not words:
+        return 0.0
+    n = len(words)
+    g_len = min(1.0, n / GOLD_MIN_WORDS)
+    g_rep = min(1.0, len(set(words)) / n / GOLD_MIN_DISTINCT)
+    g_func = min(1.0, sum(w in FUNCTION_WORDS for w in words) / n / GOLD_MIN_FUNCTION)
+    g_end = 1.0 if re.search(r"[.!?][\"')]*$", text.strip()) else 0.5
+    return g_len * g_rep * g_func * g_end
+
+
 class GoldReward:
-    """The gold reward of the running task: logit(positive) - logit(negative) of an SST-2
-    classifier on the reply text. Calling it on a list of n replies returns an (n,) float32
-    tensor on the CPU. `info` holds what was measured when the classifier was trained."""
+    """The gold reward of the running task, eq. (7.1b): the sentiment log-odds s(y) of an SST-2
+    classifier on the reply, counted as far as the reply is a review (`well_formedness`), with
+    the floor GOLD_FLOOR for a reply that is none. Calling it on a list of n replies returns an
+    (n,) float32 tensor on the CPU; `sentiment` returns s(y) alone. `info` holds what was
+    measured when the classifier was trained."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_len: int = 64,
                  batch_size: int = 64, info: dict | None = None):
@@ -915,8 +1089,15 @@ class GoldReward:
         self.max_len, self.batch_size = max_len, batch_size
         self.info = info or {}
 
-    @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            raise TypeError("pass a list of replies, not one string")
+        g = torch.tensor([well_formedness(t) for t in texts], dtype=torch.float32)
+        return g * self.sentiment(texts) + (1 - g) * GOLD_FLOOR
+
+    @torch.no_grad()
+    def sentiment(self, texts: Sequence[str]) -> torch.Tensor:
+        """s(y) = logit(positive) - logit(negative) of the classifier, (n,) float32."""
         if isinstance(texts, str):
             raise TypeError("pass a list of replies, not one string")
         device = next(self.model.parameters()).device
@@ -1017,30 +1198,53 @@ def draw_preferences(gold_a: torch.Tensor, gold_b: torch.Tensor, seed: int) -> t
     return uniform < torch.sigmoid(gold_a.double() - gold_b.double())
 
 
-def preference_pairs(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
-                     gold_reward: Callable[[list[str]], torch.Tensor], *, max_new_tokens: int,
-                     seed: int, temperature: float = 1.0, batch_size: int = 32) -> list[dict]:
-    """Sample two replies per user message in `prompts` from `policy` and label them by a
-    Bradley-Terry draw on `gold_reward` (`draw_preferences`, seeded). Returns validated records
-    {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}; prompts whose two replies
-    are empty or identical are dropped (they carry no preference)."""
+def sample_per_prompt(policy: nn.Module, tokenizer: Any, prompts: Sequence[str], n: int, *,
+                      max_new_tokens: int, seed: int, temperature: float = 1.0,
+                      batch_size: int = 32) -> list[list[str]]:
+    """`n` replies (stripped) sampled from `policy` for each user message in `prompts`: pure
+    sampling at `temperature`, 13-06's `generate_responses`. (prompts, n) nested lists."""
     prompt_strs = [render_prompt(tokenizer, p) for p in prompts]
     replies = generate_responses(
-        policy, tokenizer, [s for s in prompt_strs for _ in range(2)],
+        policy, tokenizer, [s for s in prompt_strs for _ in range(n)],
         max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, seed=seed,
         batch_size=batch_size)
-    replies = [r.strip() for r in replies]
-    gold = gold_reward(replies).double()
+    return [[r.strip() for r in replies[i * n:(i + 1) * n]] for i in range(len(prompts))]
+
+
+def label_pairs(prompts: Sequence[str], replies: Sequence[Sequence[str]],
+                gold_reward: Callable[[list[str]], torch.Tensor], seed: int) -> list[dict]:
+    """Preference records from disjoint consecutive pairs (0, 1), (2, 3), ... of each prompt's
+    `replies`, labelled by a Bradley-Terry draw on `gold_reward` (`draw_preferences`, seeded).
+    Returns validated records {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"};
+    pairs whose replies are empty or identical are dropped (they carry no preference)."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} lists of replies")
+    pairs = [(prompt, group[k], group[k + 1]) for prompt, group in zip(prompts, replies,
+                                                                       strict=True)
+             for k in range(0, len(group) - 1, 2)]
+    flat = [text for _, a, b in pairs for text in (a, b)]
+    gold = gold_reward(flat).double() if flat else torch.zeros(0, dtype=torch.float64)
     a_wins = draw_preferences(gold[0::2], gold[1::2], seed)
     records = []
-    for i, prompt in enumerate(prompts):
-        a, b = (replies[2 * i], gold[2 * i].item()), (replies[2 * i + 1], gold[2 * i + 1].item())
-        if not a[0] or not b[0] or a[0] == b[0]:
+    for i, (prompt, a, b) in enumerate(pairs):
+        if not a or not b or a == b:
             continue
-        (chosen, gold_chosen), (rejected, gold_rejected) = (a, b) if a_wins[i] else (b, a)
+        ga, gb = gold[2 * i].item(), gold[2 * i + 1].item()
+        (chosen, gold_chosen), (rejected, gold_rejected) = ((a, ga), (b, gb)) if a_wins[i] \
+            else ((b, gb), (a, ga))
         records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
                         "gold_chosen": gold_chosen, "gold_rejected": gold_rejected})
     return validate_preference_records(records, "sampled preference pairs")
+
+
+def preference_pairs(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
+                     gold_reward: Callable[[list[str]], torch.Tensor], *, max_new_tokens: int,
+                     seed: int, temperature: float = 1.0, batch_size: int = 32) -> list[dict]:
+    """Sample two replies per user message in `prompts` from `policy` and label them
+    (`sample_per_prompt`, then `label_pairs`)."""
+    replies = sample_per_prompt(policy, tokenizer, prompts, 2, max_new_tokens=max_new_tokens,
+                                seed=seed, temperature=temperature, batch_size=batch_size)
+    return label_pairs(prompts, replies, gold_reward, seed)
 
 
 # %% [markdown]
@@ -1048,7 +1252,7 @@ def preference_pairs(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
 # $\sigma(r^\star(a) - r^\star(b))$ within binomial error.
 
 # %%
-from ftbook.workbench import binomial_interval
+from ftbook.workbench import binomial_interval, mean_interval
 
 gaps = torch.tensor([-2.0, 0.0, 1.0, 3.0])
 draws = torch.stack([draw_preferences(gaps, torch.zeros(4), seed=s) for s in range(4000)])
@@ -1073,6 +1277,40 @@ with Timer(DEVICE) as timer:
 timings["gold classifier (load or train)"] = timer.seconds
 print(f"gold classifier: SST-2 dev accuracy {gold.info['dev_accuracy']:.3f} on "
       f"{gold.info['dev_rows']} rows")
+
+# %% [markdown]
+# How the gold reward (7.1b) judges replies: a few written by hand, degenerate ones among them,
+# and the SST-2 validation sentences of eight words or more, which are real reviews.
+
+# %%
+from ftbook.data import load_sst2
+
+by_hand = {
+    "fluent, positive": "a moving , beautifully acted film that stays with you long after it "
+                        "ends .",
+    "fluent, negative": "the plot is thin , the jokes are stale and the whole thing drags on "
+                        "far too long .",
+    "one word": "great",
+    "two words": "great film",
+    "a fragment": "a great film that",
+    "a list of adjectives": "great wonderful amazing brilliant superb fantastic excellent "
+                            "beautiful .",
+    "a repetition loop": "great great great great great great great great great great .",
+    "cut off mid-sentence": "the film is a beautifully acted and moving story about a family "
+                            "that",
+    "empty": "",
+}
+gold_table = pd.DataFrame({
+    "g(y)": [well_formedness(t) for t in by_hand.values()],
+    "s(y)": gold.sentiment(list(by_hand.values())).tolist(),
+    "gold r*(y)": gold(list(by_hand.values())).tolist()}, index=list(by_hand))
+show_table(gold_table, "gold_on_degenerate", CHAPTER, floatfmt="{:.2f}")
+reviews = [t.strip() for t in load_sst2("validation")["sentence"] if len(t.split()) >= 8]
+review_g = torch.tensor([well_formedness(t) for t in reviews])
+print(f"SST-2 validation sentences of >= 8 words ({len(reviews)}): mean g {review_g.mean():.3f}, "
+      f"g = 1 for {(review_g == 1).float().mean():.1%}")
+# by construction: one word, two words and the empty reply are far from reviews
+assert gold_table.loc[["one word", "two words", "empty"], "g(y)"].max() <= 2 / GOLD_MIN_WORDS
 with Timer(DEVICE) as timer:
     policy, tokenizer = load_sft_model(PROFILE, DEVICE)  # 13-06; trained first if not cached
 timings["SFT policy (load or train)"] = timer.seconds
@@ -1085,28 +1323,46 @@ print(repr(render_prompt(tokenizer, REVIEW_PROMPT.format(opening="the film is"))
 
 # %%
 #| export
-def reward_data(profile: str, policy: nn.Module, tokenizer: Any,
-                gold_reward: Callable[[list[str]], torch.Tensor], split: str) -> list[dict]:
-    """The chapter's preference records: `split` "train" (`n_train_prompts` SST-2 train
-    openings) or "validation" (`n_eval_prompts` held-out openings), two sampled replies each,
-    labelled by the gold reward (`preference_pairs` with `RM_CONFIGS[profile]`)."""
+def heldout_samples(profile: str, policy: nn.Module, tokenizer: Any
+                    ) -> tuple[list[str], list[list[str]]]:
+    """The held-out prompts (`bon_prompts` SST-2 validation openings) and `bon_max_n` replies
+    sampled for each: the samples of the best-of-n experiment, whose disjoint pairs are also
+    the held-out preference pairs."""
     cfg = pick(profile, RM_CONFIGS)
-    if split not in ("train", "validation"):
-        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
-    n = cfg.n_train_prompts if split == "train" else cfg.n_eval_prompts
-    seed = cfg.seed if split == "train" else cfg.seed + 1
-    return preference_pairs(policy, tokenizer, sentiment_prompts(split, n, seed), gold_reward,
-                            max_new_tokens=cfg.max_new_tokens, seed=seed,
-                            temperature=cfg.temperature, batch_size=cfg.generate_batch_size)
+    prompts = sentiment_prompts("validation", cfg.bon_prompts, cfg.seed + 1)
+    return prompts, sample_per_prompt(
+        policy, tokenizer, prompts, cfg.bon_max_n, max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed + 1, temperature=cfg.temperature, batch_size=cfg.generate_batch_size)
+
+
+def reward_data(profile: str, policy: nn.Module, tokenizer: Any,
+                gold_reward: Callable[[list[str]], torch.Tensor], split: str,
+                samples: tuple[list[str], list[list[str]]] | None = None) -> list[dict]:
+    """The chapter's preference records, labelled by the gold reward (`label_pairs`): `split`
+    "train" samples two replies to each of `n_train_prompts` SST-2 train openings; "validation"
+    pairs up the held-out samples (`heldout_samples`, or `samples` when already drawn)."""
+    cfg = pick(profile, RM_CONFIGS)
+    if split == "train":
+        return preference_pairs(
+            policy, tokenizer, sentiment_prompts("train", cfg.n_train_prompts, cfg.seed),
+            gold_reward, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+            temperature=cfg.temperature, batch_size=cfg.generate_batch_size)
+    if split == "validation":
+        prompts, replies = samples or heldout_samples(profile, policy, tokenizer)
+        return label_pairs(prompts, replies, gold_reward, cfg.seed + 1)
+    raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
 
 
 # %%
 with Timer(DEVICE) as timer:
     train_records = reward_data(PROFILE, policy, tokenizer, gold, "train")
-    eval_records = reward_data(PROFILE, policy, tokenizer, gold, "validation")
+    bon_prompts, bon_samples = heldout_samples(PROFILE, policy, tokenizer)
+    eval_records = reward_data(PROFILE, policy, tokenizer, gold, "validation",
+                               samples=(bon_prompts, bon_samples))
 timings["sample and label pairs"] = timer.seconds
-print(f"{len(train_records)} training pairs (of {cfg.n_train_prompts} prompts), "
-      f"{len(eval_records)} held-out pairs (of {cfg.n_eval_prompts})")
+print(f"{len(train_records)} training pairs (of {cfg.n_train_prompts} prompts); "
+      f"{len(eval_records)} held-out pairs from {cfg.bon_max_n} samples of each of "
+      f"{cfg.bon_prompts} held-out prompts")
 for record in train_records[:3]:
     print(f"{record['prompt']!r}\n  chosen   ({record['gold_chosen']:+.2f}): "
           f"{record['chosen'][:80]!r}\n  rejected ({record['gold_rejected']:+.2f}): "
@@ -1228,18 +1484,21 @@ del rm_init, classifier, trainer
 #
 # ## Experiment: training the reward model
 #
-# The reward model starts as a copy of the SFT model's transformer with a zero head and trains
-# all its parameters on the training pairs; the held-out pairs are scored along the way.
+# The reward model starts as a copy of the SFT model's transformer with a zero head. The full
+# profile trains all its parameters on the training pairs (`train_reward_model`). The tiny
+# profile trains the head alone (`train_reward_head`): with the transformer frozen, the feature
+# $h_{T^\star}$ of each sequence never changes, so it is computed once, and (7.2) becomes a
+# logistic regression on feature differences, $r_\phi(a) - r_\phi(b) = w^\top(h_a - h_b)$,
+# with the same batches, schedule and clipping. With a few hundred pairs and $d = 576$ weights
+# it can fit the training labels almost perfectly, so weight decay carries the regularisation.
+# The held-out pairs are scored along the way.
 
 # %%
 seed_everything(SEED)
 reward_model = RewardModel.from_causal_lm(policy).to(DEVICE)
 with Timer(DEVICE) as timer:
-    rm_log = train_reward_model(
-        reward_model, train_pairs, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-        pad_token_id=tokenizer.pad_token_id, seed=cfg.seed, weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio, bf16=cfg.bf16, eval_pairs=eval_pairs,
-        eval_every=cfg.eval_every)
+    rm_log = fit_reward_model(reward_model, train_pairs, cfg, tokenizer.pad_token_id,
+                              eval_pairs=eval_pairs)
 timings["train reward model"] = timer.seconds
 print(f"{cfg.steps} steps in {timer.seconds:.1f} s; training loss {rm_log.losses[0]:.3f} -> "
       f"{sum(rm_log.losses[-5:]) / len(rm_log.losses[-5:]):.3f} (mean of the last 5 steps)")
@@ -1271,6 +1530,17 @@ def agreement(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
     return ((chosen > rejected) == gold_order).float().mean().item()
 
 
+n_eval = len(eval_records)
+
+
+def with_interval(accuracy: float) -> str:
+    low, high = binomial_interval(round(accuracy * n_eval), n_eval)
+    return f"{accuracy:.3f} [{low:.3f}, {high:.3f}]"
+
+
+print(f"held-out accuracy with 95% Wilson intervals on {n_eval} pairs: reward model "
+      f"{with_interval(pairwise_accuracy(chosen_rm, rejected_rm))}, gold reward (ceiling) "
+      f"{with_interval(pairwise_accuracy(gold_chosen, gold_rejected))}")
 accuracy = pd.DataFrame({
     "held-out accuracy": {
         "reward model": pairwise_accuracy(chosen_rm, rejected_rm),
@@ -1427,10 +1697,7 @@ def train_and_save_reward_model(profile: str, device: torch.device | None = None
         tokenizer, reward_data(profile, policy, tokenizer, gold, "train"), cfg.max_len)
     seed_everything(cfg.seed)
     reward_model = RewardModel.from_causal_lm(policy).to(device)
-    log = train_reward_model(reward_model, pairs, steps=cfg.steps, lr=cfg.lr,
-                             batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id,
-                             seed=cfg.seed, weight_decay=cfg.weight_decay,
-                             warmup_ratio=cfg.warmup_ratio, bf16=cfg.bf16)
+    log = fit_reward_model(reward_model, pairs, cfg, tokenizer.pad_token_id)
     return save_reward_model(reward_model, tokenizer, profile, log)
 
 
@@ -1633,29 +1900,30 @@ assert ((best_of_n_estimate(scores, values, 5) - mc).abs() < 5 * mc_stderr).all(
 # neither reward's offset.
 
 # %%
-bon_prompts = sentiment_prompts("validation", cfg.bon_prompts, cfg.seed + 2)
 N = cfg.bon_max_n
 with Timer(DEVICE) as timer:
-    bon_replies = generate_responses(
-        policy, tokenizer, [render_prompt(tokenizer, p) for p in bon_prompts for _ in range(N)],
-        max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature,
-        seed=cfg.seed + 2, batch_size=cfg.generate_batch_size)
-    bon_replies = [r.strip() for r in bon_replies]
+    bon_replies = [reply for group in bon_samples for reply in group]  # drawn above
     proxy = score_replies(reward_model, tokenizer, [p for p in bon_prompts for _ in range(N)],
                           bon_replies, cfg.score_batch_size).view(len(bon_prompts), N)
     gold_scores = gold(bon_replies).view(len(bon_prompts), N)
-timings["best-of-n: sample and score"] = timer.seconds
+timings["best-of-n: score"] = timer.seconds
 
 ns = [2 ** k for k in range(int(math.log2(N)) + 1)]
-bon = pd.DataFrame([{
-    "n": n, "KL (7.7)": best_of_n_kl(n),
-    "proxy reward": best_of_n_estimate(proxy, proxy, n).mean().item(),
-    "gold reward": best_of_n_estimate(proxy, gold_scores, n).mean().item(),
-    "gold reward, selected by gold": best_of_n_estimate(gold_scores, gold_scores, n).mean().item(),
-} for n in ns]).set_index("n")
-for column in ("proxy reward", "gold reward", "gold reward, selected by gold"):
-    bon[f"{column} gain"] = bon[column] - bon.loc[1, column]
+selections = {"proxy reward": (proxy, proxy), "gold reward": (proxy, gold_scores),
+              "gold reward, selected by gold": (gold_scores, gold_scores)}
+rows = []
+for n in ns:
+    row = {"n": n, "KL (7.7)": best_of_n_kl(n)}
+    for column, (selector, values) in selections.items():
+        per_prompt = best_of_n_estimate(selector, values, n)  # (prompts,)
+        row[column] = per_prompt.mean().item()
+        # the gain over n = 1, per prompt, and its 95% interval over the prompts
+        gain = (per_prompt - best_of_n_estimate(selector, values, 1)).tolist()
+        row[f"{column} gain"], row[f"{column} gain +-"] = mean_interval(gain)
+    rows.append(row)
+bon = pd.DataFrame(rows).set_index("n")
 show_table(bon, "best_of_n", CHAPTER, floatfmt="{:.3f}")
+print(f"gains with 95% Student-t intervals over {len(bon_prompts)} prompts, {N} samples each")
 # Selecting by a score raises it: E max of n is non-decreasing in n, up to float64 rounding of
 # (7.9): weights from four lgammas (each up to lgamma(N + 1)) and exp, then sums over N samples
 # and the prompts, for rewards up to max |proxy|; twice that for two values of n.
@@ -1665,10 +1933,12 @@ bon_rounding = 2 * proxy.abs().max().item() * (
 assert (bon["proxy reward"].diff().dropna() >= -bon_rounding).all()
 
 fig, ax = plt.subplots(figsize=(6.2, 3.8))
-ax.plot(bon["KL (7.7)"], bon["proxy reward gain"], marker="o", label="proxy (reward model)")
-ax.plot(bon["KL (7.7)"], bon["gold reward gain"], marker="s", label="gold, selected by proxy")
-ax.plot(bon["KL (7.7)"], bon["gold reward, selected by gold gain"], marker="^", ls="--",
-        label="gold, selected by gold")
+for column, marker, label, style in (
+        ("proxy reward", "o", "proxy (reward model)", "-"),
+        ("gold reward", "s", "gold, selected by proxy", "-"),
+        ("gold reward, selected by gold", "^", "gold, selected by gold", "--")):
+    ax.errorbar(bon["KL (7.7)"], bon[f"{column} gain"], yerr=bon[f"{column} gain +-"],
+                marker=marker, ls=style, capsize=3, label=label)
 for n, row in bon.iterrows():
     ax.annotate(f"n={n}", (row["KL (7.7)"], row["proxy reward gain"]), fontsize=7,
                 textcoords="offset points", xytext=(2, 4))

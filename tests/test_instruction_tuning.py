@@ -553,3 +553,107 @@ def test_load_sft_model_trains_saves_and_reloads_the_same_weights(real_env):
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(),
                                  strict=True):
         assert torch.equal(a, b), name
+
+
+def test_teacher_forced_scores_matches_a_plain_forward_pass(real_env):
+    """Batched, length-sorted, with the shared prefix cached: the NLL of each reply and the
+    greedy flag equal those of one unbatched forward pass over the whole conversation, up to
+    rounding (flags compared where no arg-max is within rounding of a tie)."""
+    from ftbook.base_models import load_chat_lm
+    from ftbook.instruction_tuning import teacher_forced_scores, tokenize_for_sft
+
+    lm, tok = load_chat_lm("smoke")
+    pairs = [("Say hi.", "hello there"), ("What is 2 + 3?", "5"),
+             ("Repeat exactly: a b c", "a b c"), ("Name a colour, please.", "blue"),
+             ("Rewrite in capital letters: hi", "HI")]
+    conversations = [[{"role": "user", "content": u}, {"role": "assistant", "content": r}]
+                     for u, r in pairs]
+    scores = teacher_forced_scores(lm, tok, conversations, batch_size=2)
+    unshared = teacher_forced_scores(lm, tok, conversations, batch_size=2, share_prefix=False)
+    tolerance = 2 * transformer_tolerance(lm.config, 128, 30.0)  # per logit
+    for (ids, labels), s, u in zip(tokenize_for_sft(tok, conversations, 512), scores, unshared,
+                                   strict=True):
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([ids])).logits[0, :-1]  # (T - 1, vocab)
+        targets = torch.tensor(labels[1:])
+        on = targets != -100
+        nll = torch.nn.functional.cross_entropy(logits[on], targets[on], reduction="sum")
+        assert s["tokens"] == u["tokens"] == int(on.sum())
+        per_token = tolerance + log_softmax_tolerance(logits)
+        assert abs(s["nll"] - float(nll)) <= 2 * per_token * s["tokens"]
+        assert abs(u["nll"] - float(nll)) <= 2 * per_token * s["tokens"]
+        top2 = logits[on].topk(2, dim=-1).values
+        if (top2[:, 0] - top2[:, 1]).min() > 2 * tolerance:
+            greedy = bool((logits[on].argmax(-1) == targets[on]).all())
+            assert s["greedy"] == u["greedy"] == greedy
+
+
+def test_teacher_forced_scores_greedy_flag_needs_the_end_of_turn_too(real_env):
+    """With a context-free head that prefers "yes" everywhere, greedy decoding writes "yes"
+    forever: the reply "yes" starts greedily but is not greedy, since the model would not stop;
+    with end-of-turn preferred, no non-empty reply is greedy."""
+    from ftbook.base_models import load_chat_lm
+    from ftbook.instruction_tuning import teacher_forced_scores
+
+    lm, tok = load_chat_lm("smoke")
+    head = torch.nn.Linear(lm.config.hidden_size, lm.config.vocab_size)
+    word = tok("yes", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # prefers "yes" after the assistant header, end-of-turn after "yes"
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[tok.eos_token_id] = 5.0
+        head.bias[word[0]] = 10.0
+    lm.lm_head = head
+    conversations = [[{"role": "user", "content": u}, {"role": "assistant", "content": r}]
+                     for u, r in (("a?", "yes"), ("b?", "no"))]
+    scores = teacher_forced_scores(lm, tok, conversations)
+    # "yes" then end of turn: the first is the arg-max, the second is not ("yes" wins again)
+    assert len(word) == 1 and not scores[0]["greedy"] and not scores[1]["greedy"]
+    with torch.no_grad():
+        head.bias[tok.eos_token_id] = 10.0
+        head.bias[word[0]] = 5.0
+    assert not any(s["greedy"] for s in teacher_forced_scores(lm, tok, conversations))
+
+
+def test_sft_train_callback_and_truncated_schedule():
+    """The first k steps of a run equal a run of k steps on the same schedule (same losses),
+    and the callback sees steps 1..k."""
+    from ftbook.instruction_tuning import sft_train
+
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (5, 9, 4, 7, 6, 8):
+        ids = torch.randint(1, 64, (n,), generator=generator).tolist()
+        examples.append((ids, [-100] * 2 + ids[2:]))
+    seen = []
+    long = sft_train(toy_lm(), examples, steps=8, lr=1e-2, seq_len=16, pad_token_id=0,
+                     packing=True, seed=0, rows_per_step=1, warmup=2,
+                     callback=lambda k, m: seen.append(k))
+    short = sft_train(toy_lm(), examples, steps=5, lr=1e-2, seq_len=16, pad_token_id=0,
+                      packing=True, seed=0, rows_per_step=1, warmup=2, schedule_steps=8)
+    assert seen == list(range(1, 9))
+    assert long.losses[:5] == short.losses  # same ops in the same order: bitwise equal
+    unscheduled = sft_train(toy_lm(), examples, steps=5, lr=1e-2, seq_len=16, pad_token_id=0,
+                            packing=True, seed=0, rows_per_step=1, warmup=2)
+    # step 3's learning rate differs (cosine over 5 steps vs over 8), so the loss after it does
+    assert unscheduled.losses[4] != short.losses[4]
+
+
+def test_train_sft_model_with_lora_returns_a_merged_plain_model(real_env):
+    from peft import PeftModel
+
+    from ftbook.base_models import load_chat_lm
+    from ftbook.instruction_tuning import SFT_RECIPES, train_sft_model
+
+    assert SFT_RECIPES["smoke"].lora_rank is not None
+    conversations = [[{"role": "user", "content": f"What is {a} + 1?"},
+                      {"role": "assistant", "content": str(a + 1)}] for a in range(8)]
+    model, tok, log = train_sft_model("smoke", conversations, steps=2)
+    base, _ = load_chat_lm("smoke")
+    assert not isinstance(model, PeftModel) and len(log.losses) == 2
+    assert not any("lora" in name for name in model.state_dict())
+    assert set(model.state_dict()) == set(base.state_dict())
+    changed = [n for n, w in model.state_dict().items() if not torch.equal(w, base.state_dict()[n])]
+    # LoRA on every linear layer: the attention and MLP projections move, embeddings do not
+    assert changed and all("proj" in n for n in changed)
+    assert tok.padding_side == "left"

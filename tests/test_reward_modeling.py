@@ -443,22 +443,109 @@ def test_sentiment_prompts_are_seeded_openings(real_env):
         assert 3 <= len(p.removeprefix("Continue this movie review: ").split()) <= 6
 
 
-def test_gold_reward_is_the_logit_difference():
+def test_gold_sentiment_is_the_logit_difference_and_gold_follows_eq_7_1b():
     from ftbook.base_models import load_encoder_classifier
+    from ftbook.reward_modeling import GOLD_FLOOR, well_formedness
 
     model, tok = load_encoder_classifier("smoke", seed=0)
     gold = GoldReward(model, tok, max_len=16, batch_size=2)
-    texts = ["a lovely film", "dull", "the worst movie of the year, truly"]
-    scores = gold(texts)
+    texts = ["a lovely film", "dull", "the worst movie of the year, truly .",
+             "it is a film that i will not forget for a long time ."]
+    sentiment = gold.sentiment(texts)
     with torch.no_grad():
         logits = model(**tok(texts, padding=True, truncation=True, max_length=16,
                              return_tensors="pt")).logits
-    # batches of 2 vs 3 (other padding): each logit moves by rounding only, the difference twice
+    # batches of 2 vs 4 (other padding): each logit moves by rounding only, the difference twice
     tolerance = 2 * transformer_tolerance(model.config, 16, logits.abs().max().item())
     difference = logits[:, 1] - logits[:, 0]
-    assert scores.shape == (3,) and (scores - difference).abs().max().item() <= tolerance
+    assert sentiment.shape == (4,) and (sentiment - difference).abs().max().item() <= tolerance
+    g = torch.tensor([well_formedness(t) for t in texts])
+    expected = g * sentiment + (1 - g) * GOLD_FLOOR
+    # three float32 operations on numbers of size <= max(|s|, |floor|): a few u
+    scale = max(sentiment.abs().max().item(), abs(GOLD_FLOOR))
+    assert (gold(texts) - expected).abs().max().item() <= 8 * U * scale
+    assert g[-1] == 1.0 and g[0] < 1.0  # a full sentence vs a fragment
     with pytest.raises(TypeError):
         gold("one string")
+    with pytest.raises(TypeError):
+        gold.sentiment("one string")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", 0.0),
+    ("great", 1 / 8 * (1 / 5) * 0.5),  # 1 word, no function word, no ending
+    ("it is a film that i will not forget for a long time .", 1.0),
+    ("it is a film that i will not forget for a long time", 0.5),  # cut off
+    ("it is a film that i will not forget for a long time !\"", 1.0),  # closing quote
+    ("great great great great great great great great great great .", None),
+])
+def test_well_formedness_factors(text, expected):
+    from ftbook.reward_modeling import well_formedness
+
+    g = well_formedness(text)
+    assert 0.0 <= g <= 1.0
+    if expected is not None:
+        assert g == pytest.approx(expected, rel=1e-12)
+    else:  # 11 words, 2 distinct ("great", "."), no function word: g_func = 0
+        assert g == 0.0
+
+
+def test_well_formedness_penalises_repetition_by_the_distinct_share():
+    from ftbook.reward_modeling import GOLD_MIN_DISTINCT, well_formedness
+
+    sentence = "the film is a story about a family and the town where it lives ."
+    looped = " ".join([sentence.removesuffix(" .")] * 3) + " ."
+    words = looped.split()
+    distinct = len(set(words)) / len(words)
+    assert well_formedness(sentence) == 1.0
+    assert well_formedness(looped) == pytest.approx(distinct / GOLD_MIN_DISTINCT, rel=1e-12)
+
+
+def test_last_token_features_equal_the_reward_models_own_read_out():
+    """Shared-prefix cache, sorted batches: the head applied to the features gives the rewards
+    of the full forward pass, up to rounding."""
+    from ftbook.reward_modeling import last_token_features
+
+    rm = reward_model(tiny_llama())
+    prefix = [5, 6, 7, 8]
+    rows = [prefix + r for r in random_rows((5, 9, 3, 7, 1))]
+    features = last_token_features(rm, rows, pad_token_id=0, batch_size=2)
+    with torch.no_grad():
+        direct = torch.cat([rm(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))
+                            for r in rows])
+        via_features = rm.head(features).squeeze(-1)
+    assert features.shape == (5, 32)
+    assert (via_features - direct).abs().max().item() <= reward_tolerance(rm, 13, direct)
+
+
+def test_train_reward_head_equals_training_the_head_alone_with_a_frozen_backbone():
+    """Same loss, batches, schedule and clipping: the head trained on cached features equals
+    the head trained by `train_reward_model` with the backbone's gradients switched off."""
+    from ftbook.reward_modeling import train_reward_head
+
+    generator = torch.Generator().manual_seed(4)
+    pairs = []
+    for _ in range(16):
+        body = torch.randint(10, 100, (int(torch.randint(3, 8, (), generator=generator)),),
+                             generator=generator).tolist()
+        pairs.append((body + [7], body + [9]))
+    lm = tiny_llama()
+    frozen = RewardModel.from_causal_lm(lm)
+    for p in frozen.backbone.parameters():
+        p.requires_grad_(False)
+    cached = RewardModel.from_causal_lm(lm)
+    args = dict(steps=12, lr=1e-2, batch_size=4, pad_token_id=0, seed=0, weight_decay=0.1)
+    log_frozen = train_reward_model(frozen, pairs, **args)
+    log_cached = train_reward_head(cached, pairs, eval_pairs=pairs, eval_every=6, **args)
+    assert log_cached.losses[0] == pytest.approx(math.log(2), abs=LN2_TOLERANCE)
+    assert [e["step"] for e in log_cached.evals] == [0, 6, 12]
+    # features differ by rounding (other batching), which Adam's normalised steps can amplify
+    # near zero gradients: compare the learned rewards' ordering and size, not bits
+    w_frozen, w_cached = frozen.head.weight, cached.head.weight
+    cosine = torch.nn.functional.cosine_similarity(w_frozen, w_cached).item()
+    assert cosine > 0.999
+    assert all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in
+               zip(log_frozen.losses, log_cached.losses, strict=True))
 
 
 @pytest.mark.slow
@@ -479,3 +566,24 @@ def test_load_reward_model_trains_saves_and_reloads_the_smoke_recipe(real_env):
     gold = load_gold_reward("smoke")
     assert gold(["great", "awful", ""]).shape == (3,)
     assert 0.0 <= gold.info["dev_accuracy"] <= 1.0
+
+
+def test_label_pairs_uses_disjoint_consecutive_pairs_and_drops_empty_or_identical():
+    from ftbook.reward_modeling import label_pairs
+
+    def gold(texts):  # a deterministic gold: the number of "good" in the reply
+        return torch.tensor([float(t.count("good")) for t in texts])
+
+    prompts = ["p1", "p2"]
+    replies = [["good good", "bad", "good", "good", "x"],  # pairs (0,1), (2,3); "x" unpaired
+               ["", "good"]]  # an empty reply: dropped
+    records = label_pairs(prompts, replies, gold, seed=0)
+    assert [(r["prompt"], {r["chosen"], r["rejected"]}) for r in records] == [
+        ("p1", {"good good", "bad"})]  # (2, 3) are identical replies: dropped
+    r = records[0]
+    # the label is the Bradley-Terry draw of eq. (7.1) on the gold difference
+    a_wins = draw_preferences(torch.tensor([2.0]), torch.tensor([0.0]), seed=0)[0].item()
+    assert (r["chosen"] == "good good") == a_wins
+    assert {r["gold_chosen"], r["gold_rejected"]} == {2.0, 0.0}
+    with pytest.raises(ValueError, match="2 prompts but 1"):
+        label_pairs(prompts, replies[:1], gold, seed=0)

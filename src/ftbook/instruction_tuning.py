@@ -10,7 +10,7 @@ contracts follow Stanford CS336 (Spring 2025) Assignment 5.
 
 
 # --- chapters/13_06_instruction_tuning.py :: One conversation schema ---
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -475,8 +475,8 @@ def synthetic_instructions(sentences: Sequence[str], labels: Sequence[int], n_pe
                 made += add(task, "Is this movie review positive or negative?\n\n" + sentence,
                             reply, reply)
             elif task == "arithmetic":
-                a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice("+-")
-                if op == "-" and b > a:  # non-negative, as in the pretraining corpus
+                a, b, op = rng.randint(0, 49), rng.randint(0, 49), rng.choice("+-")
+                if op == "-" and b > a:  # non-negative results
                     a, b = b, a
                 result = str(a + b if op == "+" else a - b)
                 made += add(task, f"What is {a} {op} {b}?", result, result)
@@ -625,12 +625,17 @@ class SFTLog:
 def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]], *, steps: int,
               lr: float, seq_len: int, pad_token_id: int, packing: bool, seed: int,
               examples_per_step: int = 16, rows_per_step: int = 4, bf16: bool = False,
-              warmup: int = 0, order: Sequence[int] | None = None, desc: str = "SFT") -> SFTLog:
+              warmup: int = 0, schedule_steps: int | None = None,
+              order: Sequence[int] | None = None,
+              callback: Callable[[int, nn.Module], None] | None = None,
+              desc: str = "SFT") -> SFTLog:
     """Train `model` on `examples` with AdamW and eq. (6.1), reading them in `order` (default: a
     seeded shuffle), cycling. Padded: `examples_per_step` examples padded to the longest.
     Packed: the stream fills `rows_per_step` rows of `seq_len` tokens; an example that does not
     fit opens the next row, or waits for the next step. With `warmup` > 0 the learning rate
-    warms up linearly and decays on a cosine to lr / 10."""
+    warms up linearly and decays on a cosine to lr / 10 over `schedule_steps` (default `steps`;
+    more makes this run the first `steps` steps of a longer one). `callback(k, model)` runs
+    after step k = 1, 2, ..."""
     import time
 
     from ftbook.base_models import cosine_lr
@@ -673,7 +678,7 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
         model.train()
         if warmup > 0:
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, steps, warmup, lr)
+                group["lr"] = cosine_lr(step, schedule_steps or steps, warmup, lr)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(**inputs).logits  # (rows, seq, vocab)
@@ -687,6 +692,8 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
         log.response_tokens.append(n_tokens)
         log.real_tokens.append(real)
         log.slots.append(batch["input_ids"].numel())
+        if callback is not None:
+            callback(step + 1, model)
     return log
 
 
@@ -700,29 +707,36 @@ class SFTRecipe:
     mix_size: int  # examples in the temperature-sampled mixture
     temperature: float  # mixture temperature T (eq. 6.6)
     steps: int
-    ablation_steps: int  # the mixing, curriculum and filtering runs
+    ablation_steps: int  # the mixing, curriculum and filtering runs: the first steps of a run
     lr: float
     warmup: int
-    seq_len: int  # packed row length: the context the base LM was pretrained on
+    seq_len: int  # packed row length
     rows_per_step: int
     max_new_tokens: int
     bf16: bool
+    lora_rank: int | None  # None: full fine-tuning; else LoRA (13-02) on every linear layer
+    lora_alpha: float = 32.0
 
 
 SFT_RECIPES = {
     "smoke": SFTRecipe(n_per_task=8, n_heldout_per_task=4, n_alpaca_heldout=8, mix_size=64,
                        temperature=2.0, steps=4, ablation_steps=2, lr=1e-3, warmup=1, seq_len=128,
-                       rows_per_step=2, max_new_tokens=8, bf16=False),
-    "tiny": SFTRecipe(n_per_task=300, n_heldout_per_task=30, n_alpaca_heldout=100, mix_size=3000,
-                      temperature=2.0, steps=240, ablation_steps=80, lr=1e-3, warmup=20,
-                      seq_len=256, rows_per_step=4, max_new_tokens=32, bf16=True),
-    "full": SFTRecipe(n_per_task=2000, n_heldout_per_task=100, n_alpaca_heldout=200,
-                      mix_size=20000, temperature=2.0, steps=1200, ablation_steps=400, lr=2e-5,
-                      warmup=50, seq_len=1024, rows_per_step=8, max_new_tokens=64, bf16=True),
+                       rows_per_step=2, max_new_tokens=8, bf16=False, lora_rank=4),
+    "tiny": SFTRecipe(n_per_task=300, n_heldout_per_task=200, n_alpaca_heldout=24,
+                      mix_size=3000, temperature=2.0, steps=24, ablation_steps=5, lr=1e-3,
+                      warmup=3, seq_len=256, rows_per_step=2, max_new_tokens=32, bf16=False,
+                      lora_rank=16),
+    "full": SFTRecipe(n_per_task=2000, n_heldout_per_task=500, n_alpaca_heldout=200,
+                      mix_size=20000, temperature=2.0, steps=1200, ablation_steps=300, lr=2e-5,
+                      warmup=50, seq_len=1024, rows_per_step=8, max_new_tokens=64, bf16=True,
+                      lora_rank=None),
 }
 
 
 # --- chapters/13_06_instruction_tuning.py :: Generation and evaluation ---
+import copy
+
+
 def render_prompt(tokenizer: Any, user_text: str) -> str:
     """The chat-template string of one user turn, up to and including the assistant header."""
     return tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
@@ -793,6 +807,56 @@ def heldout_loss(model: nn.Module, examples: Sequence[tuple[list[int], list[int]
     return total / max(count, 1)
 
 
+@torch.no_grad()
+def teacher_forced_scores(model: nn.Module, tokenizer: Any,
+                          conversations: Sequence[Sequence[dict]], *, max_len: int = 512,
+                          batch_size: int = 32, share_prefix: bool = True) -> list[dict]:
+    """Teacher-forced scores of each conversation's final reply, its end-of-turn token included:
+    `nll` (summed over the reply's tokens), `tokens` (their number) and `greedy` (True when each
+    reply token is the model's arg-max given everything before it: greedy decoding would write
+    exactly this reply, in this tokenization, and stop). One forward pass per batch of
+    conversations sorted by length; with `share_prefix`, the longest token prefix that all
+    conversations share (the system prompt and headers) is encoded once and its key/value cache
+    reused by every batch."""
+    examples = tokenize_for_sft(tokenizer, conversations, max_len)
+    first_label = [next(t for t, y in enumerate(labels) if y != -100) for _, labels in examples]
+    shared = 0
+    if share_prefix:  # stop one token before the earliest reply: its logit predicts the reply
+        limit, head = min(first_label) - 1, examples[0][0]
+        while shared < limit and all(ids[shared] == head[shared] for ids, _ in examples):
+            shared += 1
+    device = next(model.parameters()).device
+    model.eval()
+    prefix_cache = None
+    if shared > 0:
+        prefix = torch.tensor([examples[0][0][:shared]], device=device)  # (1, shared)
+        prefix_cache = model(input_ids=prefix, use_cache=True).past_key_values
+    scores: list[dict] = [{}] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = pad_examples([(examples[i][0][shared:], examples[i][1][shared:]) for i in rows],
+                             tokenizer.pad_token_id)
+        mask = batch["attention_mask"].to(device)  # (b, L)
+        kwargs = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(rows))
+            mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=1)
+            kwargs["past_key_values"] = cache
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
+                       **kwargs).logits[:, :-1].float()  # (b, L - 1, vocab)
+        targets = batch["labels"][:, 1:].to(device)  # (b, L - 1)
+        on_reply = targets != -100
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                          reduction="none")  # (b, L - 1), 0 off the reply
+        greedy = ((logits.argmax(-1) == targets) | ~on_reply).all(dim=1)
+        for row, i in enumerate(rows):
+            scores[i] = {"nll": float(nll[row].sum()), "tokens": int(on_reply[row].sum()),
+                         "greedy": bool(greedy[row])}
+    return scores
+
+
 # --- chapters/13_06_instruction_tuning.py :: The SFT recipe ---
 def build_sft_data(recipe: SFTRecipe, seed: int = 0) -> dict[str, Any]:
     """The profile's SFT data: `synthetic_train` / `synthetic_heldout` (dicts of
@@ -837,15 +901,32 @@ def sft_mixture(data: dict[str, Any], recipe: SFTRecipe, temperature: float, see
 
 def train_sft_model(profile: str, conversations: Sequence[Sequence[dict]], *,
                     device: torch.device | None = None, steps: int | None = None, seed: int = 0,
-                    curriculum: bool = False, desc: str = "SFT") -> tuple[nn.Module, Any, SFTLog]:
-    """SFT of the profile's base LM on `conversations` (packed, eq. 6.1), reading them in a
-    seeded shuffle or, with `curriculum`, from the fewest response tokens to the most."""
-    from ftbook.base_models import load_causal_lm
+                    curriculum: bool = False,
+                    callback: Callable[[int, nn.Module], None] | None = None,
+                    start: tuple[nn.Module, Any] | None = None,
+                    desc: str = "SFT") -> tuple[nn.Module, Any, SFTLog]:
+    """SFT of the profile's chat LM (or of a copy of `start` = (model, tokenizer)) on
+    `conversations` (packed, eq. 6.1), reading them in a seeded shuffle or, with `curriculum`,
+    from the fewest response tokens to the most. With `recipe.lora_rank`, LoRA adapters on every
+    linear layer are trained and merged at the end. `steps` below the recipe's makes this the
+    first `steps` steps of the recipe's run (same learning-rate schedule)."""
+    import copy
+
+    from ftbook.base_models import load_chat_lm
     from ftbook.workbench import seed_everything
 
     recipe = SFT_RECIPES[profile]
     seed_everything(seed)
-    model, tokenizer = load_causal_lm(profile, device)
+    if start is None:
+        model, tokenizer = load_chat_lm(profile, device)
+    else:
+        model, tokenizer = copy.deepcopy(start[0]).to(device or torch.device("cpu")), start[1]
+    if recipe.lora_rank is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0,
+            target_modules="all-linear"))
     examples = tokenize_for_sft(tokenizer, conversations, max_len=recipe.seq_len)
     order = None
     if curriculum:
@@ -853,34 +934,44 @@ def train_sft_model(profile: str, conversations: Sequence[Sequence[dict]], *,
     log = sft_train(model, examples, steps=steps or recipe.steps, lr=recipe.lr,
                     seq_len=recipe.seq_len, pad_token_id=tokenizer.pad_token_id, packing=True,
                     seed=seed, rows_per_step=recipe.rows_per_step, bf16=recipe.bf16,
-                    warmup=recipe.warmup, order=order, desc=desc)
+                    warmup=recipe.warmup, schedule_steps=recipe.steps, order=order,
+                    callback=callback, desc=desc)
+    if recipe.lora_rank is not None:
+        model = model.merge_and_unload()  # W + (alpha / r) B A, a plain model again
+    tokenizer.padding_side = "left"  # for generation
     return model.eval(), tokenizer, log
 
 
+SFT_FORMAT = 2  # bump to invalidate every cached SFT model
+
+
 def sft_model_path(profile: str) -> Any:
-    """The cache folder of the profile's SFT model, keyed by its recipe and base LM."""
+    """The cache folder of the profile's SFT model, keyed by its recipe and chat LM."""
     import hashlib
 
-    from ftbook.base_models import CHAT_TEMPLATE, causal_lm_name
+    from ftbook.base_models import chat_lm_name
     from ftbook.workbench import cache_dir
 
-    key = hashlib.sha256(
-        f"{SFT_RECIPES[profile]}|{causal_lm_name(profile)}|{CHAT_TEMPLATE}".encode())
-    return cache_dir("13_06_instruction_tuning", f"sft-{profile}-{key.hexdigest()[:12]}")
+    key = hashlib.sha256(f"{SFT_RECIPES[profile]}|{chat_lm_name(profile)}|{SFT_FORMAT}".encode())
+    return cache_dir("13_06_instruction_tuning") / f"sft-{profile}-{key.hexdigest()[:12]}"
 
 
 def save_sft_model(model: nn.Module, tokenizer: Any, profile: str, log: SFTLog) -> Any:
     """Save with `save_pretrained` (model, tokenizer) plus the training log, where
-    `load_sft_model` finds it."""
+    `load_sft_model` finds it; written to a temporary folder and renamed, so that an interrupted
+    save leaves no half-written model."""
     import json
 
-    folder = sft_model_path(profile)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / "sft_log.json").write_text(json.dumps({
-        "losses": log.losses, "response_tokens": log.response_tokens,
-        "utilization": log.utilization, "tokens_per_second": log.tokens_per_second}))
-    return folder
+    from ftbook.base_models import build_once
+
+    def write(folder: Any) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / "sft_log.json").write_text(json.dumps({
+            "losses": log.losses, "response_tokens": log.response_tokens,
+            "utilization": log.utilization, "tokens_per_second": log.tokens_per_second}))
+
+    return build_once(sft_model_path(profile), write)
 
 
 def load_sft_model(profile: str, device: torch.device | None = None) -> tuple[nn.Module, Any]:
@@ -891,7 +982,7 @@ def load_sft_model(profile: str, device: torch.device | None = None) -> tuple[nn
     from ftbook.base_models import attention_implementation
 
     folder = sft_model_path(profile)
-    if not (folder / "model.safetensors").exists():
+    if not folder.is_dir():
         recipe = SFT_RECIPES[profile]
         mixture = sft_mixture(build_sft_data(recipe), recipe, recipe.temperature)
         model, tokenizer, log = train_sft_model(profile, mixture, device=device)

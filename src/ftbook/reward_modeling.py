@@ -35,7 +35,6 @@ class RewardModelConfig:
     """Budget and hyperparameters of chapter 13-07 (one per profile)."""
 
     n_train_prompts: int  # SST-2 train openings; one preference pair each
-    n_eval_prompts: int  # SST-2 validation openings for held-out pairs
     max_new_tokens: int  # reply length cap when sampling from the SFT policy
     temperature: float  # sampling temperature of the SFT policy
     generate_batch_size: int
@@ -52,20 +51,21 @@ class RewardModelConfig:
     bon_max_n: int  # samples per prompt; n = 1, 2, 4, ..., bon_max_n
     bf16: bool = False  # autocast to bfloat16 (GPU)
     seed: int = 0
+    train_backbone: bool = True  # False: train the head on the frozen SFT transformer's features
 
 
 RM_CONFIGS = {
-    "smoke": RewardModelConfig(n_train_prompts=24, n_eval_prompts=12, max_new_tokens=8,
+    "smoke": RewardModelConfig(n_train_prompts=24, max_new_tokens=8,
                                temperature=1.0, generate_batch_size=16, max_len=128, steps=4,
                                batch_size=4, lr=1e-3, weight_decay=0.0, warmup_ratio=0.25,
                                eval_every=2, score_batch_size=32, calibration_bins=4,
-                               bon_prompts=3, bon_max_n=8),
-    "tiny": RewardModelConfig(n_train_prompts=640, n_eval_prompts=96, max_new_tokens=48,
-                              temperature=1.0, generate_batch_size=64, max_len=256, steps=60,
-                              batch_size=16, lr=1e-3, weight_decay=0.01, warmup_ratio=0.1,
-                              eval_every=20, score_batch_size=64, calibration_bins=8,
-                              bon_prompts=12, bon_max_n=64),
-    "full": RewardModelConfig(n_train_prompts=4000, n_eval_prompts=500, max_new_tokens=48,
+                               bon_prompts=3, bon_max_n=8, train_backbone=False),
+    "tiny": RewardModelConfig(n_train_prompts=128, max_new_tokens=32,
+                              temperature=1.0, generate_batch_size=64, max_len=256, steps=300,
+                              batch_size=32, lr=3e-3, weight_decay=1.0, warmup_ratio=0.1,
+                              eval_every=50, score_batch_size=64, calibration_bins=8,
+                              bon_prompts=32, bon_max_n=8, train_backbone=False),
+    "full": RewardModelConfig(n_train_prompts=4000, max_new_tokens=48,
                               temperature=1.0, generate_batch_size=128, max_len=256, steps=500,
                               batch_size=32, lr=1e-5, weight_decay=0.01, warmup_ratio=0.05,
                               eval_every=100, score_batch_size=128, calibration_bins=10,
@@ -353,17 +353,23 @@ def collate_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_toke
 @torch.no_grad()
 def score_pairs(reward_model: nn.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
                 pad_token_id: int, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen_rewards, rejected_rewards), each (pairs,) float32 on the CPU."""
-    reward_model.eval()
-    device = next(reward_model.parameters()).device
-    chosen, rejected = [], []
-    for i in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[i:i + batch_size], pad_token_id)
-        rewards = reward_model(**{k: v.to(device) for k, v in batch.items()}).cpu()
-        c, r = rewards.chunk(2)
-        chosen.append(c)
-        rejected.append(r)
-    return torch.cat(chosen), torch.cat(rejected)
+    """(chosen_rewards, rejected_rewards), each (pairs,) float32 on the CPU: the head applied
+    to `last_token_features` (the shared prefix encoded once)."""
+    rewards = score_rows(reward_model, [c for c, _ in pairs] + [r for _, r in pairs],
+                         pad_token_id, batch_size)
+    return rewards[:len(pairs)], rewards[len(pairs):]
+
+
+@torch.no_grad()
+def score_rows(reward_model: nn.Module, rows: Sequence[Sequence[int]], pad_token_id: int,
+               batch_size: int = 32) -> torch.Tensor:
+    """(n,) float32 rewards on the CPU of token `rows`, eq. (7.6), computed as the head applied
+    to `last_token_features`."""
+    if not rows:
+        return torch.zeros(0)
+    features = last_token_features(reward_model, rows, pad_token_id, batch_size)
+    head = reward_model.head
+    return head(features.to(head.weight.device, head.weight.dtype)).squeeze(-1).float().cpu()
 
 
 @torch.no_grad()
@@ -374,15 +380,9 @@ def score_replies(reward_model: nn.Module, tokenizer: Any, prompts: Sequence[str
     assistant header)."""
     if len(prompts) != len(replies):
         raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
-    reward_model.eval()
-    device = next(reward_model.parameters()).device
     rows = [tokenizer(reward_model_text(tokenizer, p, y), add_special_tokens=False)["input_ids"]
             for p, y in zip(prompts, replies, strict=True)]
-    rewards = []
-    for i in range(0, len(rows), batch_size):
-        batch = pad_sequences(rows[i:i + batch_size], tokenizer.pad_token_id)
-        rewards.append(reward_model(**{k: v.to(device) for k, v in batch.items()}).cpu())
-    return torch.cat(rewards) if rewards else torch.zeros(0)
+    return score_rows(reward_model, rows, tokenizer.pad_token_id, batch_size)
 
 
 def evaluate_reward_model(reward_model: nn.Module,
@@ -402,6 +402,7 @@ class RewardLog:
     accuracies: list[float] = field(default_factory=list)  # on each training batch
     evals: list[dict] = field(default_factory=list)  # {"step", "loss", "accuracy"}
     step_seconds: list[float] = field(default_factory=list)
+    feature_seconds: float = 0.0  # frozen backbone: computing the features once
 
 
 def train_reward_model(reward_model: nn.Module,
@@ -464,10 +465,130 @@ def train_reward_model(reward_model: nn.Module,
     return log
 
 
+@torch.no_grad()
+def last_token_features(reward_model: "RewardModel", rows: Sequence[Sequence[int]],
+                        pad_token_id: int, batch_size: int = 32) -> torch.Tensor:
+    """(n, d) float32 hidden states h_{T*} of eq. (7.6) of token `rows`, from the backbone
+    alone: what the head reads when the backbone is frozen. Rows are right-padded in batches
+    sorted by length; the token prefix that all rows share (the system prompt) is encoded once
+    and its key/value cache reused, which changes the batching and nothing else."""
+    if not rows:
+        raise ValueError("no rows to score")
+    device = next(reward_model.parameters()).device
+    reward_model.eval()
+    shared, head, limit = 0, rows[0], min(len(r) for r in rows) - 1  # T* stays in the suffix
+    while shared < limit and all(r[shared] == head[shared] for r in rows):
+        shared += 1
+    prefix_cache = None
+    if shared > 0:
+        prefix = torch.tensor([list(head[:shared])], device=device)  # (1, shared)
+        prefix_cache = reward_model.backbone(input_ids=prefix, use_cache=True).past_key_values
+    features = torch.zeros(len(rows), reward_model.config.hidden_size)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = pad_sequences([rows[i][shared:] for i in chunk], pad_token_id)
+        mask = batch["attention_mask"].to(device)  # (b, L)
+        kwargs = {}
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(chunk))
+            kwargs["past_key_values"] = cache
+            mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)
+        hidden = reward_model.backbone(input_ids=batch["input_ids"].to(device),
+                                       attention_mask=mask, **kwargs).last_hidden_state
+        last = last_token_index(batch["attention_mask"]).to(device)  # (b,) within the suffix
+        features[chunk] = hidden[torch.arange(len(chunk), device=device), last].float().cpu()
+    return features
+
+
+def train_reward_head(reward_model: "RewardModel",
+                      pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, steps: int,
+                      lr: float, batch_size: int, pad_token_id: int, seed: int,
+                      weight_decay: float = 0.0, warmup_ratio: float = 0.1,
+                      max_grad_norm: float = 1.0,
+                      eval_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
+                      eval_every: int = 0, desc: str = "reward head") -> RewardLog:
+    """`train_reward_model` with the backbone frozen: the features h_{T*} of every sequence are
+    computed once (`last_token_features`), then only the head w of eq. (7.6) is trained, with the
+    same loss (7.2), batches, schedule and clipping. A linear head on frozen features is a
+    logistic regression on feature differences: r(a) - r(b) = w^T (h_a - h_b)."""
+    from ftbook.full_finetuning import schedule_factor
+
+    if not pairs:
+        raise ValueError("no training pairs")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
+    start = time.perf_counter()
+    features = last_token_features(reward_model, [c for c, _ in pairs] + [r for _, r in pairs],
+                                   pad_token_id)
+    h_chosen, h_rejected = features.chunk(2)  # (pairs, d) each
+    if eval_pairs:
+        eval_features = last_token_features(
+            reward_model, [c for c, _ in eval_pairs] + [r for _, r in eval_pairs], pad_token_id)
+        eval_chosen, eval_rejected = eval_features.chunk(2)
+    log = RewardLog(feature_seconds=time.perf_counter() - start)
+    head = reward_model.head
+    weight = head.weight.detach().float().cpu().clone().requires_grad_(True)  # (1, d)
+    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    warmup = round(warmup_ratio * steps)
+
+    def evaluate(step: int) -> None:
+        if eval_pairs and eval_every:
+            with torch.no_grad():
+                c, r = eval_chosen @ weight[0], eval_rejected @ weight[0]
+            log.evals.append({"step": step, "loss": bradley_terry_loss(c, r).item(),
+                              "accuracy": pairwise_accuracy(c, r)})
+
+    evaluate(0)
+    order: list[int] = []
+    for step in progress(range(steps), desc=desc):
+        tick = time.perf_counter()
+        rows = []
+        while len(rows) < batch_size:
+            if not order:
+                order = torch.randperm(len(pairs), generator=generator).tolist()
+            rows.append(order.pop())
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
+        chosen, rejected = h_chosen[rows] @ weight[0], h_rejected[rows] @ weight[0]  # (B,)
+        loss = bradley_terry_loss(chosen, rejected)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([weight], max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.losses.append(check_finite(loss, f"{desc} loss", step))
+        log.accuracies.append(pairwise_accuracy(chosen.detach(), rejected.detach()))
+        log.step_seconds.append(time.perf_counter() - tick)
+        if eval_every and (step + 1) % eval_every == 0:
+            evaluate(step + 1)
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight.device, head.weight.dtype))
+    reward_model.eval()
+    return log
+
+
+def fit_reward_model(reward_model: "RewardModel",
+                     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                     cfg: RewardModelConfig, pad_token_id: int,
+                     eval_pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None
+                     ) -> RewardLog:
+    """The chapter's recipe for `cfg`: `train_reward_model` (every weight) or, with
+    `cfg.train_backbone` False, `train_reward_head` (the head on frozen features)."""
+    args = dict(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                pad_token_id=pad_token_id, seed=cfg.seed, weight_decay=cfg.weight_decay,
+                warmup_ratio=cfg.warmup_ratio, eval_pairs=eval_pairs,
+                eval_every=cfg.eval_every if eval_pairs else 0)
+    if cfg.train_backbone:
+        return train_reward_model(reward_model, pairs, bf16=cfg.bf16, **args)
+    return train_reward_head(reward_model, pairs, **args)
+
+
 # --- chapters/13_07_reward_modeling.py :: The running task: prompts, gold reward and prefere... ---
 SST2_MIN_WORDS = 7  # a sentence must leave words to continue after the opening
 OPENING_WORDS = (3, 6)  # the opening's length in words, drawn uniformly
-CACHE_FORMAT = 1  # bump to invalidate the cached gold classifiers and reward models
+CACHE_FORMAT = 2  # bump to invalidate the cached gold classifiers and reward models
 RECIPE_FILE = "recipe.json"
 
 
@@ -494,10 +615,39 @@ def sentiment_prompts(split: str, n: int, seed: int) -> list[str]:
     return prompts
 
 
+GOLD_MIN_WORDS = 8  # g_len = min(1, n / 8)
+GOLD_MIN_DISTINCT = 0.7  # g_rep = min(1, share of distinct words / 0.7)
+GOLD_MIN_FUNCTION = 0.2  # g_func = min(1, share of function words / 0.2)
+GOLD_FLOOR = -4.0  # r_floor of eq. (7.1b)
+FUNCTION_WORDS = frozenset(
+    "the a an of to and in is it that this with for as but its was on be by not are at from or "
+    "his her their they he she you we i me my your our has have had were been so than too very "
+    "all no if what who which when there more most just about into can will would do does "
+    "'s n't".split())
+
+
+def well_formedness(text: str) -> float:
+    """g(y) of eq. (7.1b): the product of the length, repetition, function-word and ending
+    factors, in [0, 1]; 0 for an empty reply."""
+    import re
+
+    words = text.lower().split()
+    if not words:
+        return 0.0
+    n = len(words)
+    g_len = min(1.0, n / GOLD_MIN_WORDS)
+    g_rep = min(1.0, len(set(words)) / n / GOLD_MIN_DISTINCT)
+    g_func = min(1.0, sum(w in FUNCTION_WORDS for w in words) / n / GOLD_MIN_FUNCTION)
+    g_end = 1.0 if re.search(r"[.!?][\"')]*$", text.strip()) else 0.5
+    return g_len * g_rep * g_func * g_end
+
+
 class GoldReward:
-    """The gold reward of the running task: logit(positive) - logit(negative) of an SST-2
-    classifier on the reply text. Calling it on a list of n replies returns an (n,) float32
-    tensor on the CPU. `info` holds what was measured when the classifier was trained."""
+    """The gold reward of the running task, eq. (7.1b): the sentiment log-odds s(y) of an SST-2
+    classifier on the reply, counted as far as the reply is a review (`well_formedness`), with
+    the floor GOLD_FLOOR for a reply that is none. Calling it on a list of n replies returns an
+    (n,) float32 tensor on the CPU; `sentiment` returns s(y) alone. `info` holds what was
+    measured when the classifier was trained."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, max_len: int = 64,
                  batch_size: int = 64, info: dict | None = None):
@@ -505,8 +655,15 @@ class GoldReward:
         self.max_len, self.batch_size = max_len, batch_size
         self.info = info or {}
 
-    @torch.no_grad()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            raise TypeError("pass a list of replies, not one string")
+        g = torch.tensor([well_formedness(t) for t in texts], dtype=torch.float32)
+        return g * self.sentiment(texts) + (1 - g) * GOLD_FLOOR
+
+    @torch.no_grad()
+    def sentiment(self, texts: Sequence[str]) -> torch.Tensor:
+        """s(y) = logit(positive) - logit(negative) of the classifier, (n,) float32."""
         if isinstance(texts, str):
             raise TypeError("pass a list of replies, not one string")
         device = next(self.model.parameters()).device
@@ -607,46 +764,84 @@ def draw_preferences(gold_a: torch.Tensor, gold_b: torch.Tensor, seed: int) -> t
     return uniform < torch.sigmoid(gold_a.double() - gold_b.double())
 
 
-def preference_pairs(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
-                     gold_reward: Callable[[list[str]], torch.Tensor], *, max_new_tokens: int,
-                     seed: int, temperature: float = 1.0, batch_size: int = 32) -> list[dict]:
-    """Sample two replies per user message in `prompts` from `policy` and label them by a
-    Bradley-Terry draw on `gold_reward` (`draw_preferences`, seeded). Returns validated records
-    {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}; prompts whose two replies
-    are empty or identical are dropped (they carry no preference)."""
+def sample_per_prompt(policy: nn.Module, tokenizer: Any, prompts: Sequence[str], n: int, *,
+                      max_new_tokens: int, seed: int, temperature: float = 1.0,
+                      batch_size: int = 32) -> list[list[str]]:
+    """`n` replies (stripped) sampled from `policy` for each user message in `prompts`: pure
+    sampling at `temperature`, 13-06's `generate_responses`. (prompts, n) nested lists."""
     prompt_strs = [render_prompt(tokenizer, p) for p in prompts]
     replies = generate_responses(
-        policy, tokenizer, [s for s in prompt_strs for _ in range(2)],
+        policy, tokenizer, [s for s in prompt_strs for _ in range(n)],
         max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, seed=seed,
         batch_size=batch_size)
-    replies = [r.strip() for r in replies]
-    gold = gold_reward(replies).double()
+    return [[r.strip() for r in replies[i * n:(i + 1) * n]] for i in range(len(prompts))]
+
+
+def label_pairs(prompts: Sequence[str], replies: Sequence[Sequence[str]],
+                gold_reward: Callable[[list[str]], torch.Tensor], seed: int) -> list[dict]:
+    """Preference records from disjoint consecutive pairs (0, 1), (2, 3), ... of each prompt's
+    `replies`, labelled by a Bradley-Terry draw on `gold_reward` (`draw_preferences`, seeded).
+    Returns validated records {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"};
+    pairs whose replies are empty or identical are dropped (they carry no preference)."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"{len(prompts)} prompts but {len(replies)} lists of replies")
+    pairs = [(prompt, group[k], group[k + 1]) for prompt, group in zip(prompts, replies,
+                                                                       strict=True)
+             for k in range(0, len(group) - 1, 2)]
+    flat = [text for _, a, b in pairs for text in (a, b)]
+    gold = gold_reward(flat).double() if flat else torch.zeros(0, dtype=torch.float64)
     a_wins = draw_preferences(gold[0::2], gold[1::2], seed)
     records = []
-    for i, prompt in enumerate(prompts):
-        a, b = (replies[2 * i], gold[2 * i].item()), (replies[2 * i + 1], gold[2 * i + 1].item())
-        if not a[0] or not b[0] or a[0] == b[0]:
+    for i, (prompt, a, b) in enumerate(pairs):
+        if not a or not b or a == b:
             continue
-        (chosen, gold_chosen), (rejected, gold_rejected) = (a, b) if a_wins[i] else (b, a)
+        ga, gb = gold[2 * i].item(), gold[2 * i + 1].item()
+        (chosen, gold_chosen), (rejected, gold_rejected) = ((a, ga), (b, gb)) if a_wins[i] \
+            else ((b, gb), (a, ga))
         records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
                         "gold_chosen": gold_chosen, "gold_rejected": gold_rejected})
     return validate_preference_records(records, "sampled preference pairs")
 
 
+def preference_pairs(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
+                     gold_reward: Callable[[list[str]], torch.Tensor], *, max_new_tokens: int,
+                     seed: int, temperature: float = 1.0, batch_size: int = 32) -> list[dict]:
+    """Sample two replies per user message in `prompts` from `policy` and label them
+    (`sample_per_prompt`, then `label_pairs`)."""
+    replies = sample_per_prompt(policy, tokenizer, prompts, 2, max_new_tokens=max_new_tokens,
+                                seed=seed, temperature=temperature, batch_size=batch_size)
+    return label_pairs(prompts, replies, gold_reward, seed)
+
+
 # --- chapters/13_07_reward_modeling.py :: The running task: prompts, gold reward and prefere... ---
-def reward_data(profile: str, policy: nn.Module, tokenizer: Any,
-                gold_reward: Callable[[list[str]], torch.Tensor], split: str) -> list[dict]:
-    """The chapter's preference records: `split` "train" (`n_train_prompts` SST-2 train
-    openings) or "validation" (`n_eval_prompts` held-out openings), two sampled replies each,
-    labelled by the gold reward (`preference_pairs` with `RM_CONFIGS[profile]`)."""
+def heldout_samples(profile: str, policy: nn.Module, tokenizer: Any
+                    ) -> tuple[list[str], list[list[str]]]:
+    """The held-out prompts (`bon_prompts` SST-2 validation openings) and `bon_max_n` replies
+    sampled for each: the samples of the best-of-n experiment, whose disjoint pairs are also
+    the held-out preference pairs."""
     cfg = pick(profile, RM_CONFIGS)
-    if split not in ("train", "validation"):
-        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
-    n = cfg.n_train_prompts if split == "train" else cfg.n_eval_prompts
-    seed = cfg.seed if split == "train" else cfg.seed + 1
-    return preference_pairs(policy, tokenizer, sentiment_prompts(split, n, seed), gold_reward,
-                            max_new_tokens=cfg.max_new_tokens, seed=seed,
-                            temperature=cfg.temperature, batch_size=cfg.generate_batch_size)
+    prompts = sentiment_prompts("validation", cfg.bon_prompts, cfg.seed + 1)
+    return prompts, sample_per_prompt(
+        policy, tokenizer, prompts, cfg.bon_max_n, max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed + 1, temperature=cfg.temperature, batch_size=cfg.generate_batch_size)
+
+
+def reward_data(profile: str, policy: nn.Module, tokenizer: Any,
+                gold_reward: Callable[[list[str]], torch.Tensor], split: str,
+                samples: tuple[list[str], list[list[str]]] | None = None) -> list[dict]:
+    """The chapter's preference records, labelled by the gold reward (`label_pairs`): `split`
+    "train" samples two replies to each of `n_train_prompts` SST-2 train openings; "validation"
+    pairs up the held-out samples (`heldout_samples`, or `samples` when already drawn)."""
+    cfg = pick(profile, RM_CONFIGS)
+    if split == "train":
+        return preference_pairs(
+            policy, tokenizer, sentiment_prompts("train", cfg.n_train_prompts, cfg.seed),
+            gold_reward, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+            temperature=cfg.temperature, batch_size=cfg.generate_batch_size)
+    if split == "validation":
+        prompts, replies = samples or heldout_samples(profile, policy, tokenizer)
+        return label_pairs(prompts, replies, gold_reward, cfg.seed + 1)
+    raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
 
 
 # --- chapters/13_07_reward_modeling.py :: Calibration ---
@@ -732,10 +927,7 @@ def train_and_save_reward_model(profile: str, device: torch.device | None = None
         tokenizer, reward_data(profile, policy, tokenizer, gold, "train"), cfg.max_len)
     seed_everything(cfg.seed)
     reward_model = RewardModel.from_causal_lm(policy).to(device)
-    log = train_reward_model(reward_model, pairs, steps=cfg.steps, lr=cfg.lr,
-                             batch_size=cfg.batch_size, pad_token_id=tokenizer.pad_token_id,
-                             seed=cfg.seed, weight_decay=cfg.weight_decay,
-                             warmup_ratio=cfg.warmup_ratio, bf16=cfg.bf16)
+    log = fit_reward_model(reward_model, pairs, cfg, tokenizer.pad_token_id)
     return save_reward_model(reward_model, tokenizer, profile, log)
 
 
