@@ -35,7 +35,7 @@
 # | role | `smoke` | `tiny` | `full` |
 # |---|---|---|---|
 # | encoder (classification, 13-01 to 13-05) | random tiny BERT | all-MiniLM-L6-v2 (22.7M) | `roberta-base` (125M) |
-# | causal LM (`load_causal_lm`: 13-01, 13-03, 13-05, and 13-06 to 13-10 until they move to the chat LM) | random tiny Llama | the book's base LM (below) | `Qwen/Qwen2.5-0.5B-Instruct` |
+# | causal LM (`load_causal_lm`: 13-01, 13-03, 13-05, 13-10 and a tokenizer demo in 13-09) | random tiny Llama | the book's base LM (below) | `Qwen/Qwen2.5-0.5B-Instruct` |
 # | chat LM (`load_chat_lm`, ChatML; what 13-06's SFT starts from) | random tiny Llama, SmolLM2's tokenizer | SmolLM2-135M-Instruct (134.5M) | `Qwen/Qwen2.5-0.5B` (the base model) |
 
 # %%

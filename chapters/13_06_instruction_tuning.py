@@ -17,7 +17,7 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** 10-01 (language modelling), {ref}`full-finetuning`. **Reading time:** ~12 min;
-# the tiny profile runs in about 5 minutes on 2 CPU cores.
+# the tiny profile runs in about 6 minutes on 2 CPU cores.
 # **You will build** `ftbook.instruction_tuning`: one conversation schema for Alpaca, Dolly and
 # OpenAssistant records; quality filters with MinHash near-duplicate detection; synthetic tasks
 # with checkable answers; the SFT helpers with the function contracts of Stanford CS336

@@ -17,14 +17,15 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** {ref}`instruction-tuning`, 1-07 (maximum likelihood). **Reading time:**
-# ~10 min; the tiny profile runs in about 2½ minutes on 2 CPU cores.
+# ~10 min; the tiny profile runs in about 4 minutes on 2 CPU cores, 5½ on the first run (which
+# trains the gold classifier).
 # **You will build** `ftbook.reward_modeling`: validated preference records; the Bradley-Terry
 # likelihood, its gradient and its maximum-likelihood fit, each checked against autograd or a
 # closed form; a reward model (an LM backbone with a scalar head read at the last real token,
 # under left or right padding) matched against `LlamaForSequenceClassification` and TRL's
 # `RewardTrainer`; a training loop with held-out accuracy and a calibration plot; and best-of-$n$
-# sampling that shows the learned reward being over-optimised against a gold reward. The trained
-# reward model is saved for 13-08 and 13-09.
+# sampling that measures how much of the learned reward's gain is real against a gold reward.
+# The trained reward model is saved for 13-08 and 13-09.
 # ```
 #
 # Supervised fine-tuning (13-06) imitates demonstrations. For many goals it is easier to *judge*
@@ -39,8 +40,9 @@
 # **The running task of 13-07 to 13-09** is controlled sentiment generation, as in the DPO
 # paper's IMDb experiment: the prompt asks the SFT model of 13-06 to continue the opening words of
 # an SST-2 movie review, and the goal is a *positive* continuation. Human raters are replaced by
-# a known **gold reward** $r^\star$, the positive-minus-negative logit of a sentiment classifier,
-# so that we can measure what human-feedback pipelines cannot: how well the learned reward
+# a known **gold reward** $r^\star$: the positive-minus-negative logit of a sentiment classifier,
+# counted only as far as the reply is a well-formed review (eq. 7.1b below), so that we can
+# measure what human-feedback pipelines cannot: how well the learned reward
 # agrees with the true one, and what happens to the true reward when the learned one is pushed.
 
 # %%
@@ -56,10 +58,12 @@ RUN_INFO = device_cell(PROFILE, SEED, DEVICE)
 # %% [markdown]
 # ## Configuration
 #
-# One frozen configuration per profile. The tiny profile samples two replies of at most 40
-# tokens to each of 160 training and 96 held-out prompts from 13-06's SFT model
-# (SmolLM2-135M-Instruct after LoRA SFT), and 8 replies to each of 32 more held-out prompts for
-# best-of-$n$. Sampling from a 135M-parameter model is the expensive part on two CPU cores, and
+# One frozen configuration per profile. The tiny profile samples four replies of at most 32
+# tokens to each of 96 training prompts from 13-06's SFT model (SmolLM2-135M-Instruct after
+# LoRA SFT) and labels all six pairs of each, as InstructGPT's labellers rank $K$ replies and
+# every pair of the ranking becomes a comparison (Ouyang et al. 2022, §3.5). It samples 8
+# replies to each of 32 held-out prompts: their disjoint pairs are the held-out comparisons, and
+# all 8 feed best-of-$n$. Sampling from a 135M-parameter model is the expensive part on two CPU cores, and
 # so is a backward pass through it: the tiny reward model keeps the SFT transformer frozen and
 # trains its head on features computed once (`train_backbone=False`), while the full profile
 # trains every weight, as InstructGPT does.
@@ -96,11 +100,12 @@ from ftbook.workbench import cache_dir, check_finite, pick, progress
 class RewardModelConfig:
     """Budget and hyperparameters of chapter 13-07 (one per profile)."""
 
-    n_train_prompts: int  # SST-2 train openings; one preference pair each
+    n_train_prompts: int  # SST-2 train openings
+    samples_per_prompt: int  # K replies per training prompt, all K(K-1)/2 pairs labelled
     max_new_tokens: int  # reply length cap when sampling from the SFT policy
     temperature: float  # sampling temperature of the SFT policy
     generate_batch_size: int
-    max_len: int  # tokens of prompt + reply (the tiny LM has 256 positions)
+    max_len: int  # tokens of prompt + reply
     steps: int  # reward-model optimiser steps
     batch_size: int  # pairs per step
     lr: float
@@ -117,17 +122,17 @@ class RewardModelConfig:
 
 
 RM_CONFIGS = {
-    "smoke": RewardModelConfig(n_train_prompts=24, max_new_tokens=8,
+    "smoke": RewardModelConfig(n_train_prompts=24, samples_per_prompt=2, max_new_tokens=8,
                                temperature=1.0, generate_batch_size=16, max_len=128, steps=4,
                                batch_size=4, lr=1e-3, weight_decay=0.0, warmup_ratio=0.25,
                                eval_every=2, score_batch_size=32, calibration_bins=4,
                                bon_prompts=3, bon_max_n=8, train_backbone=False),
-    "tiny": RewardModelConfig(n_train_prompts=128, max_new_tokens=32,
+    "tiny": RewardModelConfig(n_train_prompts=96, samples_per_prompt=4, max_new_tokens=32,
                               temperature=1.0, generate_batch_size=64, max_len=256, steps=300,
                               batch_size=32, lr=3e-3, weight_decay=1.0, warmup_ratio=0.1,
                               eval_every=50, score_batch_size=64, calibration_bins=8,
                               bon_prompts=32, bon_max_n=8, train_backbone=False),
-    "full": RewardModelConfig(n_train_prompts=4000, max_new_tokens=48,
+    "full": RewardModelConfig(n_train_prompts=2000, samples_per_prompt=4, max_new_tokens=48,
                               temperature=1.0, generate_batch_size=128, max_len=256, steps=500,
                               batch_size=32, lr=1e-5, weight_decay=0.01, warmup_ratio=0.05,
                               eval_every=100, score_batch_size=128, calibration_bins=10,
@@ -253,9 +258,9 @@ show_table(hh_summary, "hh_rlhf", CHAPTER)
 # pairs have an empty reply, which the checks reject, and the longer reply is chosen in only 43%
 # of the pairs (995): the preferred answer to a harmful request is often a short refusal. Length
 # is a feature the labels correlate with, in either direction, and a reward model is free to
-# learn it instead of what the labeller meant. The multi-turn HH dialogues are also far longer than the tiny LM's 256 positions, which
-# is one reason this book trains its reward model on the synthetic task below and keeps HH-RLHF
-# for inspection.
+# learn it instead of what the labeller meant. The multi-turn HH dialogues are also many times
+# longer than the running task's replies, which is one reason this book trains its reward model
+# on the synthetic task below and keeps HH-RLHF for inspection.
 #
 # ## The Bradley-Terry model
 #
@@ -889,13 +894,22 @@ def train_reward_head(reward_model: "RewardModel",
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     start = time.perf_counter()
-    features = last_token_features(reward_model, [c for c, _ in pairs] + [r for _, r in pairs],
-                                   pad_token_id)
-    h_chosen, h_rejected = features.chunk(2)  # (pairs, d) each
+
+    def side_features(pair_list: Sequence[tuple[Sequence[int], Sequence[int]]]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of each pair's sides, each distinct sequence computed once (a reply
+        compared K - 1 times is encoded once)."""
+        index: dict[tuple[int, ...], int] = {}
+        for c, r in pair_list:
+            index.setdefault(tuple(c), len(index))
+            index.setdefault(tuple(r), len(index))
+        features = last_token_features(reward_model, [list(k) for k in index], pad_token_id)
+        return (features[[index[tuple(c)] for c, _ in pair_list]],
+                features[[index[tuple(r)] for _, r in pair_list]])
+
+    h_chosen, h_rejected = side_features(pairs)  # (pairs, d) each
     if eval_pairs:
-        eval_features = last_token_features(
-            reward_model, [c for c, _ in eval_pairs] + [r for _, r in eval_pairs], pad_token_id)
-        eval_chosen, eval_rejected = eval_features.chunk(2)
+        eval_chosen, eval_rejected = side_features(eval_pairs)
     log = RewardLog(feature_seconds=time.perf_counter() - start)
     head = reward_model.head
     weight = head.weight.detach().float().cpu().clone().requires_grad_(True)  # (1, d)
@@ -1212,16 +1226,23 @@ def sample_per_prompt(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
 
 
 def label_pairs(prompts: Sequence[str], replies: Sequence[Sequence[str]],
-                gold_reward: Callable[[list[str]], torch.Tensor], seed: int) -> list[dict]:
-    """Preference records from disjoint consecutive pairs (0, 1), (2, 3), ... of each prompt's
-    `replies`, labelled by a Bradley-Terry draw on `gold_reward` (`draw_preferences`, seeded).
-    Returns validated records {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"};
-    pairs whose replies are empty or identical are dropped (they carry no preference)."""
+                gold_reward: Callable[[list[str]], torch.Tensor], seed: int,
+                all_pairs: bool = False) -> list[dict]:
+    """Preference records from each prompt's `replies`: the disjoint consecutive pairs (0, 1),
+    (2, 3), ... or, with `all_pairs`, all K(K-1)/2 pairs of its K replies (InstructGPT's
+    comparisons of a ranking, §3.5), each labelled by a Bradley-Terry draw on `gold_reward`
+    (`draw_preferences`, seeded). Returns validated records {"prompt", "chosen", "rejected",
+    "gold_chosen", "gold_rejected"}; pairs whose replies are empty or identical are dropped
+    (they carry no preference)."""
+    from itertools import combinations
+
     if len(prompts) != len(replies):
         raise ValueError(f"{len(prompts)} prompts but {len(replies)} lists of replies")
-    pairs = [(prompt, group[k], group[k + 1]) for prompt, group in zip(prompts, replies,
-                                                                       strict=True)
-             for k in range(0, len(group) - 1, 2)]
+    pairs = []
+    for prompt, group in zip(prompts, replies, strict=True):
+        indices = (combinations(range(len(group)), 2) if all_pairs
+                   else ((k, k + 1) for k in range(0, len(group) - 1, 2)))
+        pairs += [(prompt, group[i], group[j]) for i, j in indices]
     flat = [text for _, a, b in pairs for text in (a, b)]
     gold = gold_reward(flat).double() if flat else torch.zeros(0, dtype=torch.float64)
     a_wins = draw_preferences(gold[0::2], gold[1::2], seed)
@@ -1339,14 +1360,18 @@ def reward_data(profile: str, policy: nn.Module, tokenizer: Any,
                 gold_reward: Callable[[list[str]], torch.Tensor], split: str,
                 samples: tuple[list[str], list[list[str]]] | None = None) -> list[dict]:
     """The chapter's preference records, labelled by the gold reward (`label_pairs`): `split`
-    "train" samples two replies to each of `n_train_prompts` SST-2 train openings; "validation"
-    pairs up the held-out samples (`heldout_samples`, or `samples` when already drawn)."""
+    "train" samples `samples_per_prompt` replies to each of `n_train_prompts` SST-2 train
+    openings and labels all their pairs; "validation" labels disjoint pairs of the held-out
+    samples (`heldout_samples`, or `samples` when already drawn), so that held-out pairs share
+    no reply."""
     cfg = pick(profile, RM_CONFIGS)
     if split == "train":
-        return preference_pairs(
-            policy, tokenizer, sentiment_prompts("train", cfg.n_train_prompts, cfg.seed),
-            gold_reward, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-            temperature=cfg.temperature, batch_size=cfg.generate_batch_size)
+        prompts = sentiment_prompts("train", cfg.n_train_prompts, cfg.seed)
+        replies = sample_per_prompt(
+            policy, tokenizer, prompts, cfg.samples_per_prompt,
+            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, temperature=cfg.temperature,
+            batch_size=cfg.generate_batch_size)
+        return label_pairs(prompts, replies, gold_reward, cfg.seed, all_pairs=True)
     if split == "validation":
         prompts, replies = samples or heldout_samples(profile, policy, tokenizer)
         return label_pairs(prompts, replies, gold_reward, cfg.seed + 1)
@@ -1360,7 +1385,8 @@ with Timer(DEVICE) as timer:
     eval_records = reward_data(PROFILE, policy, tokenizer, gold, "validation",
                                samples=(bon_prompts, bon_samples))
 timings["sample and label pairs"] = timer.seconds
-print(f"{len(train_records)} training pairs (of {cfg.n_train_prompts} prompts); "
+print(f"{len(train_records)} training pairs ({cfg.samples_per_prompt} replies to each of "
+      f"{cfg.n_train_prompts} prompts, all pairs); "
       f"{len(eval_records)} held-out pairs from {cfg.bon_max_n} samples of each of "
       f"{cfg.bon_prompts} held-out prompts")
 for record in train_records[:3]:
@@ -1950,9 +1976,10 @@ show_figure(fig, "best_of_n", CHAPTER)
 
 # %% [markdown]
 # **What does the proxy pay for?** Reward hacking shows in *which* replies the proxy ranks first.
-# Two diagnostics on the $N$ samples per prompt: the correlation of each reward with the reply's
-# length (a feature the gold classifier does not reward by design), and, per prompt, the
-# proxy's favourite next to the gold reward's favourite.
+# Three diagnostics on the $N$ samples per prompt: the correlation of each reward with the
+# reply's length (the gold reward (7.1b) pays for length only up to eight words), per prompt
+# the proxy's favourite next to the gold reward's favourite, and the reward model's scores of
+# the degenerate replies written by hand above, next to their gold rewards.
 
 # %%
 lengths = torch.tensor([len(r.split()) for r in bon_replies], dtype=torch.float).view_as(proxy)
@@ -1975,37 +2002,60 @@ for j in range(min(3, len(bon_prompts))):
           f"{gold_scores[j, i]:+.2f}): {bon_replies[j * N + i][:90]!r}\n  gold's best  (proxy "
           f"{proxy[j, k]:+.2f}, gold {gold_scores[j, k]:+.2f}): {bon_replies[j * N + k][:90]!r}")
 
+degenerate_rewards = score_replies(reward_model, tokenizer, [bon_prompts[0]] * len(by_hand),
+                                   list(by_hand.values()))
+gold_table["reward model"] = degenerate_rewards.tolist()
+print(f"the by-hand replies as answers to {bon_prompts[0]!r}:")
+show_table(gold_table, "rm_on_degenerate", CHAPTER, floatfmt="{:.2f}")
+
 timings_table = pd.DataFrame({"seconds": timings})
 show_table(timings_table, "timings", CHAPTER, floatfmt="{:.1f}")
 
 # %% [markdown]
 # ## Results and discussion
 #
-# **Accuracy.** Trained on 640 pairs of sampled replies, the reward model orders about 69% of
-# the held-out pairs as the labels do. The ceiling is about 83%: the gold reward's own accuracy
-# on the same labels, which are Bradley-Terry draws and so disagree with the gold ranking on
-# close pairs. The expected gold accuracy, $\mathbb{E}\,\sigma(|\Delta r^\star|)$, agrees
-# with that ceiling to two points. Against the gold *ranking*, the number that matters for
-# optimisation, the reward model does a little better (about 73%). Length is no shortcut here:
-# "the longer reply wins" is at chance. The training log shows held-out accuracy peaking
-# mid-run while the training loss keeps falling: a 5.8M-parameter model starts to overfit 640
-# pairs within two epochs.
+# **The gold reward.** On the hand-written replies, (7.1b) behaves as a reader would. The
+# sentiment classifier alone finds "great", "great film", a list of adjectives and a repetition
+# loop as positive as a fluent, warm review (about +3 logits each); the gate sets them all to the
+# floor of $-4$, below the fluent negative review. A fragment keeps a quarter of its sentiment
+# and a reply cut off mid-sentence half of it. Real reviews pass the gate: more than nine in ten
+# SST-2 validation sentences of eight words or more have $g = 1$. The SFT policy's own samples
+# do not: they ramble, stop mid-sentence or drift off topic, and most of them score below zero.
+# That leaves a policy optimised against this gold (13-08, 13-09) room to improve by writing
+# complete, positive review sentences, and none by collapsing its replies to one word.
 #
-# **Calibration.** Compared with the true probability, the reward model is under-confident in
-# the inner bins (0.32 where the truth is about 0.27, 0.68 where it is about 0.73) and
-# over-confident in the outermost ones. Against the true Bradley-Terry probability, the expected calibration error is
-# about 0.04; against the noisier empirical frequency it is about 0.07.
+# **Accuracy.** Trained on 555 comparisons (all six pairs of four replies to each of 96
+# prompts), the frozen-feature reward model orders 59% of the 122 held-out pairs as the labels
+# do (95% interval 50 to 67%). The ceiling is the gold reward's own accuracy on the same noisy
+# labels, 68% (60 to 76%); its expected value $\mathbb{E}\,\sigma(|\Delta r^\star|)$ is 74%.
+# The two intervals overlap, so this run does not resolve how far below the ceiling the reward
+# model is; it does resolve that it is above chance only barely. Against the gold *ranking*, the
+# number that matters for optimisation, it agrees on 62% of pairs. "The longer reply wins" agrees
+# with the gold ranking on 70%: the gold reward's length gate makes length a strong feature, and
+# the reward model has not fully learned even that. The training log shows why a linear head on
+# frozen features with a few hundred comparisons is fragile: held-out loss is lowest after 50
+# steps (accuracy 65% there) and rises afterwards while the training loss keeps falling. We
+# report the final model rather than pick the step by the held-out pairs.
 #
-# **Best-of-$n$ and over-optimisation.** As $n$ grows from 1 to 64 (KL up to 3.2 nats), the
-# proxy reward of the chosen reply rises monotonically, by construction. The gold reward rises
-# with it at first, then flattens and finally drops: it peaks at $n = 32$ and is slightly lower
-# at $n = 64$. This is the shape of Gao et al.'s Fig. 1 in miniature. Past some KL, optimising
-# the proxy buys proxy reward and no gold reward. The gold-selected curve, what a perfect reward
-# model would pick from the same samples, stays well above it throughout. The correlations show
-# one mechanism: the proxy prefers *short* replies (correlation with length about −0.45), which
-# the gold classifier does not (about −0.1). The per-prompt favourites show the other: the
-# proxy's top pick is sometimes a fluent-looking fragment that the gold classifier finds
-# negative.
+# **Calibration.** The expected calibration error is about 0.1 against both the empirical
+# frequencies and the true Bradley-Terry probabilities. The diagram shows the usual shape of an
+# overfitted scorer: its confident predictions are too confident.
+#
+# **Best-of-$n$.** With 8 samples per prompt ($n \le 8$, KL up to 1.2 nats), the proxy reward of
+# the chosen reply rises by construction, and the gold reward rises with it: at $n = 8$ the gold
+# gain is about 1.4, with a 95% interval over the 32 prompts that excludes zero. Selecting by the
+# gold reward itself, the frontier a perfect reward model would reach on the same samples, gains
+# about 2.2. So the proxy captures part of what the gold reward pays for, and at this KL budget
+# optimising it still helps. Over-optimisation, the gold reward turning down as $n$ grows, is
+# not visible at $n \le 8$; Gao et al. see the peak of best-of-$n$ at a few nats of KL, beyond
+# what 8 samples reach. The correlations show what the proxy pays for: it correlates with reply
+# length about as strongly as with the gold reward itself, while the gold reward correlates with
+# length only about half as much. The by-hand replies, scored by the reward model as answers to
+# one held-out prompt, say the same: it ranks the fluent positive review first and the one- and
+# two-word replies and the empty one last, but it scores the fluent negative review close to
+# the positive one and above the fragment. It has learned form and length better than
+# sentiment. A reward model like that is what PPO in 13-08 will exploit, and the gold reward is
+# what will tell.
 
 # ## Pitfalls
 #
@@ -2038,8 +2088,14 @@ show_table(timings_table, "timings", CHAPTER, floatfmt="{:.1f}")
 #   real token, eq. (7.6), with position ids that make left and right padding agree. It matches
 #   `LlamaForSequenceClassification`'s pooled logits and TRL's `RewardTrainer` loss to float
 #   precision, and is saved in that format for 13-08 and 13-09.
-# - Held-out accuracy is read against the gold reward's ceiling; calibration against the true
-#   Bradley-Terry probability, which the synthetic task makes available.
+# - The gold reward (7.1b) scores a reply's sentiment only as far as the reply is a review:
+#   one word, a fragment, a word list or a loop gets the floor. A reward that a policy can
+#   satisfy by collapsing its replies is not a test of alignment.
+# - In the tiny profile the reward model trains its head on frozen SFT features (a logistic
+#   regression on feature differences); InstructGPT's $K$-wise comparisons give six labelled
+#   pairs per four samples.
+# - Held-out accuracy is read against the gold reward's ceiling, with intervals; calibration
+#   against the true Bradley-Terry probability, which the synthetic task makes available.
 # - Best-of-$n$ moves $\log n - (n-1)/n$ nats from the SFT policy, eq. (7.7) (an upper bound for
 #   discrete policies, 7.8); optimising the learned reward raises it faster than the gold reward.
 #

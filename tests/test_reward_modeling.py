@@ -473,7 +473,8 @@ def test_gold_sentiment_is_the_logit_difference_and_gold_follows_eq_7_1b():
 
 @pytest.mark.parametrize("text, expected", [
     ("", 0.0),
-    ("great", 1 / 8 * (1 / 5) * 0.5),  # 1 word, no function word, no ending
+    ("great", 0.0),  # no function word at all: g_func = 0
+    ("a great film", 3 / 8 * 0.5),  # 3 of 8 words, "a" is 1/3 of them (>= 0.2), no ending
     ("it is a film that i will not forget for a long time .", 1.0),
     ("it is a film that i will not forget for a long time", 0.5),  # cut off
     ("it is a film that i will not forget for a long time !\"", 1.0),  # closing quote
@@ -587,3 +588,16 @@ def test_label_pairs_uses_disjoint_consecutive_pairs_and_drops_empty_or_identica
     assert {r["gold_chosen"], r["gold_rejected"]} == {2.0, 0.0}
     with pytest.raises(ValueError, match="2 prompts but 1"):
         label_pairs(prompts, replies[:1], gold, seed=0)
+
+
+def test_label_pairs_all_pairs_compares_every_two_replies_of_a_prompt():
+    from ftbook.reward_modeling import label_pairs
+
+    def gold(texts):
+        return torch.tensor([float(len(t)) for t in texts])
+
+    records = label_pairs(["p"], [["a", "bb", "ccc", "dddd"]], gold, seed=1, all_pairs=True)
+    assert len(records) == 6  # K(K-1)/2 with K = 4
+    assert {frozenset((r["chosen"], r["rejected"])) for r in records} == {
+        frozenset(x) for x in [("a", "bb"), ("a", "ccc"), ("a", "dddd"), ("bb", "ccc"),
+                               ("bb", "dddd"), ("ccc", "dddd")]}

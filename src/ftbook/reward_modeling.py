@@ -34,11 +34,12 @@ from ftbook.workbench import cache_dir, check_finite, pick, progress
 class RewardModelConfig:
     """Budget and hyperparameters of chapter 13-07 (one per profile)."""
 
-    n_train_prompts: int  # SST-2 train openings; one preference pair each
+    n_train_prompts: int  # SST-2 train openings
+    samples_per_prompt: int  # K replies per training prompt, all K(K-1)/2 pairs labelled
     max_new_tokens: int  # reply length cap when sampling from the SFT policy
     temperature: float  # sampling temperature of the SFT policy
     generate_batch_size: int
-    max_len: int  # tokens of prompt + reply (the tiny LM has 256 positions)
+    max_len: int  # tokens of prompt + reply
     steps: int  # reward-model optimiser steps
     batch_size: int  # pairs per step
     lr: float
@@ -55,17 +56,17 @@ class RewardModelConfig:
 
 
 RM_CONFIGS = {
-    "smoke": RewardModelConfig(n_train_prompts=24, max_new_tokens=8,
+    "smoke": RewardModelConfig(n_train_prompts=24, samples_per_prompt=2, max_new_tokens=8,
                                temperature=1.0, generate_batch_size=16, max_len=128, steps=4,
                                batch_size=4, lr=1e-3, weight_decay=0.0, warmup_ratio=0.25,
                                eval_every=2, score_batch_size=32, calibration_bins=4,
                                bon_prompts=3, bon_max_n=8, train_backbone=False),
-    "tiny": RewardModelConfig(n_train_prompts=128, max_new_tokens=32,
+    "tiny": RewardModelConfig(n_train_prompts=96, samples_per_prompt=4, max_new_tokens=32,
                               temperature=1.0, generate_batch_size=64, max_len=256, steps=300,
                               batch_size=32, lr=3e-3, weight_decay=1.0, warmup_ratio=0.1,
                               eval_every=50, score_batch_size=64, calibration_bins=8,
                               bon_prompts=32, bon_max_n=8, train_backbone=False),
-    "full": RewardModelConfig(n_train_prompts=4000, max_new_tokens=48,
+    "full": RewardModelConfig(n_train_prompts=2000, samples_per_prompt=4, max_new_tokens=48,
                               temperature=1.0, generate_batch_size=128, max_len=256, steps=500,
                               batch_size=32, lr=1e-5, weight_decay=0.01, warmup_ratio=0.05,
                               eval_every=100, score_batch_size=128, calibration_bins=10,
@@ -520,13 +521,22 @@ def train_reward_head(reward_model: "RewardModel",
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     start = time.perf_counter()
-    features = last_token_features(reward_model, [c for c, _ in pairs] + [r for _, r in pairs],
-                                   pad_token_id)
-    h_chosen, h_rejected = features.chunk(2)  # (pairs, d) each
+
+    def side_features(pair_list: Sequence[tuple[Sequence[int], Sequence[int]]]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of each pair's sides, each distinct sequence computed once (a reply
+        compared K - 1 times is encoded once)."""
+        index: dict[tuple[int, ...], int] = {}
+        for c, r in pair_list:
+            index.setdefault(tuple(c), len(index))
+            index.setdefault(tuple(r), len(index))
+        features = last_token_features(reward_model, [list(k) for k in index], pad_token_id)
+        return (features[[index[tuple(c)] for c, _ in pair_list]],
+                features[[index[tuple(r)] for _, r in pair_list]])
+
+    h_chosen, h_rejected = side_features(pairs)  # (pairs, d) each
     if eval_pairs:
-        eval_features = last_token_features(
-            reward_model, [c for c, _ in eval_pairs] + [r for _, r in eval_pairs], pad_token_id)
-        eval_chosen, eval_rejected = eval_features.chunk(2)
+        eval_chosen, eval_rejected = side_features(eval_pairs)
     log = RewardLog(feature_seconds=time.perf_counter() - start)
     head = reward_model.head
     weight = head.weight.detach().float().cpu().clone().requires_grad_(True)  # (1, d)
@@ -778,16 +788,23 @@ def sample_per_prompt(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
 
 
 def label_pairs(prompts: Sequence[str], replies: Sequence[Sequence[str]],
-                gold_reward: Callable[[list[str]], torch.Tensor], seed: int) -> list[dict]:
-    """Preference records from disjoint consecutive pairs (0, 1), (2, 3), ... of each prompt's
-    `replies`, labelled by a Bradley-Terry draw on `gold_reward` (`draw_preferences`, seeded).
-    Returns validated records {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"};
-    pairs whose replies are empty or identical are dropped (they carry no preference)."""
+                gold_reward: Callable[[list[str]], torch.Tensor], seed: int,
+                all_pairs: bool = False) -> list[dict]:
+    """Preference records from each prompt's `replies`: the disjoint consecutive pairs (0, 1),
+    (2, 3), ... or, with `all_pairs`, all K(K-1)/2 pairs of its K replies (InstructGPT's
+    comparisons of a ranking, §3.5), each labelled by a Bradley-Terry draw on `gold_reward`
+    (`draw_preferences`, seeded). Returns validated records {"prompt", "chosen", "rejected",
+    "gold_chosen", "gold_rejected"}; pairs whose replies are empty or identical are dropped
+    (they carry no preference)."""
+    from itertools import combinations
+
     if len(prompts) != len(replies):
         raise ValueError(f"{len(prompts)} prompts but {len(replies)} lists of replies")
-    pairs = [(prompt, group[k], group[k + 1]) for prompt, group in zip(prompts, replies,
-                                                                       strict=True)
-             for k in range(0, len(group) - 1, 2)]
+    pairs = []
+    for prompt, group in zip(prompts, replies, strict=True):
+        indices = (combinations(range(len(group)), 2) if all_pairs
+                   else ((k, k + 1) for k in range(0, len(group) - 1, 2)))
+        pairs += [(prompt, group[i], group[j]) for i, j in indices]
     flat = [text for _, a, b in pairs for text in (a, b)]
     gold = gold_reward(flat).double() if flat else torch.zeros(0, dtype=torch.float64)
     a_wins = draw_preferences(gold[0::2], gold[1::2], seed)
@@ -830,14 +847,18 @@ def reward_data(profile: str, policy: nn.Module, tokenizer: Any,
                 gold_reward: Callable[[list[str]], torch.Tensor], split: str,
                 samples: tuple[list[str], list[list[str]]] | None = None) -> list[dict]:
     """The chapter's preference records, labelled by the gold reward (`label_pairs`): `split`
-    "train" samples two replies to each of `n_train_prompts` SST-2 train openings; "validation"
-    pairs up the held-out samples (`heldout_samples`, or `samples` when already drawn)."""
+    "train" samples `samples_per_prompt` replies to each of `n_train_prompts` SST-2 train
+    openings and labels all their pairs; "validation" labels disjoint pairs of the held-out
+    samples (`heldout_samples`, or `samples` when already drawn), so that held-out pairs share
+    no reply."""
     cfg = pick(profile, RM_CONFIGS)
     if split == "train":
-        return preference_pairs(
-            policy, tokenizer, sentiment_prompts("train", cfg.n_train_prompts, cfg.seed),
-            gold_reward, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-            temperature=cfg.temperature, batch_size=cfg.generate_batch_size)
+        prompts = sentiment_prompts("train", cfg.n_train_prompts, cfg.seed)
+        replies = sample_per_prompt(
+            policy, tokenizer, prompts, cfg.samples_per_prompt,
+            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, temperature=cfg.temperature,
+            batch_size=cfg.generate_batch_size)
+        return label_pairs(prompts, replies, gold_reward, cfg.seed, all_pairs=True)
     if split == "validation":
         prompts, replies = samples or heldout_samples(profile, policy, tokenizer)
         return label_pairs(prompts, replies, gold_reward, cfg.seed + 1)
