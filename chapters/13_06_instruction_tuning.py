@@ -1422,6 +1422,30 @@ def heldout_loss(model: nn.Module, examples: Sequence[tuple[list[int], list[int]
 
 
 @torch.no_grad()
+def shared_prefix_cache(model: nn.Module, rows: Sequence[Sequence[int]], limit: int
+                        ) -> tuple[int, Any]:
+    """(k, cache): the length k <= `limit` of the token prefix that all `rows` share, and the
+    key/value cache of `model` (a causal LM or its transformer) on it, batch 1; (0, None) when
+    nothing is shared."""
+    shared, head = 0, rows[0]
+    while shared < limit and all(r[shared] == head[shared] for r in rows):
+        shared += 1
+    if shared == 0:
+        return 0, None
+    device = next(model.parameters()).device
+    prefix = torch.tensor([list(head[:shared])], device=device)  # (1, shared)
+    return shared, model(input_ids=prefix, use_cache=True).past_key_values
+
+
+def repeat_cache(cache: Any, batch_size: int) -> Any:
+    """A copy of a batch-1 key/value `cache` repeated `batch_size` times (the forward pass
+    extends the cache it is given, so every batch needs its own)."""
+    cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(batch_size)
+    return cache
+
+
+@torch.no_grad()
 def teacher_forced_scores(model: nn.Module, tokenizer: Any,
                           conversations: Sequence[Sequence[dict]], *, max_len: int = 512,
                           batch_size: int = 32, share_prefix: bool = True) -> list[dict]:
@@ -1434,17 +1458,11 @@ def teacher_forced_scores(model: nn.Module, tokenizer: Any,
     reused by every batch."""
     examples = tokenize_for_sft(tokenizer, conversations, max_len)
     first_label = [next(t for t, y in enumerate(labels) if y != -100) for _, labels in examples]
-    shared = 0
-    if share_prefix:  # stop one token before the earliest reply: its logit predicts the reply
-        limit, head = min(first_label) - 1, examples[0][0]
-        while shared < limit and all(ids[shared] == head[shared] for ids, _ in examples):
-            shared += 1
-    device = next(model.parameters()).device
     model.eval()
-    prefix_cache = None
-    if shared > 0:
-        prefix = torch.tensor([examples[0][0][:shared]], device=device)  # (1, shared)
-        prefix_cache = model(input_ids=prefix, use_cache=True).past_key_values
+    # stop one token before the earliest reply: its logit predicts the reply
+    shared, prefix_cache = shared_prefix_cache(
+        model, [ids for ids, _ in examples], min(first_label) - 1 if share_prefix else 0)
+    device = next(model.parameters()).device
     scores: list[dict] = [{}] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     for start in range(0, len(order), batch_size):
@@ -1454,10 +1472,8 @@ def teacher_forced_scores(model: nn.Module, tokenizer: Any,
         mask = batch["attention_mask"].to(device)  # (b, L)
         kwargs = {}
         if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(rows))
+            kwargs["past_key_values"] = repeat_cache(prefix_cache, len(rows))
             mask = torch.cat([mask.new_ones(len(rows), shared), mask], dim=1)
-            kwargs["past_key_values"] = cache
         logits = model(input_ids=batch["input_ids"].to(device), attention_mask=mask,
                        **kwargs).logits[:, :-1].float()  # (b, L - 1, vocab)
         targets = batch["labels"][:, 1:].to(device)  # (b, L - 1)

@@ -779,6 +779,19 @@ class RewardLog:
     feature_seconds: float = 0.0  # frozen backbone: computing the features once
 
 
+def draw_batch(order: list[int], n: int, batch_size: int, generator: torch.Generator
+               ) -> list[int]:
+    """The next `batch_size` indices of seeded, reshuffled epochs over `n` items: popped from
+    `order` (the rest of the current epoch, changed in place), refilled by a fresh permutation
+    when it runs out."""
+    rows = []
+    while len(rows) < batch_size:
+        if not order:
+            order += torch.randperm(n, generator=generator).tolist()
+        rows.append(order.pop())
+    return rows
+
+
 def train_reward_model(reward_model: nn.Module,
                        pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, steps: int,
                        lr: float, batch_size: int, pad_token_id: int, seed: int,
@@ -813,11 +826,7 @@ def train_reward_model(reward_model: nn.Module,
     order: list[int] = []
     for step in progress(range(steps), desc=desc):
         start = time.perf_counter()
-        chosen_rows = []
-        while len(chosen_rows) < batch_size:
-            if not order:
-                order = torch.randperm(len(pairs), generator=generator).tolist()
-            chosen_rows.append(order.pop())
+        chosen_rows = draw_batch(order, len(pairs), batch_size, generator)
         batch = collate_pairs([pairs[i] for i in chosen_rows], pad_token_id)
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
@@ -848,15 +857,12 @@ def last_token_features(reward_model: "RewardModel", rows: Sequence[Sequence[int
     and its key/value cache reused, which changes the batching and nothing else."""
     if not rows:
         raise ValueError("no rows to score")
+    from ftbook.instruction_tuning import repeat_cache, shared_prefix_cache
+
     device = next(reward_model.parameters()).device
     reward_model.eval()
-    shared, head, limit = 0, rows[0], min(len(r) for r in rows) - 1  # T* stays in the suffix
-    while shared < limit and all(r[shared] == head[shared] for r in rows):
-        shared += 1
-    prefix_cache = None
-    if shared > 0:
-        prefix = torch.tensor([list(head[:shared])], device=device)  # (1, shared)
-        prefix_cache = reward_model.backbone(input_ids=prefix, use_cache=True).past_key_values
+    shared, prefix_cache = shared_prefix_cache(  # T* stays in the suffix
+        reward_model.backbone, rows, min(len(r) for r in rows) - 1)
     features = torch.zeros(len(rows), reward_model.config.hidden_size)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for start in range(0, len(order), batch_size):
@@ -865,9 +871,7 @@ def last_token_features(reward_model: "RewardModel", rows: Sequence[Sequence[int
         mask = batch["attention_mask"].to(device)  # (b, L)
         kwargs = {}
         if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(chunk))
-            kwargs["past_key_values"] = cache
+            kwargs["past_key_values"] = repeat_cache(prefix_cache, len(chunk))
             mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)
         hidden = reward_model.backbone(input_ids=batch["input_ids"].to(device),
                                        attention_mask=mask, **kwargs).last_hidden_state
@@ -928,11 +932,7 @@ def train_reward_head(reward_model: "RewardModel",
     order: list[int] = []
     for step in progress(range(steps), desc=desc):
         tick = time.perf_counter()
-        rows = []
-        while len(rows) < batch_size:
-            if not order:
-                order = torch.randperm(len(pairs), generator=generator).tolist()
-            rows.append(order.pop())
+        rows = draw_batch(order, len(pairs), batch_size, generator)
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
         chosen, rejected = h_chosen[rows] @ weight[0], h_rejected[rows] @ weight[0]  # (B,)
