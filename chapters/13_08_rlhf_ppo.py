@@ -17,7 +17,8 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** {ref}`reward-modeling` (13-07). **Recommended:** 14-07 (PPO in general RL).
-# **Reading time:** ~15 min; the tiny profile runs in about 3 minutes on 2 CPU cores.
+# **Reading time:** ~15 min; the tiny profile runs in about 15 minutes on 2 CPU cores (eight
+# PPO runs on the 135M-parameter SFT model of 13-06, about 100 s each with their evaluation).
 # **You will build** `ftbook.rlhf_ppo`: PPO for language models in one file, in the spirit of
 # CleanRL: a sampling loop with the KV cache that records the behaviour policy's log-probabilities
 # and values, the per-token KL penalty against the frozen SFT model, generalised advantage
@@ -1157,13 +1158,14 @@ def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, response_mask: tor
 def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
               query_mask: torch.Tensor, reward_fn: Callable[[Rollout], torch.Tensor],
               config: PPOConfig, *, steps: int, eos_token_id: int, pad_token_id: int,
-              gold_fn: Callable[[Rollout], torch.Tensor] | None = None,
+              monitor_fn: Callable[[Rollout], dict[str, torch.Tensor]] | None = None,
               callback: Callable[[int, PolicyWithValue], dict] | None = None,
               normalizer: RewardNormalizer | None = None, desc: str = "PPO") -> PPOLog:
     """RLHF with PPO (Ziegler et al. 2019, arXiv:1909.08593; Ouyang et al. 2022,
     arXiv:2203.02155): `steps` PPO steps on the left-padded prompts (query_ids, query_mask),
-    rewarded by `reward_fn(rollout) -> (batch,)` raw scores. `gold_fn` (optional) is logged
-    only; `callback(step, policy)` may add entries to a step's log row. With
+    rewarded by `reward_fn(rollout) -> (batch,)` raw scores. `monitor_fn(rollout)` (optional)
+    returns per-reply tensors (the gold reward, say) that are logged as means and never trained
+    on; `callback(step, policy)` may add entries to a step's log row. With
     `config.normalize_rewards`, `normalizer` (if given) replaces the one fitted on samples."""
     from ftbook.workbench import check_finite, progress
 
@@ -1217,9 +1219,11 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
                "score": scores.mean().item(), "kl": kls["kl"].mean().item(),
                "kl_k3": kls["kl_k3"].mean().item(),
                "length": rollout.lengths().float().mean().item(),
-               "eos_rate": rollout.ended.float().mean().item(), **stats}
-        if gold_fn is not None:
-            row["gold_reward"] = gold_fn(rollout).float().mean().item()
+               "eos_rate": rollout.ended.float().mean().item(),
+               "tokens": int(batch.attention_mask.sum()),  # prompt + reply, for FLOP counts
+               **stats}
+        if monitor_fn is not None:
+            row.update({k: v.float().mean().item() for k, v in monitor_fn(rollout).items()})
         check_finite(stats["loss"], f"{desc} loss", step)
         controller.update(row["kl"])  # 6. eq. (8.13)
         if callback is not None:
@@ -1232,13 +1236,15 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
 def evaluate_policy(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
                     query_mask: torch.Tensor, reward_fn: Callable[[Rollout], torch.Tensor], *,
                     max_new_tokens: int, eos_token_id: int, pad_token_id: int,
-                    gold_fn: Callable[[Rollout], torch.Tensor] | None = None,
-                    batch_size: int = 64, seed: int = 0) -> tuple[dict[str, float], list[Rollout]]:
-    """Sample one reply per prompt at temperature 1 and report the means of the proxy reward,
-    the gold reward, the KL to the reference (k1 and k3 sums, unbiased for the sequence KL
-    because the replies are samples of the policy), the length and the EOS rate."""
+                    monitor_fn: Callable[[Rollout], dict[str, torch.Tensor]] | None = None,
+                    batch_size: int = 64, seed: int = 0
+                    ) -> tuple[dict[str, torch.Tensor], list[Rollout]]:
+    """Sample one reply per prompt at temperature 1; return per reply, as (n,) float tensors on
+    the CPU, the proxy reward, whatever `monitor_fn` measures (the gold reward, say), the KL to
+    the reference (k1 and k3 sums, unbiased for the sequence KL because the replies are samples
+    of the policy), the length and whether the reply ended with EOS; and the rollouts."""
     sampler = torch.Generator(query_ids.device).manual_seed(seed)
-    totals: dict[str, list[torch.Tensor]] = {}
+    columns: dict[str, list[torch.Tensor]] = {}
     rollouts = []
     for i in range(0, query_ids.shape[0], batch_size):
         ids, mask = trim_left_padding(query_ids[i:i + batch_size], query_mask[i:i + batch_size])
@@ -1247,17 +1253,14 @@ def evaluate_policy(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Te
                                    generator=sampler)
         rollout.prompt_index = torch.arange(i, i + ids.shape[0])
         ref_logps = reference_logprobs(ref, rollout)
-        parts = {"proxy_reward": reward_fn(rollout).float().cpu(),
-                 **{k: v.cpu() for k, v in sequence_kl(rollout.logps, ref_logps,
-                                                       rollout.response_mask).items()},
-                 "length": rollout.lengths().float().cpu(),
-                 "eos_rate": rollout.ended.float().cpu()}
-        if gold_fn is not None:
-            parts["gold_reward"] = gold_fn(rollout).float().cpu()
+        parts = {"proxy_reward": reward_fn(rollout),
+                 **sequence_kl(rollout.logps, ref_logps, rollout.response_mask),
+                 "length": rollout.lengths(), "eos_rate": rollout.ended,
+                 **(monitor_fn(rollout) if monitor_fn is not None else {})}
         for key, value in parts.items():
-            totals.setdefault(key, []).append(value)
+            columns.setdefault(key, []).append(value.float().cpu())
         rollouts.append(rollout)
-    return {k: torch.cat(v).mean().item() for k, v in totals.items()}, rollouts
+    return {k: torch.cat(v) for k, v in columns.items()}, rollouts
 
 
 # %% [markdown]
@@ -1700,9 +1703,13 @@ assert local_gap > 1e3 * GRAD_TOL  # the check above would catch local counts, b
 class RLHFExperimentConfig:
     """Budget of chapter 13-08 (one per profile)."""
 
-    ppo: PPOConfig  # the language-model runs (beta is set per run)
+    ppo: PPOConfig  # the language-model runs (beta and seed are set per run)
     steps: int  # PPO steps per language-model run
-    frontier_betas: tuple[float, ...]  # one run each; the middle one is the main run
+    frontier_betas: tuple[float, ...]  # the middle one is the main run
+    main_seeds: int  # seeds at the main beta
+    frontier_seeds: int  # seeds at every other beta
+    lora_rank: int | None  # None: every weight of the policy trains
+    lora_layers: int | None  # LoRA on the last `lora_layers` blocks only (None: all)
     n_train_prompts: int
     n_eval_prompts: int
     eval_batch_size: int
@@ -1711,26 +1718,42 @@ class RLHFExperimentConfig:
     toy_eval_every: int  # exact evaluation of the toy policy
     toy_seeds: int  # seeds per ablation arm
 
+    def __post_init__(self) -> None:
+        if len(self.frontier_betas) < 1 or min(self.main_seeds, self.frontier_seeds) < 1:
+            raise ValueError("RLHFExperimentConfig needs at least one beta and one seed per beta")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"RLHFExperimentConfig.lora_rank must be >= 1 or None, got "
+                             f"{self.lora_rank}")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise ValueError(f"RLHFExperimentConfig.lora_layers must be >= 1 or None, got "
+                             f"{self.lora_layers}")
+
+    @property
+    def main_beta(self) -> float:
+        return self.frontier_betas[len(self.frontier_betas) // 2]
+
 
 TOY_PPO = PPOConfig(batch_size=64, ppo_epochs=2, num_minibatches=1, max_new_tokens=3, lr=3e-3,
                     vf_coef=0.5, beta=0.5, normalize_rewards=False)
 PPO_CONFIGS = {
     "smoke": RLHFExperimentConfig(
-        ppo=PPOConfig(batch_size=4, ppo_epochs=2, num_minibatches=2, max_new_tokens=8, lr=1e-4),
-        steps=2, frontier_betas=(0.05, 0.2), n_train_prompts=16, n_eval_prompts=8,
-        eval_batch_size=8, toy_ppo=dataclasses.replace(TOY_PPO, batch_size=16), toy_steps=6,
-        toy_eval_every=3, toy_seeds=1),
+        ppo=PPOConfig(batch_size=4, ppo_epochs=2, num_minibatches=2, max_new_tokens=8, lr=1e-3),
+        steps=2, frontier_betas=(0.05, 0.2), main_seeds=2, frontier_seeds=1, lora_rank=4,
+        lora_layers=1, n_train_prompts=16, n_eval_prompts=8, eval_batch_size=8,
+        toy_ppo=dataclasses.replace(TOY_PPO, batch_size=16), toy_steps=6, toy_eval_every=3,
+        toy_seeds=1),
     "tiny": RLHFExperimentConfig(
         ppo=PPOConfig(batch_size=16, ppo_epochs=2, num_minibatches=2, max_new_tokens=32,
-                      lr=1e-4),
-        steps=20, frontier_betas=(0.03, 0.1, 0.3), n_train_prompts=512, n_eval_prompts=64,
-        eval_batch_size=32, toy_ppo=TOY_PPO, toy_steps=100, toy_eval_every=10, toy_seeds=2),
+                      lr=5e-4, lr_schedule="constant"),
+        steps=4, frontier_betas=(0.02, 0.1, 0.5), main_seeds=3, frontier_seeds=2,
+        lora_rank=16, lora_layers=15, n_train_prompts=512, n_eval_prompts=64,
+        eval_batch_size=64, toy_ppo=TOY_PPO, toy_steps=100, toy_eval_every=10, toy_seeds=2),
     "full": RLHFExperimentConfig(
         ppo=PPOConfig(batch_size=64, ppo_epochs=4, num_minibatches=4, max_new_tokens=48,
                       lr=1e-6),
-        steps=200, frontier_betas=(0.02, 0.05, 0.1, 0.2, 0.5), n_train_prompts=12_800,
-        n_eval_prompts=512, eval_batch_size=128, toy_ppo=TOY_PPO, toy_steps=100,
-        toy_eval_every=10, toy_seeds=3),
+        steps=200, frontier_betas=(0.02, 0.05, 0.1, 0.2, 0.5), main_seeds=3, frontier_seeds=2,
+        lora_rank=None, lora_layers=None, n_train_prompts=12_800, n_eval_prompts=512,
+        eval_batch_size=128, toy_ppo=TOY_PPO, toy_steps=100, toy_eval_every=10, toy_seeds=3),
 }
 
 
@@ -2048,199 +2071,516 @@ print(f"final KL(pi || pi*) minus the full recipe's on the same seed, {cfg.toy_s
 # reward model is wrong.
 
 # %% [markdown]
-# ### Experiment 4: RLHF on the running task
+# ### The running task
 #
 # The sentiment task of 13-07: prompts are openings of SST-2 reviews in the chat template
 # ("Continue this movie review: ..."), the policy is the SFT model of 13-06, the *proxy* reward
-# is 13-07's reward model, trained on preferences drawn from the *gold* reward, an SST-2
-# sentiment classifier. PPO sees only the proxy; we log the gold reward alongside, which is the
-# only way to see over-optimisation (Gao et al. 2022, arXiv:2210.10760): proxy reward that keeps
-# rising while the gold reward stalls or falls.
+# is 13-07's reward model, trained on preferences labelled by the *gold* reward (7.1b), which
+# scores a reply's sentiment as far as the reply is a well-formed review. PPO sees only the
+# proxy; we log the gold reward alongside, which is the only way to see over-optimisation (Gao
+# et al. 2022, arXiv:2210.10760): proxy reward that keeps rising while the gold reward stalls
+# or falls. We also log the gold's two ingredients, the sentiment $s(y)$ and the
+# well-formedness $g(y)$, and the reply length and EOS rate: these are where a policy that
+# exploits the proxy shows it.
 #
 # The reward model reads the prompt in the chat template, the reply and EOS (`score_replies` of
-# 13-07); the gold classifier reads the reply alone. Replies are decoded without special tokens.
+# 13-07); the gold reads the reply alone. Replies are decoded without special tokens.
+#
+# The policy is a trainable copy of the SFT model. In the smoke and tiny profiles it trains
+# LoRA adapters (13-02) on the last blocks only, a budget choice: backpropagation then stops at
+# the first adapted block, and a PPO step on 2 CPU cores costs about half as much as with
+# adapters everywhere; the full profile trains every weight, as Ouyang et al. (2022) did. The
+# reference is the SFT model itself, frozen.
 
 # %%
-from ftbook.instruction_tuning import load_sft_model, render_prompt
-from ftbook.reward_modeling import (
-    load_gold_reward,
-    load_reward_model,
-    score_replies,
-    sentiment_prompts,
-)
+#| export
+def adapter_policy(sft_model: nn.Module, rank: int | None, layers: int | None = None
+                   ) -> PolicyWithValue:
+    """A trainable copy of `sft_model` with a zero value head. `rank=None`: every weight
+    trains. Otherwise LoRA (13-02, through PEFT) of rank `rank` and alpha 2 * rank on every
+    linear layer of the last `layers` transformer blocks (None: all of them); the copy's other
+    weights are frozen."""
+    import copy
 
-sft_model, tokenizer = load_sft_model(PROFILE, DEVICE)
-sft_model.requires_grad_(False).eval()
-reward_model, rm_tokenizer = load_reward_model(PROFILE, DEVICE)
-gold_reward = load_gold_reward(PROFILE, DEVICE)
-train_messages = sentiment_prompts("train", cfg.n_train_prompts, SEED)
-eval_messages = sentiment_prompts("validation", cfg.n_eval_prompts, SEED)
+    from peft import LoraConfig, get_peft_model
 
-
-def encode_prompts(messages: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded token ids of the rendered prompts (the template brings its own BOS)."""
-    batch = tokenizer([render_prompt(tokenizer, m) for m in messages], return_tensors="pt",
-                      padding=True, add_special_tokens=False)
-    return batch["input_ids"].to(DEVICE), batch["attention_mask"].to(DEVICE)
-
-
-def reply_texts(rollout: Rollout) -> list[str]:
-    return [t.strip() for t in tokenizer.batch_decode(rollout.response_ids,
-                                                      skip_special_tokens=True)]
-
-
-def proxy_reward_fn(messages: list[str]):
-    def reward(rollout: Rollout) -> torch.Tensor:
-        prompts = [messages[i] for i in rollout.prompt_index.tolist()]
-        return score_replies(reward_model, rm_tokenizer, prompts, reply_texts(rollout))
-    return reward
+    lm = copy.deepcopy(sft_model)
+    if rank is None:
+        return PolicyWithValue(lm.requires_grad_(True))
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    blocks = lm.get_decoder().layers
+    if layers is not None and not 1 <= layers <= len(blocks):
+        raise ValueError(f"layers must be in 1..{len(blocks)} (the model's blocks), got {layers}")
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in blocks[0].named_modules()
+                    if isinstance(module, nn.Linear)})  # q_proj, k_proj, ..., down_proj
+    first = 0 if layers is None else len(blocks) - layers
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names,
+                        layers_to_transform=list(range(first, len(blocks))))
+    return PolicyWithValue(get_peft_model(lm, config).get_base_model())
 
 
-def gold_fn(rollout: Rollout) -> torch.Tensor:
-    return gold_reward(reply_texts(rollout))
+@dataclass
+class RunningTask:
+    """13-07's sentiment task as PPO sees it: the SFT model (initial policy and reference), the
+    reward model (proxy), the gold reward, and the training and held-out user messages."""
+
+    sft_model: nn.Module
+    tokenizer: Any
+    reward_model: nn.Module
+    rm_tokenizer: Any
+    gold: Any  # 13-07's GoldReward
+    train_messages: list[str]
+    eval_messages: list[str]
+
+    def encode(self, messages: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask of the rendered prompts (the template brings its BOS)."""
+        from ftbook.instruction_tuning import render_prompt
+
+        batch = self.tokenizer([render_prompt(self.tokenizer, m) for m in messages],
+                               return_tensors="pt", padding=True, add_special_tokens=False)
+        device = next(self.sft_model.parameters()).device
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+    def replies(self, rollout: Rollout) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(rollout.response_ids,
+                                                               skip_special_tokens=True)]
+
+    def proxy_fn(self, messages: Sequence[str]) -> Callable[[Rollout], torch.Tensor]:
+        """The reward model's scores of a rollout's replies to `messages[prompt_index]`."""
+        from ftbook.reward_modeling import score_replies
+
+        def proxy(rollout: Rollout) -> torch.Tensor:
+            prompts = [messages[i] for i in rollout.prompt_index.tolist()]
+            return score_replies(self.reward_model, self.rm_tokenizer, prompts,
+                                 self.replies(rollout))
+        return proxy
+
+    def monitor(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """The gold reward (7.1b) of each reply and its ingredients, s(y) and g(y)."""
+        from ftbook.reward_modeling import well_formedness
+
+        texts = self.replies(rollout)
+        g = torch.tensor([well_formedness(t) for t in texts])
+        s = self.gold.sentiment(texts)
+        return {"gold_reward": self.gold(texts), "sentiment": s, "well_formed": g}
 
 
-train_ids, train_mask = encode_prompts(train_messages)
-eval_ids, eval_mask = encode_prompts(eval_messages)
-eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-print(f"{len(train_messages)} training and {len(eval_messages)} evaluation prompts; prompt "
-      f"length {int(train_mask.sum(1).min())}-{int(train_mask.sum(1).max())} tokens; "
-      f"e.g. {eval_messages[0]!r}")
+def load_running_task(profile: str, cfg: RLHFExperimentConfig, seed: int,
+                      device: torch.device | None = None) -> RunningTask:
+    """The running task of `profile`: 13-06's SFT model, 13-07's reward model and gold reward
+    (each trained first if its cache is empty), `cfg.n_train_prompts` training and
+    `cfg.n_eval_prompts` held-out (SST-2 validation) user messages."""
+    from ftbook.instruction_tuning import load_sft_model
+    from ftbook.reward_modeling import load_gold_reward, load_reward_model, sentiment_prompts
 
+    sft_model, tokenizer = load_sft_model(profile, device)
+    reward_model, rm_tokenizer = load_reward_model(profile, device)
+    return RunningTask(sft_model.requires_grad_(False).eval(), tokenizer, reward_model,
+                       rm_tokenizer, load_gold_reward(profile, device),
+                       sentiment_prompts("train", cfg.n_train_prompts, seed),
+                       sentiment_prompts("validation", cfg.n_eval_prompts, seed))
 
-def evaluate(policy: PolicyWithValue) -> tuple[dict, list[Rollout]]:
-    return evaluate_policy(policy, sft_model, eval_ids, eval_mask, proxy_reward_fn(eval_messages),
-                           max_new_tokens=cfg.ppo.max_new_tokens, eos_token_id=eos_id,
-                           pad_token_id=pad_id, gold_fn=gold_fn,
-                           batch_size=cfg.eval_batch_size, seed=SEED)
-
-
-sft_metrics, sft_rollouts = evaluate(PolicyWithValue(copy.deepcopy(sft_model)))
-print("SFT policy on the evaluation prompts:", {k: round(v, 3) for k, v in sft_metrics.items()})
 
 # %% [markdown]
-# Each run starts from a fresh copy of the SFT model with a zero value head and trains for
-# `steps` PPO steps with a fixed $\beta$ (normalised reward units); the frontier's middle
-# $\beta$ is the main run, whose curves we plot. Every run ends with an evaluation on held-out
-# prompts: one reply per prompt at temperature 1, its proxy and gold reward, and the KL from the
-# reference (the sum of $k_1$ over the reply, unbiased for the sequence KL because the replies
-# are the policy's own samples).
+# ### One run, and every run of the chapter
+#
+# `rlhf_run` trains one policy from a fresh copy of the SFT model for `steps` PPO steps at a
+# fixed $\beta$ (normalised reward units) and evaluates it on the held-out prompts: one reply
+# per prompt at temperature 1, its proxy and gold reward, and its KL from the reference (the
+# sum of $k_1$ over the reply, unbiased for the sequence KL because the replies are the
+# policy's own samples). The reward normalisation (8.14) is fitted once, on replies of the SFT
+# policy to training prompts, and shared by every run, so that $\beta$ means the same in all of
+# them. It also counts model FLOPs, eqs. (A.1)-(A.3): per step one forward pass per sampled
+# token, one reference and one reward-model pass over prompt and reply, and `ppo_epochs`
+# forward-backward passes; with frozen weights below the adapters, the backward pass computes
+# only activation gradients, about one forward pass, and only through the adapted blocks.
+#
+# `rlhf_runs` makes every run of the chapter: each $\beta$ of the frontier over its seeds, and
+# one ablation on the real task (the main $\beta$ without reward normalisation). It caches the
+# result under the configuration, the SFT model and the reward model it used, so that 13-09
+# reads *these* runs (and 13-08 and 13-09 can never disagree about them).
 
 # %%
-main_beta = cfg.frontier_betas[len(cfg.frontier_betas) // 2]
-lm_runs = {}
-for beta in cfg.frontier_betas:
-    seed_everything(SEED)
-    policy = PolicyWithValue(copy.deepcopy(sft_model).requires_grad_(True))
-    run_config = dataclasses.replace(cfg.ppo, beta=beta, seed=SEED)
-    log = ppo_train(policy, sft_model, train_ids, train_mask, proxy_reward_fn(train_messages),
-                    run_config, steps=cfg.steps, eos_token_id=eos_id, pad_token_id=pad_id,
-                    gold_fn=gold_fn, desc=f"PPO beta={beta}")
-    metrics, rollouts = evaluate(policy)
-    lm_runs[beta] = {"history": pd.DataFrame(log.history), "metrics": metrics,
-                     "rollouts": rollouts, "seconds": log.seconds}
-    print(f"beta = {beta}: {log.seconds:.0f} s; evaluation",
-          {k: round(v, 3) for k, v in metrics.items()})
+#| export
+def policy_flops(policy: PolicyWithValue, tokens: int, reply_tokens: int, epochs: int,
+                 trained_fraction: float) -> float:
+    """Model FLOPs of one PPO step, eqs. (A.1)-(A.3) at the batch's mean sequence length
+    folded into `tokens` (prompt + reply tokens of the batch): sampling (one forward per reply
+    token), the reference and reward-model passes (one forward each over all tokens), and
+    `epochs` training passes, each a forward plus a backward through `trained_fraction` of the
+    network (2 forwards' worth when every weight trains, 1 when only activations need
+    gradients)."""
+    from ftbook.workbench import transformer_flops
+
+    forward_per_token = transformer_flops(policy.lm, 1, 1, training=False)
+    return forward_per_token * (reply_tokens + 2 * tokens
+                                + epochs * tokens * (1 + trained_fraction))
+
+
+def rlhf_run(task: RunningTask, cfg: RLHFExperimentConfig, *, beta: float, seed: int,
+             normalizer: RewardNormalizer, arm: str = "recipe", **ppo_changes: Any) -> dict:
+    """One PPO run on the running task and its held-out evaluation, as a JSON-ready dict:
+    arm, beta, seed, `history` (one row per step), `eval` (per-prompt columns of
+    `evaluate_policy`), `replies` (its held-out replies), `seconds`, `flops`."""
+    from ftbook.workbench import seed_everything
+
+    seed_everything(seed)
+    policy = adapter_policy(task.sft_model, cfg.lora_rank, cfg.lora_layers)
+    n_blocks = len(policy.lm.get_decoder().layers)
+    trained_fraction = 2.0 if cfg.lora_rank is None else (cfg.lora_layers or n_blocks) / n_blocks
+    config = dataclasses.replace(cfg.ppo, beta=beta, seed=seed, **ppo_changes)
+    train_ids, train_mask = task.encode(task.train_messages)
+    log = ppo_train(policy, task.sft_model, train_ids, train_mask,
+                    task.proxy_fn(task.train_messages), config, steps=cfg.steps,
+                    eos_token_id=task.tokenizer.eos_token_id,
+                    pad_token_id=task.tokenizer.pad_token_id, monitor_fn=task.monitor,
+                    normalizer=normalizer, desc=f"PPO {arm} beta={beta} seed={seed}")
+    columns, rollouts = evaluate_task(policy, task, cfg, seed)
+    flops = sum(policy_flops(policy, row["tokens"], round(row["length"] * config.batch_size),
+                             config.ppo_epochs, trained_fraction) for row in log.history)
+    return {"arm": arm, "beta": beta, "seed": seed, "history": log.history,
+            "eval": {k: v.tolist() for k, v in columns.items()},
+            "replies": [r for rollout in rollouts for r in task.replies(rollout)],
+            "seconds": log.seconds, "flops": flops}
+
+
+def evaluate_task(policy: PolicyWithValue, task: RunningTask, cfg: RLHFExperimentConfig,
+                  seed: int) -> tuple[dict[str, torch.Tensor], list[Rollout]]:
+    """`evaluate_policy` on the held-out prompts of the running task, with the gold monitor."""
+    eval_ids, eval_mask = task.encode(task.eval_messages)
+    return evaluate_policy(policy, task.sft_model, eval_ids, eval_mask,
+                           task.proxy_fn(task.eval_messages),
+                           max_new_tokens=cfg.ppo.max_new_tokens,
+                           eos_token_id=task.tokenizer.eos_token_id,
+                           pad_token_id=task.tokenizer.pad_token_id, monitor_fn=task.monitor,
+                           batch_size=cfg.eval_batch_size, seed=seed)
+
+
+@dataclass
+class RLHFRuns:
+    """Every language-model run of chapter 13-08 and the SFT policy's evaluation on the same
+    held-out prompts (`sft`: per-prompt columns; `sft_replies`)."""
+
+    profile: str
+    eval_messages: list[str]
+    normalizer: dict[str, float]
+    sft: dict[str, list[float]]
+    sft_replies: list[str]
+    runs: list[dict]
+    seconds: float
+
+    def table(self) -> Any:
+        """One row per run: arm, beta, seed, the held-out means, seconds and FLOPs."""
+        import pandas as pd
+
+        return pd.DataFrame([{"arm": r["arm"], "beta": r["beta"], "seed": r["seed"],
+                              **{k: sum(v) / len(v) for k, v in r["eval"].items()},
+                              "seconds": r["seconds"], "flops": r["flops"]} for r in self.runs])
+
+    def history(self) -> Any:
+        """The training logs of all runs, one row per step, with arm, beta and seed."""
+        import pandas as pd
+
+        return pd.DataFrame([{"arm": r["arm"], "beta": r["beta"], "seed": r["seed"], **row}
+                             for r in self.runs for row in r["history"]])
+
+
+RUNS_FORMAT = 1  # bump to invalidate the cached runs
+
+
+def rlhf_runs_folder(profile: str) -> Path:
+    """The cache folder of the runs of `profile`, keyed by the chapter's configuration, the SFT
+    model (its folder name is keyed by its recipe) and the reward model's recipe."""
+    import hashlib
+
+    from ftbook.instruction_tuning import sft_model_path
+    from ftbook.reward_modeling import rm_recipe
+    from ftbook.workbench import cache_dir, pick
+
+    key = json.dumps({"format": RUNS_FORMAT, "config": repr(pick(profile, PPO_CONFIGS)),
+                      "sft": sft_model_path(profile).name, "rm": rm_recipe(profile)},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir("13_08_rlhf_ppo") / f"runs-{profile}-{digest}"
+
+
+def rlhf_runs(profile: str, device: torch.device | None = None, seed: int = 0) -> RLHFRuns:
+    """All runs of chapter 13-08 for `profile`, from the cache, or made and cached first: each
+    beta of `frontier_betas` over `frontier_seeds` seeds (`main_seeds` at the main beta), and
+    the main beta without reward normalisation (seed `seed`)."""
+    from ftbook.base_models import build_once
+    from ftbook.workbench import pick, progress, seed_everything
+
+    cfg = pick(profile, PPO_CONFIGS)
+
+    def build(folder: Path) -> None:
+        start = time.perf_counter()
+        task = load_running_task(profile, cfg, seed, device)
+        seed_everything(seed)  # the normalisation: SFT replies to training prompts
+        sft_policy = PolicyWithValue(task.sft_model)
+        train_ids, train_mask = task.encode(task.train_messages)
+        proxy = task.proxy_fn(task.train_messages)
+        sampler = torch.Generator(train_ids.device).manual_seed(seed)
+        index = torch.randperm(len(task.train_messages), generator=sampler)
+        raw = []
+        for i in range(cfg.ppo.norm_batches):
+            rows = index[i * cfg.ppo.batch_size:(i + 1) * cfg.ppo.batch_size]
+            ids, mask = trim_left_padding(train_ids[rows], train_mask[rows])
+            rollout = generate_rollout(sft_policy, ids, mask,
+                                       max_new_tokens=cfg.ppo.max_new_tokens,
+                                       eos_token_id=task.tokenizer.eos_token_id,
+                                       pad_token_id=task.tokenizer.pad_token_id,
+                                       generator=sampler)
+            rollout.prompt_index = rows
+            raw.append(proxy(rollout).float().cpu())
+        normalizer = RewardNormalizer().fit(torch.cat(raw))
+        sft_columns, sft_rollouts = evaluate_task(sft_policy, task, cfg, seed)
+        plan = [("recipe", beta, s) for beta in cfg.frontier_betas
+                for s in range(seed, seed + (cfg.main_seeds if beta == cfg.main_beta
+                                             else cfg.frontier_seeds))]
+        plan.append(("no reward normalisation", cfg.main_beta, seed))
+        runs = []
+        for arm, beta, run_seed in progress(plan, desc="PPO runs"):
+            changes = {"normalize_rewards": False} if arm != "recipe" else {}
+            runs.append(rlhf_run(task, cfg, beta=beta, seed=run_seed, normalizer=normalizer,
+                                 arm=arm, **changes))
+        result = {"profile": profile, "eval_messages": task.eval_messages,
+                  "normalizer": {"mean": normalizer.mean, "std": normalizer.std},
+                  "sft": {k: v.tolist() for k, v in sft_columns.items()},
+                  "sft_replies": [r for rollout in sft_rollouts for r in task.replies(rollout)],
+                  "runs": runs, "seconds": time.perf_counter() - start}
+        (folder / "runs.json").write_text(json.dumps(result))
+
+    folder = build_once(rlhf_runs_folder(profile), build)
+    return RLHFRuns(**json.loads((folder / "runs.json").read_text()))
+
+
+# %% [markdown]
+# ### Experiment 4: RLHF on the running task
+#
+# Every run of the chapter, made by `rlhf_runs` (or read from its cache): the frontier's
+# $\beta$s over their seeds, with more seeds at the main $\beta$, and the ablation.
 
 # %%
-main = lm_runs[main_beta]["history"]
-panels = [("proxy_reward", "proxy reward (raw RM score)"), ("gold_reward", "gold reward"),
-          ("kl", "KL to reference (nats/reply)"), ("entropy", "entropy (nats/token)"),
-          ("clip_frac", "clip fraction"), ("vf_loss", "value loss"),
-          ("grad_norm", "gradient norm before clipping"), ("length", "reply length (tokens)")]
-fig, axes = plt.subplots(2, 4, figsize=(13, 5.5))
+import math
+
+import pandas as pd
+
+from ftbook.workbench import show_table
+
+runs = rlhf_runs(PROFILE, DEVICE, SEED)
+table, history = runs.table(), runs.history()
+main_beta = cfg.main_beta
+n_eval = len(runs.eval_messages)
+print(f"{len(runs.runs)} runs of {cfg.steps} PPO steps x {cfg.ppo.batch_size} replies, "
+      f"{runs.seconds:.0f} s in all (training {table['seconds'].sum():.0f} s); held-out "
+      f"prompts: {n_eval}, e.g. {runs.eval_messages[0]!r}")
+print(f"reward normalisation (8.14), fitted on SFT replies: mean {runs.normalizer['mean']:.3f}, "
+      f"std {runs.normalizer['std']:.3f}")
+
+# %% [markdown]
+# **Did PPO raise the gold reward?** For each $\beta$, the gain of the gold reward over the SFT
+# policy on the held-out prompts, averaged over seeds. Its standard error has two parts: the
+# spread of the per-seed gains (which contains both the training noise and the sampling noise
+# of each run's evaluation) divided by the number of seeds, and the SFT policy's own sampling
+# error, which every seed shares:
+#
+# $$
+# \mathrm{SE}(\bar d) = \sqrt{\frac{s_d^2}{S} + \frac{s_\text{SFT}^2}{n}},
+# \qquad d_j = \bar r^\star_{\text{PPO}, j} - \bar r^\star_\text{SFT},
+# \tag{8.15}
+# $$
+#
+# with $S$ seeds, $n$ held-out prompts, $s_d$ the standard deviation of the $d_j$ and
+# $s_\text{SFT}$ that of the SFT policy's per-prompt gold rewards.
+
+# %%
+sft_eval = pd.DataFrame(runs.sft)
+sft_means = sft_eval.mean()
+se_sft = sft_eval["gold_reward"].std() / math.sqrt(n_eval)
+recipe = table[table["arm"] == "recipe"]
+rows = []
+for beta, group in recipe.groupby("beta"):
+    gains = group["gold_reward"] - sft_means["gold_reward"]
+    se = math.sqrt(gains.var(ddof=1) / len(gains) + se_sft**2)
+    kl, kl_half = mean_interval(group["kl"].tolist())
+    rows.append({"beta": beta, "seeds": len(group), "KL (nats/reply)": kl, "KL ±": kl_half,
+                 "gold": group["gold_reward"].mean(), "gold gain": gains.mean(),
+                 "SE of gain (8.15)": se, "gain / SE": gains.mean() / se,
+                 "proxy": group["proxy_reward"].mean(), "sentiment s": group["sentiment"].mean(),
+                 "well-formed g": group["well_formed"].mean(), "length": group["length"].mean(),
+                 "EOS rate": group["eos_rate"].mean()})
+frontier = pd.DataFrame(rows).set_index("beta")
+sft_row = {"seeds": 1, "KL (nats/reply)": 0.0, "gold": sft_means["gold_reward"],
+           "proxy": sft_means["proxy_reward"], "sentiment s": sft_means["sentiment"],
+           "well-formed g": sft_means["well_formed"], "length": sft_means["length"],
+           "EOS rate": sft_means["eos_rate"]}
+show_table(pd.concat([pd.DataFrame([sft_row], index=pd.Index(["SFT"], name="beta")),
+                      frontier]), "frontier", CHAPTER, floatfmt="{:.3f}")
+headline = frontier.loc[main_beta]
+print(f"main run, beta = {main_beta}, {int(headline['seeds'])} seeds: gold "
+      f"{sft_means['gold_reward']:.2f} -> {headline['gold']:.2f}, gain "
+      f"{headline['gold gain']:+.2f} +- {headline['SE of gain (8.15)']:.2f} (SE), "
+      f"{headline['gain / SE']:.1f} standard errors; KL {headline['KL (nats/reply)']:.2f} "
+      f"+- {headline['KL ±']:.2f} nats per reply")
+
+# %% [markdown]
+# **This run (tiny profile).** PPO raises the gold reward. At the main $\beta = 0.1$, over
+# three seeds, the held-out gold reward rises from $-1.94$ (SFT) to $-1.33$: a gain of $0.61$
+# with a standard error (8.15) of $0.21$, three standard errors, at a KL of about 1.5 nats per
+# reply from the reference (the interval over three seeds is wide, $\pm 1.2$, because one seed
+# travelled much farther than the other two). The other two values of $\beta$ gain too, but
+# by 2.0 ($\beta = 0.02$) and 1.7 ($\beta = 0.5$) standard errors, at or below the bar of two.
+#
+# Where the gain comes from: the sentiment ingredient $s(y)$ of the gold rises from 0.37 to
+# 0.90, the well-formedness $g(y)$ barely moves (0.47 to 0.54). The proxy reward itself rises
+# by only about 0.2 raw units (a quarter of its standard deviation on SFT replies): 13-07's
+# reward model agrees with the gold on 59% of held-out pairs, a weak signal, and four PPO steps
+# follow it only a little way. The hack indicators move too: replies grow from 22 to 27 tokens
+# and the share that ends with EOS before the 32-token limit falls from 0.48 to 0.30. That is
+# the reward model's length bias (13-07 measured a correlation of about 0.5 between its score
+# and the reply length); the gold's ending factor halves the credit of a reply cut mid-sentence,
+# which is why the gold reward gains less than the sentiment does.
+
+# %% [markdown]
+# The training curves of the main $\beta$, one thin line per seed and their mean in bold. The
+# top row is what PPO optimises and pays; the bottom row is where exploitation of the proxy
+# would show: the gold reward and its two ingredients, the reply length and the EOS rate.
+
+# %%
+main_history = history[(history["arm"] == "recipe") & (history["beta"] == main_beta)]
+panels = [("proxy_reward", "proxy reward (raw RM score)"), ("kl", "KL to reference (nats/reply)"),
+          ("entropy", "entropy (nats/token)"), ("clip_frac", "clip fraction"),
+          ("vf_loss", "value loss"), ("gold_reward", "gold reward (7.1b)"),
+          ("sentiment", "gold: sentiment s(y)"), ("well_formed", "gold: well-formedness g(y)"),
+          ("length", "reply length (tokens)"), ("eos_rate", "EOS rate")]
+fig, axes = plt.subplots(2, 5, figsize=(15, 5.5))
 for ax, (column, title) in zip(axes.flat, panels, strict=True):
-    ax.plot(main["step"], main[column], marker=".")
-    if column == "kl":
-        ax.plot(main["step"], main["kl_k3"], marker=".", label="k3")
-        ax.legend(["k1", "k3"], fontsize=8)
-    if column == "grad_norm" and cfg.ppo.max_grad_norm is not None:
-        ax.axhline(cfg.ppo.max_grad_norm, color="k", lw=1, ls=":")
+    for _, run in main_history.groupby("seed"):
+        ax.plot(run["step"], run[column], lw=0.8, alpha=0.5, color="C0")
+    mean = main_history.groupby("step")[column].mean()
+    ax.plot(mean.index, mean.values, lw=2, color="C0", marker=".")
+    if column in sft_means:
+        ax.axhline(sft_means[column], color="k", lw=1, ls=":", label="SFT (held-out)")
     ax.set(title=title, xlabel="PPO step")
-fig.suptitle(rf"PPO on the sentiment task, $\beta$ = {main_beta} (training batches)")
+axes[0, 0].legend(fontsize=8)
+fig.suptitle(rf"PPO on the sentiment task, $\beta$ = {main_beta}: training batches of "
+             f"{cfg.ppo.batch_size} replies, {int(headline['seeds'])} seeds")
 fig.tight_layout()
 show_figure(fig, "training_curves", CHAPTER)
 
 # %% [markdown]
-# **This run.** Against the proxy, PPO works: on held-out prompts the proxy reward of the main
-# run ($\beta = 0.1$) roughly doubles over the SFT policy's. The KL from the reference grows to
-# about 1.4 nats per reply, and every reply now ends with EOS. Much of that gain is one
-# exploit, though: the replies shrink from about 11 tokens to about 5. 13-07 found that this
-# reward model prefers short replies (correlation with length about −0.45), and the policy
-# found the cheapest way to please it. The gold reward of the main run ends *below* the SFT
-# policy's. This is the over-optimisation of 13-07's best-of-$n$ experiment, now reached by a
-# trained policy.
-#
-# The curves are those of the training batches (16 replies each in the tiny profile, so they
-# are noisy). What to read in them: the proxy reward rises; the KL grows from 0 as the policy
-# leaves the reference; entropy falls as the policy concentrates; the clip fraction says how
-# often a token's ratio left $[1-\varepsilon, 1+\varepsilon]$ during the update (a few percent to a
-# few tens of percent is healthy; near zero means the learning rate could be larger, near one
-# that PPO is fighting the optimiser); the value loss falls as the value head learns the
-# returns. The gradient-norm panel shows how often clipping was active (points above the dotted
-# line).
-#
-# Samples before and after, on held-out prompts (the same seed, so the first token is drawn
-# with the same random numbers):
+# What to read in the curves. They are the training batches (16 replies each), so they are
+# noisy; the held-out table above is the measurement. The KL grows from 0 as the policy leaves
+# the reference; the clip fraction (how often a token's ratio left
+# $[1-\varepsilon, 1+\varepsilon]$ during the update) starts near 10% and falls to a few percent;
+# the value loss falls as the value head learns the returns. In the bottom row, length and EOS
+# rate drift in opposite directions, the signature of the length bias; the gold reward and its
+# sentiment part move up, noisily, while the well-formedness stays near its SFT level.
+
+# %% [markdown]
+# Samples before and after, on held-out prompts (the main $\beta$, first seed):
 
 # %%
-def sample_rows(rollouts: list[Rollout], count: int = 4) -> list[str]:
-    return reply_texts(rollouts[0])[:count]
-
-
-after = lm_runs[main_beta]["rollouts"]
+main_run = next(r for r in runs.runs if r["arm"] == "recipe" and r["beta"] == main_beta)
 sample_table = pd.DataFrame({
-    "prompt": [m.split(": ", 1)[-1] for m in eval_messages[:4]],
-    "SFT reply": sample_rows(sft_rollouts),
-    "gold (SFT)": gold_reward(sample_rows(sft_rollouts)).tolist(),
-    f"PPO reply (beta {main_beta})": sample_rows(after),
-    "gold (PPO)": gold_reward(sample_rows(after)).tolist(),
-})
+    "prompt": [m.split(": ", 1)[-1] for m in runs.eval_messages[:4]],
+    "SFT reply": runs.sft_replies[:4], "gold (SFT)": runs.sft["gold_reward"][:4],
+    f"PPO reply (beta {main_beta})": main_run["replies"][:4],
+    "gold (PPO)": main_run["eval"]["gold_reward"][:4]})
 show_table(sample_table, "samples", CHAPTER, floatfmt="{:.2f}")
+sft_sentiment = torch.tensor(runs.sft["sentiment"])
+for run in runs.runs:
+    if run["arm"] == "recipe" and run["beta"] == main_beta:
+        ppo_sentiment = torch.tensor(run["eval"]["sentiment"])
+        print(f"seed {run['seed']}: of {n_eval} held-out prompts, SFT negative and PPO positive "
+              f"{int(((sft_sentiment < 0) & (ppo_sentiment > 0)).sum())}, the reverse "
+              f"{int(((sft_sentiment > 0) & (ppo_sentiment < 0)).sum())}")
+
+# %% [markdown]
+# The samples show both sides. The PPO replies are longer and more often cut at the limit, and
+# some drift into word salad that the gold's well-formedness factors only partly catch; where
+# the SFT reply was negative, the PPO reply to the same opening is more often positive than the
+# reverse, in every seed (the counts above; both replies are single samples, so each count
+# carries sampling noise, but the direction is the same three times).
 
 # %% [markdown]
 # ### Experiment 5: the reward-KL frontier
 #
 # Each $\beta$ buys a different trade: small $\beta$ moves far from the reference for more
-# proxy reward, large $\beta$ stays close. Plotting the evaluation's gold reward against its KL
-# for every run traces the frontier that 13-09 compares DPO against (Rafailov et al. 2023,
-# arXiv:2305.18290, Fig. 2, do the same on IMDb). The table is saved to
-# `cache_dir("13_08_rlhf_ppo") / f"frontier_{profile}.csv"`.
+# proxy reward, large $\beta$ stays close. Plotting the held-out gold reward against the KL for
+# every $\beta$ traces the frontier that 13-09 compares DPO against (Rafailov et al. 2023,
+# arXiv:2305.18290, Fig. 2, do the same on IMDb). Error bars are 95% intervals over seeds; the
+# SFT policy's bar is its sampling interval.
 
 # %%
-from ftbook.workbench import cache_dir
-
-frontier = pd.DataFrame([
-    {"beta": beta, "kl": run["metrics"]["kl"], "gold_reward": run["metrics"]["gold_reward"],
-     "proxy_reward": run["metrics"]["proxy_reward"], "seed": SEED}
-    for beta, run in lm_runs.items()])
-frontier_path = cache_dir(CHAPTER) / f"frontier_{PROFILE}.csv"
-frontier.to_csv(frontier_path, index=False)
-show_table(frontier.set_index("beta"), "frontier", CHAPTER)
-print(f"saved {frontier_path}")
-
 fig, (ax_gold, ax_proxy) = plt.subplots(1, 2, figsize=(10, 3.8))
+by_beta = recipe.groupby("beta")
 for ax, column, title in ((ax_gold, "gold_reward", "gold reward"),
                           (ax_proxy, "proxy_reward", "proxy reward")):
-    ax.scatter([0.0], [sft_metrics[column]], color="k", marker="s", label="SFT (reference)")
-    by_kl = frontier.sort_values("kl")
-    ax.plot(by_kl["kl"], by_kl[column], marker="o", label="PPO")
-    for _, row in frontier.iterrows():
-        ax.annotate(rf"$\beta$={row['beta']:g}", (row["kl"], row[column]), fontsize=8,
+    sft_half = 1.96 * sft_eval[column].std() / math.sqrt(n_eval)
+    ax.errorbar([0.0], [sft_means[column]], yerr=[sft_half], color="k", marker="s",
+                capsize=3, label="SFT (reference)")
+    points = []
+    for beta, group in by_beta:
+        kl, kl_half = mean_interval(group["kl"].tolist())
+        y, y_half = mean_interval(group[column].tolist())
+        points.append({"beta": beta, "kl": kl, "kl_half": kl_half, "y": y, "y_half": y_half})
+    points = pd.DataFrame(points).sort_values("kl")
+    ax.errorbar(points["kl"], points["y"], xerr=points["kl_half"], yerr=points["y_half"],
+                marker="o", capsize=3, label="PPO (mean over seeds)")
+    for _, row in points.iterrows():
+        ax.annotate(rf"$\beta$={row['beta']:g}", (row["kl"], row["y"]), fontsize=8,
                     textcoords="offset points", xytext=(4, 3))
-    ax.set(xlabel="KL(pi || pi_ref), nats per reply (evaluation)", ylabel=title,
+    ax.set(xlabel="KL(pi || pi_ref), nats per reply (held-out)", ylabel=title,
            title=f"{title} vs KL")
     ax.legend(fontsize=8)
 show_figure(fig, "frontier", CHAPTER)
 
 # %% [markdown]
-# Read the frontier from right to left. The proxy reward orders the runs as $\beta$ does: the
-# smaller $\beta$, the farther from the reference and the higher the proxy. The gold reward does
-# not follow. At $\beta = 0.3$ and $0.1$ (KL about 1.1 and 1.4) it is at or below the SFT
-# policy's; only the run that travelled farthest, $\beta = 0.03$ at KL 2.5, improves it clearly.
-# With one seed and 64 evaluation prompts the gold column has a standard error of a few tenths,
-# so the middle points are not distinguishable from each other. The frontier is saved for 13-09,
-# which runs DPO on the same task and compares the two.
+# Read the frontier from left to right. $\beta = 0.5$ stays close to the reference (KL about
+# 0.5) and gains least; $\beta = 0.1$ and $0.02$ both travel to a KL of about 1.5 nats and gain
+# more. That the two smaller values end at the same KL says that in four PPO steps the distance
+# travelled is limited by the number of steps (and the learning rate) more than by the penalty:
+# the KL term binds only at the largest $\beta$. With longer runs the small-$\beta$ policies
+# keep moving, and Gao et al. (2022) predict where that leads: the proxy keeps rising and the
+# gold turns down. The runs are stored by `rlhf_runs`, and 13-09 reads them to place DPO on the
+# same axes.
+
+# %% [markdown]
+# ### Experiment 6: one stability knob on the real task
+#
+# The toy ablations of Experiment 3 switch off one technique at a time. On the real task we
+# repeat the one whose absence matters most for a reward model with an arbitrary offset:
+# reward normalisation (8.14). Without it, $\beta$ is in the reward model's raw units and the
+# value head must first learn the offset of the scores. Same seed, same $\beta$, same prompts;
+# the intervals are over the held-out prompts (one run each, so they hold the evaluation's
+# sampling noise, not the training noise).
+
+# %%
+ablation_rows = []
+for arm in ("recipe", "no reward normalisation"):
+    run = next(r for r in runs.runs
+               if r["arm"] == arm and r["beta"] == main_beta and r["seed"] == SEED)
+    row = {"arm": arm}
+    for column in ("gold_reward", "proxy_reward", "kl", "length", "eos_rate"):
+        values = torch.tensor(run["eval"][column])
+        row[column] = values.mean().item()
+        row[column + " ±"] = 1.96 * values.std().item() / math.sqrt(len(values))
+    row["final value loss"] = run["history"][-1]["vf_loss"]
+    ablation_rows.append(row)
+show_table(pd.DataFrame(ablation_rows).set_index("arm"), "ablation_real", CHAPTER,
+           floatfmt="{:.3f}")
+
+# %% [markdown]
+# Without normalisation, $\beta = 0.1$ is in raw reward units, where the scores average about
+# 4.2 instead of 0; the value head, which starts at zero, must first learn that offset, and its
+# loss at the last step is several times the recipe's. In this run the policy went the other
+# way: its replies became much shorter (14 tokens, 80% ending with EOS), its proxy reward fell
+# below the SFT policy's, and its gold reward ended about 0.8 below the recipe's on the same
+# seed. The intervals are the evaluation's sampling error only; with one training seed per arm,
+# the table shows that the knob matters on the real task, not by how much on average.
 #
 # ## Pitfalls
 #

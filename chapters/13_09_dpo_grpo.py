@@ -2151,19 +2151,12 @@ print(f"standard error of one gold-reward mean: ~{sft_metrics['gold_reward_se']:
 # whose points lie up and to the left achieves more reward for the same divergence.
 
 # %%
-from ftbook.workbench import cache_dir
+from ftbook.rlhf_ppo import rlhf_runs  # 13-08's runs: made there, read here from its cache
 
-frontier_path = cache_dir() / "13_08_rlhf_ppo" / f"frontier_{PROFILE}.csv"
-ppo_frontier = None
-if frontier_path.is_file():
-    ppo_frontier = pd.read_csv(frontier_path)
-    missing = {"beta", "kl", "gold_reward", "proxy_reward", "seed"} - set(ppo_frontier.columns)
-    if missing:
-        raise ValueError(f"{frontier_path}: missing columns {sorted(missing)}")
-    print(f"13-08's PPO frontier: {len(ppo_frontier)} runs from {frontier_path}")
-else:
-    print(f"13-08's PPO frontier is missing ({frontier_path} does not exist: run chapter 13-08 "
-          f"in the {PROFILE} profile first); the figure shows this chapter's runs only.")
+ppo_runs = rlhf_runs(PROFILE, DEVICE, SEED).table()
+ppo_frontier = ppo_runs[ppo_runs["arm"] == "recipe"]
+print(f"13-08's PPO frontier: {len(ppo_frontier)} runs over beta = "
+      f"{sorted(ppo_frontier['beta'].unique())}")
 
 dpo_front = dpo_table.xs(cfg.seeds[0], level="seed").sort_index()
 fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -2171,9 +2164,8 @@ ax.plot(dpo_front["kl"], dpo_front["gold_reward"], marker="o", label="DPO (beta 
 for beta, row in dpo_front.iterrows():
     ax.annotate(f"{beta:g}", (row["kl"], row["gold_reward"]), fontsize=7,
                 textcoords="offset points", xytext=(3, 3))
-if ppo_frontier is not None:
-    ax.scatter(ppo_frontier["kl"], ppo_frontier["gold_reward"], marker="s", color="C1",
-               label="PPO (13-08's frontier)")
+ax.scatter(ppo_frontier["kl"], ppo_frontier["gold_reward"], marker="s", color="C1",
+           label="PPO (13-08's frontier, every seed)")
 for method, marker, color in (("PPO", "D", "C3"), ("GRPO", "^", "C2")):
     part = rl_table.xs(method, level="method")
     ax.scatter(part["kl"], part["gold_reward"], marker=marker, color=color,

@@ -346,3 +346,121 @@ def test_ppo_update_on_two_processes_equals_one_process(tmp_path):
                for k in before) > 0.1 * config.lr
     for k, g in one["grad"].items():  # 1e-9 of the largest |g|: 1e4 x float64 rounding (13-08)
         assert (g - two["grad"][k]).abs().max() <= 1e-9 * g.abs().max(), k
+
+
+# --- The running task: adapters, per-reply evaluation, the monitor, FLOPs, the cached runs ------
+
+def test_adapter_policy_trains_lora_on_the_last_blocks_only_and_starts_at_the_sft_model():
+    from ftbook.rlhf_ppo import adapter_policy
+
+    lm = tiny_llama(3)
+    policy = adapter_policy(lm, rank=2, layers=1)
+    trainable = [name for name, p in policy.named_parameters() if p.requires_grad]
+    assert "value_head.weight" in trainable and "value_head.bias" in trainable
+    lora = [name for name in trainable if "lora_" in name]
+    assert lora and all(".layers.1." in name for name in lora)  # the last of 2 blocks only
+    assert len(lora) == 2 * 7  # A and B of q, k, v, o, gate, up, down
+    assert set(trainable) == set(lora) | {"value_head.weight", "value_head.bias"}
+    assert not any("lora_" in name for name, _ in lm.named_parameters())  # a copy was adapted
+    ids, mask = left_padded(PROMPTS)
+    logits, values, _ = policy(ids, mask)
+    # LoRA's B starts at zero: the same network, the same additions in the same order
+    torch.testing.assert_close(logits, lm(input_ids=ids, attention_mask=mask).logits, rtol=0,
+                               atol=0)
+    assert values.abs().max() == 0
+    everything = adapter_policy(lm, rank=None)
+    assert all(p.requires_grad for p in everything.parameters())
+    with pytest.raises(ValueError, match="rank"):
+        adapter_policy(lm, rank=0)
+    with pytest.raises(ValueError, match="1..2"):
+        adapter_policy(lm, rank=2, layers=3)
+
+
+def test_experiment_config_rejects_bad_values():
+    from ftbook.rlhf_ppo import PPO_CONFIGS
+
+    tiny = PPO_CONFIGS["tiny"]
+    assert tiny.main_beta == tiny.frontier_betas[len(tiny.frontier_betas) // 2]
+    for change, match in (({"lora_rank": 0}, "lora_rank"), ({"lora_layers": 0}, "lora_layers"),
+                          ({"main_seeds": 0}, "seed"), ({"frontier_betas": ()}, "beta")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses_replace(tiny, **change)
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+
+
+def test_evaluate_policy_returns_one_value_per_reply_and_the_monitor_columns():
+    from ftbook.rlhf_ppo import evaluate_policy
+
+    lm = tiny_llama(4)
+    policy = PolicyWithValue(copy.deepcopy(lm))
+    ids, mask = left_padded(PROMPTS)
+    columns, rollouts = evaluate_policy(
+        policy, lm, ids, mask, lambda r: r.lengths().float(), max_new_tokens=6,
+        eos_token_id=EOS, pad_token_id=PAD, batch_size=3, seed=0,
+        monitor_fn=lambda r: {"first_token": r.response_ids[:, 0].float()})
+    assert len(rollouts) == 2  # batches of 3 and 1
+    assert {k: v.shape for k, v in columns.items()} == {
+        k: (4,) for k in ("proxy_reward", "kl", "kl_k3", "length", "eos_rate", "first_token")}
+    torch.testing.assert_close(columns["proxy_reward"], columns["length"])
+    # the policy is the reference: every per-token log-ratio is a recomputation of the same
+    # number, so the KL estimates vanish up to the forward passes' tolerance per token
+    tol = forward_tolerance(policy, {"input_ids": ids, "attention_mask": mask})["logp"]
+    assert columns["kl"].abs().max() <= 6 * tol
+    first = torch.cat([r.response_ids[:, 0] for r in rollouts]).float()
+    torch.testing.assert_close(columns["first_token"], first)
+
+
+def test_ppo_train_logs_the_monitor_means_and_the_token_count():
+    task = ToyTask(num_contexts=3, num_tokens=3, max_len=2, seed=0)
+    ref = task.reference_model(seed=0)
+    policy = PolicyWithValue(copy.deepcopy(ref))
+    config = PPOConfig(batch_size=8, ppo_epochs=1, num_minibatches=1, max_new_tokens=2,
+                       normalize_rewards=False)
+    log = ppo_train(policy, ref, *task.prompts(), task.reward, config, steps=2,
+                    eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
+                    monitor_fn=lambda r: {"ended": r.ended.float(), "length2": r.lengths()})
+    for row in log.history:
+        assert row["ended"] == pytest.approx(row["eos_rate"])
+        assert row["length2"] == pytest.approx(row["length"])
+        prompt_tokens = int(task.prompts()[1][0].sum())  # every toy prompt has one length
+        assert row["tokens"] == pytest.approx(8 * (prompt_tokens + row["length"]))
+
+
+def test_policy_flops_counts_sampling_two_scoring_passes_and_the_training_passes():
+    from ftbook.rlhf_ppo import policy_flops
+    from ftbook.workbench import transformer_flops
+
+    policy = PolicyWithValue(tiny_llama(0))
+    per_token = transformer_flops(policy.lm, 1, 1, training=False)
+    # every weight trains: a training pass over a token is 3 forwards, eq. (A.3)
+    assert policy_flops(policy, 100, 40, 2, 2.0) == pytest.approx(
+        per_token * (40 + 2 * 100) + 2 * 100 * transformer_flops(policy.lm, 1, 1, training=True))
+    # frozen weights: the backward pass of the adapted half costs half a forward
+    assert policy_flops(policy, 100, 40, 1, 0.5) == pytest.approx(per_token * (40 + 200 + 150))
+
+
+@pytest.mark.slow
+def test_rlhf_runs_makes_every_planned_run_caches_them_and_reads_them_back(real_env):
+    from ftbook.rlhf_ppo import PPO_CONFIGS, rlhf_runs, rlhf_runs_folder
+
+    cfg = PPO_CONFIGS["smoke"]
+    runs = rlhf_runs("smoke")
+    table = runs.table()
+    planned = sum(cfg.main_seeds if b == cfg.main_beta else cfg.frontier_seeds
+                  for b in cfg.frontier_betas) + 1
+    assert len(table) == planned
+    assert (table["arm"] == "no reward normalisation").sum() == 1
+    assert len(runs.runs[0]["history"]) == cfg.steps
+    assert len(runs.sft["gold_reward"]) == cfg.n_eval_prompts == len(runs.eval_messages)
+    assert all(len(r["replies"]) == cfg.n_eval_prompts for r in runs.runs)
+    assert {"gold_reward", "sentiment", "well_formed"} <= set(runs.history().columns)
+    assert table["flops"].gt(0).all() and table["kl"].notna().all()
+    modified = (rlhf_runs_folder("smoke") / "runs.json").stat().st_mtime_ns
+    again = rlhf_runs("smoke")  # from the cache, not recomputed
+    assert (rlhf_runs_folder("smoke") / "runs.json").stat().st_mtime_ns == modified
+    assert again.runs == runs.runs and again.sft == runs.sft

@@ -572,13 +572,14 @@ def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, response_mask: tor
 def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
               query_mask: torch.Tensor, reward_fn: Callable[[Rollout], torch.Tensor],
               config: PPOConfig, *, steps: int, eos_token_id: int, pad_token_id: int,
-              gold_fn: Callable[[Rollout], torch.Tensor] | None = None,
+              monitor_fn: Callable[[Rollout], dict[str, torch.Tensor]] | None = None,
               callback: Callable[[int, PolicyWithValue], dict] | None = None,
               normalizer: RewardNormalizer | None = None, desc: str = "PPO") -> PPOLog:
     """RLHF with PPO (Ziegler et al. 2019, arXiv:1909.08593; Ouyang et al. 2022,
     arXiv:2203.02155): `steps` PPO steps on the left-padded prompts (query_ids, query_mask),
-    rewarded by `reward_fn(rollout) -> (batch,)` raw scores. `gold_fn` (optional) is logged
-    only; `callback(step, policy)` may add entries to a step's log row. With
+    rewarded by `reward_fn(rollout) -> (batch,)` raw scores. `monitor_fn(rollout)` (optional)
+    returns per-reply tensors (the gold reward, say) that are logged as means and never trained
+    on; `callback(step, policy)` may add entries to a step's log row. With
     `config.normalize_rewards`, `normalizer` (if given) replaces the one fitted on samples."""
     from ftbook.workbench import check_finite, progress
 
@@ -632,9 +633,11 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
                "score": scores.mean().item(), "kl": kls["kl"].mean().item(),
                "kl_k3": kls["kl_k3"].mean().item(),
                "length": rollout.lengths().float().mean().item(),
-               "eos_rate": rollout.ended.float().mean().item(), **stats}
-        if gold_fn is not None:
-            row["gold_reward"] = gold_fn(rollout).float().mean().item()
+               "eos_rate": rollout.ended.float().mean().item(),
+               "tokens": int(batch.attention_mask.sum()),  # prompt + reply, for FLOP counts
+               **stats}
+        if monitor_fn is not None:
+            row.update({k: v.float().mean().item() for k, v in monitor_fn(rollout).items()})
         check_finite(stats["loss"], f"{desc} loss", step)
         controller.update(row["kl"])  # 6. eq. (8.13)
         if callback is not None:
@@ -647,13 +650,15 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
 def evaluate_policy(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
                     query_mask: torch.Tensor, reward_fn: Callable[[Rollout], torch.Tensor], *,
                     max_new_tokens: int, eos_token_id: int, pad_token_id: int,
-                    gold_fn: Callable[[Rollout], torch.Tensor] | None = None,
-                    batch_size: int = 64, seed: int = 0) -> tuple[dict[str, float], list[Rollout]]:
-    """Sample one reply per prompt at temperature 1 and report the means of the proxy reward,
-    the gold reward, the KL to the reference (k1 and k3 sums, unbiased for the sequence KL
-    because the replies are samples of the policy), the length and the EOS rate."""
+                    monitor_fn: Callable[[Rollout], dict[str, torch.Tensor]] | None = None,
+                    batch_size: int = 64, seed: int = 0
+                    ) -> tuple[dict[str, torch.Tensor], list[Rollout]]:
+    """Sample one reply per prompt at temperature 1; return per reply, as (n,) float tensors on
+    the CPU, the proxy reward, whatever `monitor_fn` measures (the gold reward, say), the KL to
+    the reference (k1 and k3 sums, unbiased for the sequence KL because the replies are samples
+    of the policy), the length and whether the reply ended with EOS; and the rollouts."""
     sampler = torch.Generator(query_ids.device).manual_seed(seed)
-    totals: dict[str, list[torch.Tensor]] = {}
+    columns: dict[str, list[torch.Tensor]] = {}
     rollouts = []
     for i in range(0, query_ids.shape[0], batch_size):
         ids, mask = trim_left_padding(query_ids[i:i + batch_size], query_mask[i:i + batch_size])
@@ -662,17 +667,14 @@ def evaluate_policy(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Te
                                    generator=sampler)
         rollout.prompt_index = torch.arange(i, i + ids.shape[0])
         ref_logps = reference_logprobs(ref, rollout)
-        parts = {"proxy_reward": reward_fn(rollout).float().cpu(),
-                 **{k: v.cpu() for k, v in sequence_kl(rollout.logps, ref_logps,
-                                                       rollout.response_mask).items()},
-                 "length": rollout.lengths().float().cpu(),
-                 "eos_rate": rollout.ended.float().cpu()}
-        if gold_fn is not None:
-            parts["gold_reward"] = gold_fn(rollout).float().cpu()
+        parts = {"proxy_reward": reward_fn(rollout),
+                 **sequence_kl(rollout.logps, ref_logps, rollout.response_mask),
+                 "length": rollout.lengths(), "eos_rate": rollout.ended,
+                 **(monitor_fn(rollout) if monitor_fn is not None else {})}
         for key, value in parts.items():
-            totals.setdefault(key, []).append(value)
+            columns.setdefault(key, []).append(value.float().cpu())
         rollouts.append(rollout)
-    return {k: torch.cat(v).mean().item() for k, v in totals.items()}, rollouts
+    return {k: torch.cat(v) for k, v in columns.items()}, rollouts
 
 
 # --- chapters/13_08_rlhf_ppo.py :: A problem with a known answer ---
@@ -915,9 +917,13 @@ def launch_update_case(folder: str | Path, num_processes: int = 2,
 class RLHFExperimentConfig:
     """Budget of chapter 13-08 (one per profile)."""
 
-    ppo: PPOConfig  # the language-model runs (beta is set per run)
+    ppo: PPOConfig  # the language-model runs (beta and seed are set per run)
     steps: int  # PPO steps per language-model run
-    frontier_betas: tuple[float, ...]  # one run each; the middle one is the main run
+    frontier_betas: tuple[float, ...]  # the middle one is the main run
+    main_seeds: int  # seeds at the main beta
+    frontier_seeds: int  # seeds at every other beta
+    lora_rank: int | None  # None: every weight of the policy trains
+    lora_layers: int | None  # LoRA on the last `lora_layers` blocks only (None: all)
     n_train_prompts: int
     n_eval_prompts: int
     eval_batch_size: int
@@ -926,24 +932,283 @@ class RLHFExperimentConfig:
     toy_eval_every: int  # exact evaluation of the toy policy
     toy_seeds: int  # seeds per ablation arm
 
+    def __post_init__(self) -> None:
+        if len(self.frontier_betas) < 1 or min(self.main_seeds, self.frontier_seeds) < 1:
+            raise ValueError("RLHFExperimentConfig needs at least one beta and one seed per beta")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"RLHFExperimentConfig.lora_rank must be >= 1 or None, got "
+                             f"{self.lora_rank}")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise ValueError(f"RLHFExperimentConfig.lora_layers must be >= 1 or None, got "
+                             f"{self.lora_layers}")
+
+    @property
+    def main_beta(self) -> float:
+        return self.frontier_betas[len(self.frontier_betas) // 2]
+
 
 TOY_PPO = PPOConfig(batch_size=64, ppo_epochs=2, num_minibatches=1, max_new_tokens=3, lr=3e-3,
                     vf_coef=0.5, beta=0.5, normalize_rewards=False)
 PPO_CONFIGS = {
     "smoke": RLHFExperimentConfig(
-        ppo=PPOConfig(batch_size=4, ppo_epochs=2, num_minibatches=2, max_new_tokens=8, lr=1e-4),
-        steps=2, frontier_betas=(0.05, 0.2), n_train_prompts=16, n_eval_prompts=8,
-        eval_batch_size=8, toy_ppo=dataclasses.replace(TOY_PPO, batch_size=16), toy_steps=6,
-        toy_eval_every=3, toy_seeds=1),
+        ppo=PPOConfig(batch_size=4, ppo_epochs=2, num_minibatches=2, max_new_tokens=8, lr=1e-3),
+        steps=2, frontier_betas=(0.05, 0.2), main_seeds=2, frontier_seeds=1, lora_rank=4,
+        lora_layers=1, n_train_prompts=16, n_eval_prompts=8, eval_batch_size=8,
+        toy_ppo=dataclasses.replace(TOY_PPO, batch_size=16), toy_steps=6, toy_eval_every=3,
+        toy_seeds=1),
     "tiny": RLHFExperimentConfig(
         ppo=PPOConfig(batch_size=16, ppo_epochs=2, num_minibatches=2, max_new_tokens=32,
-                      lr=1e-4),
-        steps=20, frontier_betas=(0.03, 0.1, 0.3), n_train_prompts=512, n_eval_prompts=64,
-        eval_batch_size=32, toy_ppo=TOY_PPO, toy_steps=100, toy_eval_every=10, toy_seeds=2),
+                      lr=5e-4, lr_schedule="constant"),
+        steps=4, frontier_betas=(0.02, 0.1, 0.5), main_seeds=3, frontier_seeds=2,
+        lora_rank=16, lora_layers=15, n_train_prompts=512, n_eval_prompts=64,
+        eval_batch_size=64, toy_ppo=TOY_PPO, toy_steps=100, toy_eval_every=10, toy_seeds=2),
     "full": RLHFExperimentConfig(
         ppo=PPOConfig(batch_size=64, ppo_epochs=4, num_minibatches=4, max_new_tokens=48,
                       lr=1e-6),
-        steps=200, frontier_betas=(0.02, 0.05, 0.1, 0.2, 0.5), n_train_prompts=12_800,
-        n_eval_prompts=512, eval_batch_size=128, toy_ppo=TOY_PPO, toy_steps=100,
-        toy_eval_every=10, toy_seeds=3),
+        steps=200, frontier_betas=(0.02, 0.05, 0.1, 0.2, 0.5), main_seeds=3, frontier_seeds=2,
+        lora_rank=None, lora_layers=None, n_train_prompts=12_800, n_eval_prompts=512,
+        eval_batch_size=128, toy_ppo=TOY_PPO, toy_steps=100, toy_eval_every=10, toy_seeds=3),
 }
+
+
+# --- chapters/13_08_rlhf_ppo.py :: The running task ---
+def adapter_policy(sft_model: nn.Module, rank: int | None, layers: int | None = None
+                   ) -> PolicyWithValue:
+    """A trainable copy of `sft_model` with a zero value head. `rank=None`: every weight
+    trains. Otherwise LoRA (13-02, through PEFT) of rank `rank` and alpha 2 * rank on every
+    linear layer of the last `layers` transformer blocks (None: all of them); the copy's other
+    weights are frozen."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    lm = copy.deepcopy(sft_model)
+    if rank is None:
+        return PolicyWithValue(lm.requires_grad_(True))
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    blocks = lm.get_decoder().layers
+    if layers is not None and not 1 <= layers <= len(blocks):
+        raise ValueError(f"layers must be in 1..{len(blocks)} (the model's blocks), got {layers}")
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in blocks[0].named_modules()
+                    if isinstance(module, nn.Linear)})  # q_proj, k_proj, ..., down_proj
+    first = 0 if layers is None else len(blocks) - layers
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names,
+                        layers_to_transform=list(range(first, len(blocks))))
+    return PolicyWithValue(get_peft_model(lm, config).get_base_model())
+
+
+@dataclass
+class RunningTask:
+    """13-07's sentiment task as PPO sees it: the SFT model (initial policy and reference), the
+    reward model (proxy), the gold reward, and the training and held-out user messages."""
+
+    sft_model: nn.Module
+    tokenizer: Any
+    reward_model: nn.Module
+    rm_tokenizer: Any
+    gold: Any  # 13-07's GoldReward
+    train_messages: list[str]
+    eval_messages: list[str]
+
+    def encode(self, messages: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask of the rendered prompts (the template brings its BOS)."""
+        from ftbook.instruction_tuning import render_prompt
+
+        batch = self.tokenizer([render_prompt(self.tokenizer, m) for m in messages],
+                               return_tensors="pt", padding=True, add_special_tokens=False)
+        device = next(self.sft_model.parameters()).device
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+    def replies(self, rollout: Rollout) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(rollout.response_ids,
+                                                               skip_special_tokens=True)]
+
+    def proxy_fn(self, messages: Sequence[str]) -> Callable[[Rollout], torch.Tensor]:
+        """The reward model's scores of a rollout's replies to `messages[prompt_index]`."""
+        from ftbook.reward_modeling import score_replies
+
+        def proxy(rollout: Rollout) -> torch.Tensor:
+            prompts = [messages[i] for i in rollout.prompt_index.tolist()]
+            return score_replies(self.reward_model, self.rm_tokenizer, prompts,
+                                 self.replies(rollout))
+        return proxy
+
+    def monitor(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """The gold reward (7.1b) of each reply and its ingredients, s(y) and g(y)."""
+        from ftbook.reward_modeling import well_formedness
+
+        texts = self.replies(rollout)
+        g = torch.tensor([well_formedness(t) for t in texts])
+        s = self.gold.sentiment(texts)
+        return {"gold_reward": self.gold(texts), "sentiment": s, "well_formed": g}
+
+
+def load_running_task(profile: str, cfg: RLHFExperimentConfig, seed: int,
+                      device: torch.device | None = None) -> RunningTask:
+    """The running task of `profile`: 13-06's SFT model, 13-07's reward model and gold reward
+    (each trained first if its cache is empty), `cfg.n_train_prompts` training and
+    `cfg.n_eval_prompts` held-out (SST-2 validation) user messages."""
+    from ftbook.instruction_tuning import load_sft_model
+    from ftbook.reward_modeling import load_gold_reward, load_reward_model, sentiment_prompts
+
+    sft_model, tokenizer = load_sft_model(profile, device)
+    reward_model, rm_tokenizer = load_reward_model(profile, device)
+    return RunningTask(sft_model.requires_grad_(False).eval(), tokenizer, reward_model,
+                       rm_tokenizer, load_gold_reward(profile, device),
+                       sentiment_prompts("train", cfg.n_train_prompts, seed),
+                       sentiment_prompts("validation", cfg.n_eval_prompts, seed))
+
+
+# --- chapters/13_08_rlhf_ppo.py :: One run, and every run of the chapter ---
+def policy_flops(policy: PolicyWithValue, tokens: int, reply_tokens: int, epochs: int,
+                 trained_fraction: float) -> float:
+    """Model FLOPs of one PPO step, eqs. (A.1)-(A.3) at the batch's mean sequence length
+    folded into `tokens` (prompt + reply tokens of the batch): sampling (one forward per reply
+    token), the reference and reward-model passes (one forward each over all tokens), and
+    `epochs` training passes, each a forward plus a backward through `trained_fraction` of the
+    network (2 forwards' worth when every weight trains, 1 when only activations need
+    gradients)."""
+    from ftbook.workbench import transformer_flops
+
+    forward_per_token = transformer_flops(policy.lm, 1, 1, training=False)
+    return forward_per_token * (reply_tokens + 2 * tokens
+                                + epochs * tokens * (1 + trained_fraction))
+
+
+def rlhf_run(task: RunningTask, cfg: RLHFExperimentConfig, *, beta: float, seed: int,
+             normalizer: RewardNormalizer, arm: str = "recipe", **ppo_changes: Any) -> dict:
+    """One PPO run on the running task and its held-out evaluation, as a JSON-ready dict:
+    arm, beta, seed, `history` (one row per step), `eval` (per-prompt columns of
+    `evaluate_policy`), `replies` (its held-out replies), `seconds`, `flops`."""
+    from ftbook.workbench import seed_everything
+
+    seed_everything(seed)
+    policy = adapter_policy(task.sft_model, cfg.lora_rank, cfg.lora_layers)
+    n_blocks = len(policy.lm.get_decoder().layers)
+    trained_fraction = 2.0 if cfg.lora_rank is None else (cfg.lora_layers or n_blocks) / n_blocks
+    config = dataclasses.replace(cfg.ppo, beta=beta, seed=seed, **ppo_changes)
+    train_ids, train_mask = task.encode(task.train_messages)
+    log = ppo_train(policy, task.sft_model, train_ids, train_mask,
+                    task.proxy_fn(task.train_messages), config, steps=cfg.steps,
+                    eos_token_id=task.tokenizer.eos_token_id,
+                    pad_token_id=task.tokenizer.pad_token_id, monitor_fn=task.monitor,
+                    normalizer=normalizer, desc=f"PPO {arm} beta={beta} seed={seed}")
+    columns, rollouts = evaluate_task(policy, task, cfg, seed)
+    flops = sum(policy_flops(policy, row["tokens"], round(row["length"] * config.batch_size),
+                             config.ppo_epochs, trained_fraction) for row in log.history)
+    return {"arm": arm, "beta": beta, "seed": seed, "history": log.history,
+            "eval": {k: v.tolist() for k, v in columns.items()},
+            "replies": [r for rollout in rollouts for r in task.replies(rollout)],
+            "seconds": log.seconds, "flops": flops}
+
+
+def evaluate_task(policy: PolicyWithValue, task: RunningTask, cfg: RLHFExperimentConfig,
+                  seed: int) -> tuple[dict[str, torch.Tensor], list[Rollout]]:
+    """`evaluate_policy` on the held-out prompts of the running task, with the gold monitor."""
+    eval_ids, eval_mask = task.encode(task.eval_messages)
+    return evaluate_policy(policy, task.sft_model, eval_ids, eval_mask,
+                           task.proxy_fn(task.eval_messages),
+                           max_new_tokens=cfg.ppo.max_new_tokens,
+                           eos_token_id=task.tokenizer.eos_token_id,
+                           pad_token_id=task.tokenizer.pad_token_id, monitor_fn=task.monitor,
+                           batch_size=cfg.eval_batch_size, seed=seed)
+
+
+@dataclass
+class RLHFRuns:
+    """Every language-model run of chapter 13-08 and the SFT policy's evaluation on the same
+    held-out prompts (`sft`: per-prompt columns; `sft_replies`)."""
+
+    profile: str
+    eval_messages: list[str]
+    normalizer: dict[str, float]
+    sft: dict[str, list[float]]
+    sft_replies: list[str]
+    runs: list[dict]
+    seconds: float
+
+    def table(self) -> Any:
+        """One row per run: arm, beta, seed, the held-out means, seconds and FLOPs."""
+        import pandas as pd
+
+        return pd.DataFrame([{"arm": r["arm"], "beta": r["beta"], "seed": r["seed"],
+                              **{k: sum(v) / len(v) for k, v in r["eval"].items()},
+                              "seconds": r["seconds"], "flops": r["flops"]} for r in self.runs])
+
+    def history(self) -> Any:
+        """The training logs of all runs, one row per step, with arm, beta and seed."""
+        import pandas as pd
+
+        return pd.DataFrame([{"arm": r["arm"], "beta": r["beta"], "seed": r["seed"], **row}
+                             for r in self.runs for row in r["history"]])
+
+
+RUNS_FORMAT = 1  # bump to invalidate the cached runs
+
+
+def rlhf_runs_folder(profile: str) -> Path:
+    """The cache folder of the runs of `profile`, keyed by the chapter's configuration, the SFT
+    model (its folder name is keyed by its recipe) and the reward model's recipe."""
+    import hashlib
+
+    from ftbook.instruction_tuning import sft_model_path
+    from ftbook.reward_modeling import rm_recipe
+    from ftbook.workbench import cache_dir, pick
+
+    key = json.dumps({"format": RUNS_FORMAT, "config": repr(pick(profile, PPO_CONFIGS)),
+                      "sft": sft_model_path(profile).name, "rm": rm_recipe(profile)},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir("13_08_rlhf_ppo") / f"runs-{profile}-{digest}"
+
+
+def rlhf_runs(profile: str, device: torch.device | None = None, seed: int = 0) -> RLHFRuns:
+    """All runs of chapter 13-08 for `profile`, from the cache, or made and cached first: each
+    beta of `frontier_betas` over `frontier_seeds` seeds (`main_seeds` at the main beta), and
+    the main beta without reward normalisation (seed `seed`)."""
+    from ftbook.base_models import build_once
+    from ftbook.workbench import pick, progress, seed_everything
+
+    cfg = pick(profile, PPO_CONFIGS)
+
+    def build(folder: Path) -> None:
+        start = time.perf_counter()
+        task = load_running_task(profile, cfg, seed, device)
+        seed_everything(seed)  # the normalisation: SFT replies to training prompts
+        sft_policy = PolicyWithValue(task.sft_model)
+        train_ids, train_mask = task.encode(task.train_messages)
+        proxy = task.proxy_fn(task.train_messages)
+        sampler = torch.Generator(train_ids.device).manual_seed(seed)
+        index = torch.randperm(len(task.train_messages), generator=sampler)
+        raw = []
+        for i in range(cfg.ppo.norm_batches):
+            rows = index[i * cfg.ppo.batch_size:(i + 1) * cfg.ppo.batch_size]
+            ids, mask = trim_left_padding(train_ids[rows], train_mask[rows])
+            rollout = generate_rollout(sft_policy, ids, mask,
+                                       max_new_tokens=cfg.ppo.max_new_tokens,
+                                       eos_token_id=task.tokenizer.eos_token_id,
+                                       pad_token_id=task.tokenizer.pad_token_id,
+                                       generator=sampler)
+            rollout.prompt_index = rows
+            raw.append(proxy(rollout).float().cpu())
+        normalizer = RewardNormalizer().fit(torch.cat(raw))
+        sft_columns, sft_rollouts = evaluate_task(sft_policy, task, cfg, seed)
+        plan = [("recipe", beta, s) for beta in cfg.frontier_betas
+                for s in range(seed, seed + (cfg.main_seeds if beta == cfg.main_beta
+                                             else cfg.frontier_seeds))]
+        plan.append(("no reward normalisation", cfg.main_beta, seed))
+        runs = []
+        for arm, beta, run_seed in progress(plan, desc="PPO runs"):
+            changes = {"normalize_rewards": False} if arm != "recipe" else {}
+            runs.append(rlhf_run(task, cfg, beta=beta, seed=run_seed, normalizer=normalizer,
+                                 arm=arm, **changes))
+        result = {"profile": profile, "eval_messages": task.eval_messages,
+                  "normalizer": {"mean": normalizer.mean, "std": normalizer.std},
+                  "sft": {k: v.tolist() for k, v in sft_columns.items()},
+                  "sft_replies": [r for rollout in sft_rollouts for r in task.replies(rollout)],
+                  "runs": runs, "seconds": time.perf_counter() - start}
+        (folder / "runs.json").write_text(json.dumps(result))
+
+    folder = build_once(rlhf_runs_folder(profile), build)
+    return RLHFRuns(**json.loads((folder / "runs.json").read_text()))
