@@ -2094,19 +2094,19 @@ print(f"final KL(pi || pi*) minus the full recipe's on the same seed, {cfg.toy_s
 
 # %%
 #| export
-def adapter_policy(sft_model: nn.Module, rank: int | None, layers: int | None = None
-                   ) -> PolicyWithValue:
-    """A trainable copy of `sft_model` with a zero value head. `rank=None`: every weight
-    trains. Otherwise LoRA (13-02, through PEFT) of rank `rank` and alpha 2 * rank on every
-    linear layer of the last `layers` transformer blocks (None: all of them); the copy's other
-    weights are frozen."""
+def adapter_copy(model: nn.Module, rank: int | None, layers: int | None = None) -> nn.Module:
+    """A trainable copy of the causal LM `model`. `rank=None`: every weight trains. Otherwise
+    LoRA (13-02, through PEFT) of rank `rank` and alpha 2 * rank on every linear layer of the
+    last `layers` transformer blocks (None: all of them); the copy's other weights are frozen.
+    The copy stays the model's own class (PEFT's layers are injected in place), so everything
+    that takes the model takes the copy."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
-    lm = copy.deepcopy(sft_model)
+    lm = copy.deepcopy(model)
     if rank is None:
-        return PolicyWithValue(lm.requires_grad_(True))
+        return lm.requires_grad_(True)
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     blocks = lm.get_decoder().layers
@@ -2117,7 +2117,13 @@ def adapter_policy(sft_model: nn.Module, rank: int | None, layers: int | None = 
     first = 0 if layers is None else len(blocks) - layers
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names,
                         layers_to_transform=list(range(first, len(blocks))))
-    return PolicyWithValue(get_peft_model(lm, config).get_base_model())
+    return get_peft_model(lm, config).get_base_model()
+
+
+def adapter_policy(sft_model: nn.Module, rank: int | None, layers: int | None = None
+                   ) -> PolicyWithValue:
+    """`adapter_copy` of the SFT model with a zero value head: the policy PPO trains."""
+    return PolicyWithValue(adapter_copy(sft_model, rank, layers))
 
 
 @dataclass

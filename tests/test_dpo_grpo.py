@@ -424,6 +424,12 @@ def test_grpo_train_and_expert_iteration_run_and_count_samples(smoke_tokenizer):
                           prompts_per_round=2, samples_per_prompt=2, max_new_tokens=3,
                           sft_steps=1, lr=1e-3, seed=0)
     assert ei.responses == 4 and ei.history[0]["kept"] >= 1 and ei.flops > 0
+    seen = []
+    ei = expert_iteration(model, tok, prompts, answers, verifiable_reward, rounds=2,
+                          prompts_per_round=1, samples_per_prompt=2, max_new_tokens=3,
+                          sft_steps=1, lr=1e-3, seed=0,
+                          callback=lambda r, m: seen.append(r) or {"probe": r})
+    assert seen == [1, 2] and [row["probe"] for row in ei.history] == [1, 2]
 
 
 # --- The verifiable reward (9.10) ----------------------------------------------------------------
@@ -450,3 +456,50 @@ def test_verifiable_reward_format_bonus_and_bad_ground_truth():
     assert extract_answer("no number here") is None
     with pytest.raises(ValueError, match="not a number"):
         verifiable_reward("42", "forty-two")
+
+
+@pytest.mark.parametrize("response, truth, expected", [
+    ("42", "42", (1, 1)),
+    ("17 + 25 = 42.", "42", (1, 1)),  # the last number counts, whatever surrounds it
+    ("42 is wrong, it is 41", "42", (1, 0)),
+    ("To add 17 and 25, we", "42", (1, 0)),  # cut before the answer: its last number is 25
+    ("1,005 apples", "1005", (1, 1)),
+    ("no number", "3", (0, 0)),
+    ("", "0", (0, 0)),
+])
+def test_lenient_reward_reads_the_last_number(response, truth, expected):
+    from ftbook.dpo_grpo import lenient_reward
+
+    result = lenient_reward(response, truth)
+    assert (result["format_reward"], result["answer_reward"]) == expected
+    assert result["reward"] == result["answer_reward"]
+
+
+def test_arithmetic_problems_respect_operations_operands_and_exclusions():
+    from ftbook.dpo_grpo import arithmetic_problems
+
+    sums = arithmetic_problems(50, seed=0, max_operand=20, min_operand=2, ops="+")
+    assert len({p["prompt"] for p in sums}) == 50
+    for p in sums:
+        a, op, b = p["prompt"].removeprefix("What is ").removesuffix("?").split()
+        assert op == "+" and 2 <= int(a) <= 20 and 2 <= int(b) <= 20
+        assert int(p["answer"]) == int(a) + int(b)
+    again = arithmetic_problems(20, seed=1, max_operand=20, min_operand=2, ops="+",
+                                exclude={p["prompt"] for p in sums})
+    assert not {p["prompt"] for p in again} & {p["prompt"] for p in sums}
+    with pytest.raises(ValueError, match="ops"):
+        arithmetic_problems(5, seed=0, ops="*")
+    with pytest.raises(ValueError, match="distinct"):
+        arithmetic_problems(10, seed=0, max_operand=2, min_operand=2, ops="+")
+
+
+def test_experiment_config_rejects_bad_values():
+    import dataclasses
+
+    from ftbook.dpo_grpo import DPO_CONFIGS
+
+    tiny = DPO_CONFIGS["tiny"]
+    for change, match in (({"rlvr_reward": "loose"}, "rlvr_reward"), ({"rlvr_ops": "*"}, "ops"),
+                          ({"ei_rounds": 5}, "multiple")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(tiny, **change)

@@ -38,7 +38,6 @@ from ftbook.reward_modeling import (
     pad_sequences,
     pairwise_accuracy,
     reward_model_text,
-    score_replies,
 )
 from ftbook.workbench import check_finite, progress, transformer_flops
 
@@ -47,75 +46,76 @@ from ftbook.workbench import check_finite, progress, transformer_flops
 class DPOGRPOConfig:
     """Budget and hyperparameters of chapter 13-09 (one per profile)."""
 
-    # evaluation on the running task (13-07's prompts, gold reward and reward model)
-    eval_prompts: int  # held-out SST-2 openings, one sampled reply each
-    max_new_tokens: int  # reply cap on the running task (13-07's)
     generate_batch_size: int
     seeds: tuple[int, ...]  # the runs compared across seeds
-    # DPO on 13-07's preference pairs
+    lora_rank: int | None  # LoRA (13-08's `adapter_copy`) for DPO, GRPO and expert iteration
+    lora_layers: int | None  # on the last `lora_layers` blocks (None: all)
+    # DPO on 13-07's preference pairs, evaluated on 13-08's held-out prompts
     dpo_beta: float  # the beta of the comparison
-    dpo_betas: tuple[float, ...]  # the reward-KL frontier
+    dpo_betas: tuple[float, ...]  # the reward-KL frontier, every seed each
     dpo_steps: int
     dpo_batch_size: int  # pairs per step
     dpo_lr: float
     timing_steps: int  # steps timed with the reference cached and recomputed
-    # GRPO and PPO on the running task, with the same number of sampled replies
-    rl_prompts: int  # SST-2 train openings
-    grpo_prompts_per_step: int
-    grpo_group_size: int
-    grpo_steps: int
-    grpo_lr: float
-    grpo_kl_coef: float  # DeepSeekMath's beta on the k3 estimate
-    ppo_batch_size: int
-    ppo_lr: float
-    ppo_beta: float
     # RLVR: GRPO against expert iteration with the same number of samples
     rlvr_task: str  # "arithmetic" (13-06's synthetic problems) or "gsm8k"
+    rlvr_from_sft: bool  # start from 13-06's SFT model; False: from the chat LM it started from
+    rlvr_reward: str  # "strict" (verifiable_reward) or "lenient" (lenient_reward)
+    rlvr_ops: str  # arithmetic operations, "+-" or "+"
+    rlvr_min_operand: int
+    rlvr_max_operand: int
     rlvr_train: int  # training problems
     rlvr_eval: int  # held-out problems, answered greedily
-    rlvr_max_operand: int  # arithmetic operands 0..rlvr_max_operand (the tiny LM needs small ones)
+    rlvr_eval_every: int  # held-out evaluation every so many GRPO steps (and EI rounds)
     rlvr_max_new_tokens: int
     rlvr_prompts_per_step: int
     rlvr_group_size: int
     rlvr_steps: int
     rlvr_lr: float
-    rlvr_epochs: int  # optimiser passes per rollout batch in the off-policy ablation
+    rlvr_epochs: int  # optimiser passes per rollout batch in the off-policy variant
     ei_rounds: int
     ei_sft_steps: int  # SFT steps per expert-iteration round
     ei_lr: float
     microbatch_size: int  # rows per backward pass (gradient accumulation)
     bf16: bool = False  # autocast the training forward passes to bfloat16 (GPU)
 
+    def __post_init__(self) -> None:
+        if self.rlvr_reward not in ("strict", "lenient"):
+            raise ValueError(f"rlvr_reward must be 'strict' or 'lenient', got "
+                             f"{self.rlvr_reward!r}")
+        if not self.rlvr_ops or set(self.rlvr_ops) - set("+-"):
+            raise ValueError(f"rlvr_ops must be made of '+' and '-', got {self.rlvr_ops!r}")
+        if self.rlvr_steps % self.ei_rounds or self.rlvr_steps % self.rlvr_eval_every:
+            raise ValueError("rlvr_steps must be a multiple of ei_rounds and rlvr_eval_every, "
+                             "so that GRPO and expert iteration are compared at equal samples")
+
 
 DPO_CONFIGS = {
     "smoke": DPOGRPOConfig(
-        eval_prompts=8, max_new_tokens=8, generate_batch_size=16, seeds=(0, 1), dpo_beta=0.1,
+        generate_batch_size=16, seeds=(0, 1), lora_rank=4, lora_layers=1, dpo_beta=0.1,
         dpo_betas=(0.1, 0.5), dpo_steps=3, dpo_batch_size=4, dpo_lr=1e-3, timing_steps=2,
-        rl_prompts=16, grpo_prompts_per_step=2, grpo_group_size=4, grpo_steps=2, grpo_lr=1e-3,
-        grpo_kl_coef=0.04, ppo_batch_size=8, ppo_lr=1e-3, ppo_beta=0.1, rlvr_task="arithmetic",
-        rlvr_train=16, rlvr_eval=8, rlvr_max_operand=9, rlvr_max_new_tokens=6,
-        rlvr_prompts_per_step=2,
-        rlvr_group_size=4, rlvr_steps=2, rlvr_lr=1e-3, rlvr_epochs=2, ei_rounds=2,
-        ei_sft_steps=2, ei_lr=1e-3, microbatch_size=4),
+        rlvr_task="arithmetic", rlvr_from_sft=False, rlvr_reward="lenient", rlvr_ops="+",
+        rlvr_min_operand=2, rlvr_max_operand=9, rlvr_train=16, rlvr_eval=8, rlvr_eval_every=1,
+        rlvr_max_new_tokens=6, rlvr_prompts_per_step=2, rlvr_group_size=4, rlvr_steps=2,
+        rlvr_lr=1e-3, rlvr_epochs=2, ei_rounds=2, ei_sft_steps=2, ei_lr=1e-3,
+        microbatch_size=4),
     "tiny": DPOGRPOConfig(
-        eval_prompts=64, max_new_tokens=48, generate_batch_size=64, seeds=(0, 1), dpo_beta=0.1,
-        dpo_betas=(0.1, 0.3, 1.0), dpo_steps=32, dpo_batch_size=16, dpo_lr=1e-4,
-        timing_steps=4, rl_prompts=256, grpo_prompts_per_step=8, grpo_group_size=4,
-        grpo_steps=10, grpo_lr=1e-4, grpo_kl_coef=0.04, ppo_batch_size=16, ppo_lr=1e-4,
-        ppo_beta=0.1, rlvr_task="arithmetic", rlvr_train=128, rlvr_eval=64, rlvr_max_operand=12,
-        rlvr_max_new_tokens=8, rlvr_prompts_per_step=6, rlvr_group_size=8, rlvr_steps=12,
-        rlvr_lr=1e-4, rlvr_epochs=3, ei_rounds=3, ei_sft_steps=20, ei_lr=1e-4,
+        generate_batch_size=64, seeds=(0, 1), lora_rank=16, lora_layers=15, dpo_beta=0.1,
+        dpo_betas=(0.1, 0.3, 1.0), dpo_steps=8, dpo_batch_size=16, dpo_lr=5e-4,
+        timing_steps=3, rlvr_task="arithmetic", rlvr_from_sft=False, rlvr_reward="lenient",
+        rlvr_ops="+", rlvr_min_operand=2, rlvr_max_operand=49, rlvr_train=256, rlvr_eval=200,
+        rlvr_eval_every=6, rlvr_max_new_tokens=16, rlvr_prompts_per_step=8, rlvr_group_size=4,
+        rlvr_steps=12, rlvr_lr=5e-4, rlvr_epochs=2, ei_rounds=2, ei_sft_steps=8, ei_lr=5e-4,
         microbatch_size=16),
     "full": DPOGRPOConfig(
-        eval_prompts=500, max_new_tokens=48, generate_batch_size=128, seeds=(0, 1, 2),
+        generate_batch_size=128, seeds=(0, 1, 2), lora_rank=None, lora_layers=None,
         dpo_beta=0.1, dpo_betas=(0.05, 0.1, 0.3, 1.0, 3.0), dpo_steps=500, dpo_batch_size=32,
-        dpo_lr=1e-6, timing_steps=10, rl_prompts=4000, grpo_prompts_per_step=32,
-        grpo_group_size=8, grpo_steps=100, grpo_lr=1e-6, grpo_kl_coef=0.04, ppo_batch_size=64,
-        ppo_lr=1e-6, ppo_beta=0.1, rlvr_task="gsm8k", rlvr_train=7473, rlvr_eval=500,
-        rlvr_max_operand=99,
-        rlvr_max_new_tokens=256, rlvr_prompts_per_step=32, rlvr_group_size=8, rlvr_steps=100,
-        rlvr_lr=1e-6, rlvr_epochs=2, ei_rounds=5, ei_sft_steps=100, ei_lr=1e-6,
-        microbatch_size=16, bf16=True),
+        dpo_lr=1e-6, timing_steps=10, rlvr_task="gsm8k", rlvr_from_sft=True,
+        rlvr_reward="strict", rlvr_ops="+-", rlvr_min_operand=0, rlvr_max_operand=99,
+        rlvr_train=7473, rlvr_eval=500, rlvr_eval_every=20, rlvr_max_new_tokens=256,
+        rlvr_prompts_per_step=32, rlvr_group_size=8, rlvr_steps=100, rlvr_lr=1e-6,
+        rlvr_epochs=2, ei_rounds=5, ei_sft_steps=100, ei_lr=1e-6, microbatch_size=16,
+        bf16=True),
 }
 
 
@@ -847,18 +847,35 @@ def verifiable_reward(response: str, ground_truth: str, format_weight: float = 0
             "reward": float(correct) + format_weight * float(well_formed)}
 
 
+def lenient_reward(response: str, ground_truth: str) -> dict[str, float]:
+    """The lenient check, CS336's contract: `answer_reward` 1 if the *last* number in the reply
+    equals `ground_truth` as a number, whatever surrounds it ("17 + 25 = 42." counts, and so
+    does a reply cut after its answer); `format_reward` 1 if the reply contains a number;
+    `reward` = answer_reward."""
+    truth = _canonical_number(ground_truth)
+    numbers = re.findall(ANSWER_NUMBER, response)
+    correct = bool(numbers) and answer_is_correct(_canonical_number(numbers[-1]), truth)
+    return {"format_reward": float(bool(numbers)), "answer_reward": float(correct),
+            "reward": float(correct)}
+
+
 def arithmetic_problems(n: int, seed: int, exclude: set[str] | None = None,
-                        max_operand: int = 99) -> list[dict]:
+                        max_operand: int = 99, min_operand: int = 0, ops: str = "+-"
+                        ) -> list[dict]:
     """`n` distinct problems in the format of 13-06's arithmetic task ("What is a + b?" /
     "What is a - b?", differences non-negative, answered by the bare number), operands
-    0..`max_operand`, as {"prompt", "answer"}; none of the prompts is in `exclude`."""
+    `min_operand`..`max_operand`, operations drawn from `ops`, as {"prompt", "answer"}; none of
+    the prompts is in `exclude`."""
     import random
 
+    if not ops or set(ops) - set("+-"):
+        raise ValueError(f"ops must be made of '+' and '-', got {ops!r}")
     rng = random.Random(seed)
     exclude = set(exclude or ())
     problems, seen = [], set()
     for _ in range(100 * n):
-        a, b, op = rng.randint(0, max_operand), rng.randint(0, max_operand), rng.choice("+-")
+        a, b = rng.randint(min_operand, max_operand), rng.randint(min_operand, max_operand)
+        op = rng.choice(ops)
         if op == "-" and b > a:
             a, b = b, a
         prompt = f"What is {a} {op} {b}?"
@@ -888,9 +905,10 @@ def evaluate_verifiable(policy: nn.Module, tokenizer: Any, problems: Sequence[di
                         max_new_tokens: int, batch_size: int = 64,
                         reward_fn: Callable[[str, str], dict[str, float]] = verifiable_reward
                         ) -> dict[str, float]:
-    """Greedy replies to `problems` ({"prompt", "answer"}): `accuracy` (mean answer reward),
-    `format_rate`, `eos_rate`, and the mean reply length in tokens, overall and of the wrong
-    replies."""
+    """Greedy replies to `problems` ({"prompt", "answer"}): `accuracy` (mean answer reward of
+    `reward_fn`, the strict check by default), `lenient_accuracy` (`lenient_reward`),
+    `format_rate`, `eos_rate`, the mean reply length in tokens, overall and of the wrong
+    replies, and `n`."""
     replies = sample_replies(policy, tokenizer, [render_prompt(tokenizer, p["prompt"])
                                                  for p in problems],
                              max_new_tokens=max_new_tokens, do_sample=False,
@@ -898,7 +916,10 @@ def evaluate_verifiable(policy: nn.Module, tokenizer: Any, problems: Sequence[di
     scores = [reward_fn(r["text"], p["answer"]) for r, p in zip(replies, problems, strict=True)]
     lengths = [len(r["ids"]) for r in replies]
     wrong = [n for n, s in zip(lengths, scores, strict=True) if not s["answer_reward"]]
+    lenient = [lenient_reward(r["text"], p["answer"])["answer_reward"]
+               for r, p in zip(replies, problems, strict=True)]
     return {"accuracy": sum(s["answer_reward"] for s in scores) / len(scores),
+            "lenient_accuracy": sum(lenient) / len(lenient), "n": len(problems),
             "format_rate": sum(s["format_reward"] for s in scores) / len(scores),
             "eos_rate": sum(r["finished"] for r in replies) / len(replies),
             "length": sum(lengths) / len(lengths),
@@ -923,11 +944,13 @@ def expert_iteration(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                      prompts_per_round: int, samples_per_prompt: int, max_new_tokens: int,
                      sft_steps: int, lr: float, seed: int, examples_per_step: int = 16,
                      temperature: float = 1.0, generate_batch_size: int = 64,
-                     bf16: bool = False, desc: str = "expert iteration") -> EILog:
+                     bf16: bool = False, desc: str = "expert iteration",
+                     callback: Callable[[int, nn.Module], dict] | None = None) -> EILog:
     """Expert iteration (Anthony et al. 2017, arXiv:1705.08439; Singh et al. 2023,
     arXiv:2312.06585): each round samples `samples_per_prompt` replies to `prompts_per_round`
     prompts, keeps the distinct replies whose `answer_reward` is 1, and trains `policy` on them
-    with 13-06's `sft_train` (`tokenize_for_sft`, padded batches, `sft_steps` steps)."""
+    with 13-06's `sft_train` (`tokenize_for_sft`, padded batches, `sft_steps` steps).
+    `callback(round, policy)` may add entries to a round's log row."""
     if len(prompts) != len(ground_truths) or not prompts:
         raise ValueError(f"need as many ground truths as prompts (at least one), got "
                          f"{len(prompts)} and {len(ground_truths)}")
@@ -978,73 +1001,9 @@ def expert_iteration(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
             row["sft_loss"] = sft_log.losses[-1]
         policy.eval()
         row["seconds"] = time.perf_counter() - round_start
+        if callback is not None:
+            row.update(callback(round_index + 1, policy))
         log.history.append(row)
         log.responses += len(replies)
     log.seconds = time.perf_counter() - start
     return log
-
-
-# --- chapters/13_09_dpo_grpo.py :: Evaluation on the running task ---
-class RewardModelScorer:
-    """13-07's reward model as a CS336 `reward_fn(response, prompt)` -> {"reward",
-    "format_reward", "answer_reward"} (the reward model's score; format 1): the "ground truth"
-    of a reply is its user message. `prepare(responses, prompts)` scores a batch in one pass
-    (`score_replies`); `flops` counts the reward model's forward FLOPs."""
-
-    def __init__(self, reward_model: nn.Module, tokenizer: Any, batch_size: int = 32):
-        self.reward_model, self.tokenizer, self.batch_size = reward_model, tokenizer, batch_size
-        self.flops = 0.0
-        self._cache: dict[tuple[str, str], float] = {}
-
-    def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        """(n,) reward-model scores of `responses` to the user messages `prompts`."""
-        lengths = [len(self.tokenizer(reward_model_text(self.tokenizer, p, r),
-                                      add_special_tokens=False)["input_ids"])
-                   for p, r in zip(prompts, responses, strict=True)]
-        self.flops += batch_flops(self.reward_model, lengths, self.batch_size, training=False)
-        return score_replies(self.reward_model, self.tokenizer, prompts, responses,
-                             self.batch_size)
-
-    def prepare(self, responses: Sequence[str], prompts: Sequence[str]) -> None:
-        values = self.scores(prompts, responses).tolist()
-        self._cache = dict(zip(zip(prompts, responses, strict=True), values, strict=True))
-
-    def __call__(self, response: str, prompt: str) -> dict[str, float]:
-        if (prompt, response) not in self._cache:
-            self.prepare([response], [prompt])
-        score = self._cache[(prompt, response)]
-        return {"reward": score, "format_reward": 1.0, "answer_reward": score}
-
-
-@torch.no_grad()
-def evaluate_sentiment(policy: nn.Module, ref_model: nn.Module, tokenizer: Any,
-                       prompts: Sequence[str], *, gold_reward: Callable[[list[str]], torch.Tensor],
-                       max_new_tokens: int, seed: int, reward_model: nn.Module | None = None,
-                       batch_size: int = 32) -> tuple[dict[str, float], list[str]]:
-    """One sampled reply (temperature 1) per user message in `prompts`: means of the gold
-    reward (and its standard error), the proxy reward (with `reward_model`), the KL estimates of
-    13-08's `sequence_kl` (k1 and k3 summed over the reply), the reply length and the EOS rate.
-    Returns (metrics, reply texts)."""
-    from ftbook.rlhf_ppo import sequence_kl
-
-    prompt_strs = [render_prompt(tokenizer, p) for p in prompts]
-    replies = sample_replies(policy, tokenizer, prompt_strs, max_new_tokens=max_new_tokens,
-                             do_sample=True, seed=seed, batch_size=batch_size)
-    texts = [r["text"] for r in replies]
-    batch = rollout_batch(tokenizer, prompt_strs, [r["ids"] for r in replies])
-    logps = _token_log_probs(policy, {k: v.to(next(policy.parameters()).device)
-                                      for k, v in batch.items()}, batch_size, False).cpu()
-    ref_logps = _token_log_probs(ref_model, {k: v.to(next(ref_model.parameters()).device)
-                                             for k, v in batch.items()}, batch_size, False).cpu()
-    kls = sequence_kl(logps, ref_logps, batch["response_mask"])
-    gold = gold_reward(texts).double()
-    metrics = {"gold_reward": gold.mean().item(),
-               "gold_reward_se": (gold.std() / math.sqrt(len(gold))).item() if len(gold) > 1
-               else float("nan"),
-               "kl": kls["kl"].double().mean().item(), "kl_k3": kls["kl_k3"].double().mean().item(),
-               "length": batch["response_mask"].sum(1).double().mean().item(),
-               "eos_rate": sum(r["finished"] for r in replies) / len(replies)}
-    if reward_model is not None:
-        metrics["proxy_reward"] = score_replies(reward_model, tokenizer, prompts, texts,
-                                                batch_size).double().mean().item()
-    return metrics, texts

@@ -865,6 +865,42 @@ def reward_data(profile: str, policy: nn.Module, tokenizer: Any,
     raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
 
 
+def rm_recipe(profile: str) -> dict:
+    """What the cached reward model of `profile` was trained with: this chapter's configuration,
+    the gold classifier's recipe and 13-06's SFT model (its cache folder is keyed by its recipe)."""
+    from ftbook.instruction_tuning import sft_model_path
+
+    return {"format": CACHE_FORMAT, "profile": profile, "sft": sft_model_path(profile).name,
+            "gold": gold_recipe(profile), **dataclasses.asdict(pick(profile, RM_CONFIGS))}
+
+
+def preference_data(profile: str, device: torch.device | None = None) -> dict[str, Any]:
+    """The chapter's data, drawn once and cached under `rm_recipe(profile)` (so keyed by the
+    SFT model, the gold reward and the configuration): {"train": records, "validation":
+    records, "heldout_prompts": prompts, "heldout_samples": replies per prompt}, as
+    `reward_data` and `heldout_samples` make them. The reward model trains on these pairs, and
+    13-09's DPO trains on the same ones."""
+    import hashlib
+
+    from ftbook.base_models import build_once
+
+    digest = hashlib.sha256(json.dumps(rm_recipe(profile), sort_keys=True).encode())
+    folder = cache_dir(RM_CHAPTER) / f"pairs-{profile}-{digest.hexdigest()[:12]}"
+
+    def build(tmp: Path) -> None:
+        gold = load_gold_reward(profile, device)
+        policy, tokenizer = load_sft_model(profile, device)
+        policy.eval()
+        prompts, samples = heldout_samples(profile, policy, tokenizer)
+        data = {"train": reward_data(profile, policy, tokenizer, gold, "train"),
+                "validation": reward_data(profile, policy, tokenizer, gold, "validation",
+                                          samples=(prompts, samples)),
+                "heldout_prompts": prompts, "heldout_samples": samples}
+        (tmp / "data.json").write_text(json.dumps(data))
+
+    return json.loads((build_once(folder, build) / "data.json").read_text())
+
+
 # --- chapters/13_07_reward_modeling.py :: Calibration ---
 def calibration_table(predicted: torch.Tensor, outcomes: torch.Tensor, n_bins: int = 10,
                       true_probs: torch.Tensor | None = None) -> Any:
@@ -903,15 +939,6 @@ def expected_calibration_error(table: Any, target: str = "empirical") -> float:
 
 
 # --- chapters/13_07_reward_modeling.py :: Saving the reward model for 13-08 and 13-09 ---
-def rm_recipe(profile: str) -> dict:
-    """What the cached reward model of `profile` was trained with: this chapter's configuration,
-    the gold classifier's recipe and 13-06's SFT model (its cache folder is keyed by its recipe)."""
-    from ftbook.instruction_tuning import sft_model_path
-
-    return {"format": CACHE_FORMAT, "profile": profile, "sft": sft_model_path(profile).name,
-            "gold": gold_recipe(profile), **dataclasses.asdict(pick(profile, RM_CONFIGS))}
-
-
 def rm_folder(profile: str) -> Path:
     """cache_dir("13_07_reward_modeling") / f"rm-{profile}": where the reward model lives."""
     return cache_dir(RM_CHAPTER) / f"rm-{profile}"
@@ -934,18 +961,17 @@ def save_reward_model(reward_model: RewardModel, tokenizer: Any, profile: str,
 
 
 def train_and_save_reward_model(profile: str, device: torch.device | None = None) -> Path:
-    """The chapter's recipe: the gold reward and the SFT policy, the training pairs of
-    `reward_data`, a reward model initialised from the policy and trained with
+    """The chapter's recipe: the SFT policy, the training pairs of `preference_data`, a reward
+    model initialised from the policy and trained with
     `RM_CONFIGS[profile]`, saved by `save_reward_model`. Returns the folder."""
     from ftbook.workbench import seed_everything
 
     cfg = pick(profile, RM_CONFIGS)
     device = device or torch.device("cpu")
-    gold = load_gold_reward(profile, device)
     policy, tokenizer = load_sft_model(profile, device)
     policy.eval()
-    pairs = encode_preference_pairs(
-        tokenizer, reward_data(profile, policy, tokenizer, gold, "train"), cfg.max_len)
+    pairs = encode_preference_pairs(tokenizer, preference_data(profile, device)["train"],
+                                    cfg.max_len)
     seed_everything(cfg.seed)
     reward_model = RewardModel.from_causal_lm(policy).to(device)
     log = fit_reward_model(reward_model, pairs, cfg, tokenizer.pad_token_id)
