@@ -1729,8 +1729,8 @@ def expert_iteration(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
 #
 # The task is 13-06's arithmetic (GSM8K in the full profile). In the tiny profile the problems
 # are sums of two numbers from 2 to 49 and the policy starts from the chat LM of Appendix C
-# (`rlvr_from_sft=False`): it answers in its own words ("To add 48 and 22, ..."), often too long
-# to reach the answer in `rlvr_max_new_tokens`, so both the *strict* check (the reply is the
+# (`rlvr_from_sft=False`): it answers in sentences rather than with the bare number, often too
+# long to reach the answer in `rlvr_max_new_tokens`, so both the *strict* check (the reply is the
 # bare number, eq. 9.10) and the *lenient* one (the last number of the reply is right,
 # `lenient_reward`) are low at the start; GRPO is trained on the lenient one. Held-out problems
 # are answered greedily and are disjoint from the training problems (and, in the full profile,
@@ -2196,10 +2196,11 @@ show_table(pd.DataFrame({"seconds": timings}), "timings", CHAPTER, floatfmt="{:.
 #
 # **RLVR works, and mostly by changing how the model answers.** On 200 held-out sums of two
 # numbers from 2 to 49, the chat LM's greedy replies are right by the lenient check 11% of the
-# time (95% interval 7-16%); it explains the addition instead of doing it and runs out of its 16
-# tokens first (EOS rate 6%). Twelve GRPO steps of 32 sampled replies take that to 45% and 60%
-# (two seeds, intervals about $\pm 7$ points each): the replies become "48 + 22 equals 70."
-# and end. The strict check stays at 0 for every run: no reward ever asked for the bare number,
+# time (95% interval 7-16%); it never answers with the bare number (format rate 0), and its
+# replies almost all run to the 16-token limit (EOS rate 6%, mean length 15.8 tokens). Twelve GRPO steps of 32 sampled replies take that to 45% and 60%
+# (two seeds, intervals about $\pm 7$ points each), and the replies become shorter (about 12.5
+# tokens instead of 15.8) and mostly end before the limit (EOS rate 0.65 and 0.82): the policy
+# learns to state the sum and stop. The strict check stays at 0 for every run: no reward ever asked for the bare number,
 # and none of the runs learned it, a reminder that an RLVR result is a result about its checker.
 #
 # **The spread between seeds is the largest effect in the table.** The two GRPO seeds differ by
