@@ -2441,13 +2441,13 @@ print(f"main run, beta = {main_beta}, {int(headline['seeds'])} seeds: gold "
 #
 # Where the gain comes from: the sentiment ingredient $s(y)$ of the gold rises from 0.37 to
 # 0.90, the well-formedness $g(y)$ barely moves (0.47 to 0.54). The proxy reward itself rises
-# by only about 0.2 raw units (a quarter of its standard deviation on SFT replies): 13-07's
+# by only about 0.2 raw units (about a fifth of its standard deviation on SFT replies): 13-07's
 # reward model agrees with the gold on 59% of held-out pairs, a weak signal, and four PPO steps
 # follow it only a little way. The hack indicators move too: replies grow from 22 to 27 tokens
 # and the share that ends with EOS before the 32-token limit falls from 0.48 to 0.30. That is
 # the reward model's length bias (13-07 measured a correlation of about 0.5 between its score
-# and the reply length); the gold's ending factor halves the credit of a reply cut mid-sentence,
-# which is why the gold reward gains less than the sentiment does.
+# and the reply length). It is an exploit the gold penalises rather than rewards: its ending
+# factor halves the credit of a reply cut mid-sentence, eq. (7.1b).
 
 # %% [markdown]
 # The training curves of the main $\beta$, one thin line per seed and their mean in bold. The
