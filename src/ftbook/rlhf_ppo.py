@@ -569,6 +569,19 @@ def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, response_mask: tor
     return {"kl": k1.sum(1), "kl_k3": k3.sum(1)}
 
 
+def sample_rollout(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                   index: torch.Tensor, config: PPOConfig, *, eos_token_id: int,
+                   pad_token_id: int, generator: torch.Generator | None = None) -> Rollout:
+    """Replies to the prompts `index` of the left-padded (query_ids, query_mask), sampled with
+    `config`'s length and temperature; the rollout records `index` as its `prompt_index`."""
+    ids, mask = trim_left_padding(query_ids[index], query_mask[index])
+    rollout = generate_rollout(policy, ids, mask, max_new_tokens=config.max_new_tokens,
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                               temperature=config.temperature, generator=generator)
+    rollout.prompt_index = index
+    return rollout
+
+
 def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
               query_mask: torch.Tensor, reward_fn: Callable[[Rollout], torch.Tensor],
               config: PPOConfig, *, steps: int, eos_token_id: int, pad_token_id: int,
@@ -598,12 +611,9 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
             optimizer, lambda update: max(0.0, 1.0 - update / total_updates))
 
     def rollout_for(index: torch.Tensor) -> Rollout:
-        ids, mask = trim_left_padding(query_ids[index], query_mask[index])
-        rollout = generate_rollout(policy, ids, mask, max_new_tokens=config.max_new_tokens,
-                                   eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                                   temperature=config.temperature, generator=sampler)
-        rollout.prompt_index = index
-        return rollout
+        return sample_rollout(policy, query_ids, query_mask, index, config,
+                              eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                              generator=sampler)
 
     if not config.normalize_rewards:
         normalizer = RewardNormalizer()
@@ -1190,13 +1200,10 @@ def rlhf_runs(profile: str, device: torch.device | None = None, seed: int = 0) -
         raw = []
         for i in range(cfg.ppo.norm_batches):
             rows = index[i * cfg.ppo.batch_size:(i + 1) * cfg.ppo.batch_size]
-            ids, mask = trim_left_padding(train_ids[rows], train_mask[rows])
-            rollout = generate_rollout(sft_policy, ids, mask,
-                                       max_new_tokens=cfg.ppo.max_new_tokens,
-                                       eos_token_id=task.tokenizer.eos_token_id,
-                                       pad_token_id=task.tokenizer.pad_token_id,
-                                       generator=sampler)
-            rollout.prompt_index = rows
+            rollout = sample_rollout(sft_policy, train_ids, train_mask, rows, cfg.ppo,
+                                     eos_token_id=task.tokenizer.eos_token_id,
+                                     pad_token_id=task.tokenizer.pad_token_id,
+                                     generator=sampler)
             raw.append(proxy(rollout).float().cpu())
         normalizer = RewardNormalizer().fit(torch.cat(raw))
         sft_columns, sft_rollouts = evaluate_task(sft_policy, task, cfg, seed)
