@@ -9,33 +9,57 @@
 #       (_build/smoke/_build/html), run the tests
 # Environment: FTBOOK_DATA (data folder), FTBOOK_PROFILE (smoke|tiny|full; build default tiny),
 # PYTHON (interpreter for the venv, default python3), FTBOOK_TORCH (torch pin, default 2.13.0),
-# FTBOOK_CHROMIUM (browser for the site check, default /usr/bin/chromium from apt).
+# FTBOOK_CHROMIUM (browser for the site check, default /usr/bin/chromium from apt),
+# FTBOOK_CUDA (1: install for a CUDA GPU, 0: for the CPU, default: 1 when nvidia-smi sees a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 
+# A CUDA machine (the publish workflow's) gets PyPI's CUDA torch and unsloth with its own
+# dependencies (xformers, triton, torchvision: its GPU kernels); a CPU machine gets the CPU torch
+# and unsloth without them (requirements-nodeps.txt says why).
+cuda_machine() {
+  case "${FTBOOK_CUDA:-auto}" in
+    1) return 0 ;;
+    0) return 1 ;;
+    *) command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 ;;
+  esac
+}
+
 setup() {
   if [ ! -x "$PY" ]; then
     echo "== creating $VENV"
     "${PYTHON:-python3}" -m venv "$VENV"
   fi
-  local stamp="$VENV/.ftbook-installed"
+  local mode=cpu
+  cuda_machine && mode=cuda
+  local stamp="$VENV/.ftbook-installed-$mode"
   if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ requirements-nodeps.txt -nt "$stamp" ] \
     || [ pyproject.toml -nt "$stamp" ]; then
-    echo "== installing requirements (first run: a few minutes)"
+    echo "== installing requirements for a $mode machine (first run: a few minutes)"
     local start=$SECONDS
-    # torch first, pinned: a CPU wheel where one is available locally; an unpinned torch can
-    # pull a multi-GB CUDA build. Never torchvision (PyPI's does not load beside this torch).
-    "$PY" -m pip install -q --disable-pip-version-check "torch==${FTBOOK_TORCH:-2.13.0}"
-    "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
-    # unsloth (13-10) without its dependency resolution: see requirements-nodeps.txt
-    "$PY" -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
-    "$PY" -m pip install -q --disable-pip-version-check --no-deps -e .
-    if "$PY" -m pip show torchvision >/dev/null 2>&1; then
-      "$PY" -m pip uninstall -y -q torchvision
+    local pip=("$PY" -m pip install -q --disable-pip-version-check)
+    # torch first, pinned: on a CPU machine a CPU wheel where one is available locally (an
+    # unpinned torch can pull a multi-GB CUDA build); on a CUDA machine PyPI's CUDA build.
+    "${pip[@]}" "torch==${FTBOOK_TORCH:-2.13.0}"
+    "${pip[@]}" -r requirements.txt
+    if [ "$mode" = cuda ]; then
+      # unsloth and unsloth_zoo with their dependencies, the torch above held in place
+      local constraints="$VENV/constraints-cuda.txt"
+      "$PY" -c "import torch; print(f'torch=={torch.__version__.split(\"+\")[0]}')" > "$constraints"
+      "${pip[@]}" -c "$constraints" $(grep -E '^unsloth(_zoo)?==' requirements-nodeps.txt)
+      "${pip[@]}" --no-deps $(grep -vE '^(#|unsloth(_zoo)?==|$)' requirements-nodeps.txt)
+    else
+      # unsloth (13-10) without its dependency resolution: see requirements-nodeps.txt
+      "${pip[@]}" --no-deps -r requirements-nodeps.txt
+      if "$PY" -m pip show torchvision >/dev/null 2>&1; then
+        "$PY" -m pip uninstall -y -q torchvision
+      fi
     fi
+    "${pip[@]}" --no-deps -e .
+    rm -f "$VENV"/.ftbook-installed-*
     touch "$stamp"
     echo "== installed in $((SECONDS - start)) s; venv size $(du -sh "$VENV" | cut -f1)"
   fi

@@ -246,7 +246,9 @@ def show_table(df: Any, name: str, chapter: str, floatfmt: str = "{:.4g}") -> Pa
     if in_notebook():
         from IPython.display import display
 
-        display(df.style.format(floatfmt, subset=df.select_dtypes("float").columns))
+        # escaped: a cell such as "<|im_end|>" must show, not vanish as an HTML tag
+        display(df.style.format(escape="html").format(
+            floatfmt, subset=df.select_dtypes("float").columns, escape="html"))
     else:
         with_floats = df.copy()
         for col in with_floats.select_dtypes("float").columns:

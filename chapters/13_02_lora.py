@@ -207,6 +207,7 @@ Large Language Models*, arXiv:2106.09685, eq. (3) and §4.1. The file format is 
 """
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -351,6 +352,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 # %%
 #| export
 PEFT_PREFIX = "base_model.model."
+SEQ_CLS_HEADS = ("classifier", "score")  # the head names PEFT's SEQ_CLS task saves
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -373,6 +375,14 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
     from safetensors.torch import save_file
 
     config = model.lora_config
+    if task_type == "SEQ_CLS":
+        heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in SEQ_CLS_HEADS]
+        if heads and not any(_matches(h, m) for h in heads for m in config["modules_to_save"]):
+            raise ValueError(
+                f"a SEQ_CLS adapter must carry the classification head {heads[0]!r}: PEFT's "
+                "PeftModelForSequenceClassification adds the head to modules_to_save and then "
+                f"needs its weights in the file. Pass modules_to_save=[{heads[0]!r}] to "
+                "apply_lora (and train the head), or save with task_type=None")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     peft_config = {
@@ -484,21 +494,30 @@ except ValueError as err:
 PARITY_TOLERANCE = 1e-9  # max |ours - PEFT| in float64: rounding below 1e-10 (see the text)
 
 
-def peft_parameter_name(name: str) -> str:
-    """Our parameter name -> the name of the same tensor in a PEFT model (adapter "default")."""
+def peft_parameter_name(name: str, modules_to_save: Sequence[str] = ()) -> str:
+    """Our parameter name -> the name of the same tensor in a PEFT model (adapter "default").
+    PEFT wraps each saved module whole (`ModulesToSaveWrapper`): a parameter inside
+    `modules_to_save` moves below the *saved module's* path, e.g. RoBERTa's
+    `classifier.dense.weight` -> `classifier.modules_to_save.default.dense.weight`."""
     if name.endswith((".lora_A", ".lora_B")):
         return f"{PEFT_PREFIX}{name}.default.weight"
-    module, _, leaf = name.rpartition(".")
-    return f"{PEFT_PREFIX}{module}.modules_to_save.default.{leaf}"
+    parts = name.split(".")
+    for end in range(1, len(parts)):  # the shortest enclosing module that is saved
+        module = ".".join(parts[:end])
+        if any(_matches(module, m) for m in modules_to_save):
+            return f"{PEFT_PREFIX}{module}.modules_to_save.default.{'.'.join(parts[end:])}"
+    raise KeyError(f"{name} is neither a LoRA factor nor inside modules_to_save "
+                   f"{list(modules_to_save)}")
 
 
 def copy_lora_into_peft(ours: nn.Module, peft_model: nn.Module) -> None:
     """Copy every trainable tensor of `ours` (LoRA factors, saved modules) into `peft_model`."""
     peft_params = dict(peft_model.named_parameters())
+    saved = ours.lora_config["modules_to_save"]
     with torch.no_grad():
         for name, param in ours.named_parameters():
             if param.requires_grad:
-                target = peft_parameter_name(name)
+                target = peft_parameter_name(name, saved)
                 if target not in peft_params:
                     raise KeyError(f"the PEFT model has no parameter {target} (for {name})")
                 peft_params[target].copy_(param)
@@ -546,7 +565,7 @@ for name, model in (("ours", ours64), ("peft", reference)):
     losses[name] = loss.item()
 grads_ours = {k: p.grad for k, p in ours64.named_parameters() if p.requires_grad}
 grads_peft = {k: p.grad for k, p in reference.named_parameters() if p.requires_grad}
-diff_grads = max((grads_ours[k] - grads_peft[peft_parameter_name(k)]).abs().max().item()
+diff_grads = max((grads_ours[k] - grads_peft[peft_parameter_name(k, ['classifier'])]).abs().max().item()
                  for k in grads_ours)
 for model in (ours64, reference):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -674,9 +693,9 @@ LORA_CONFIGS = {
     "tiny": LoRAExperimentConfig(rank=8, alpha=16, lr=3e-3, sweep_steps=40, ranks=(1, 8, 32),
                                  alphas=(4, 16, 64), placements=tuple(ENCODER_TARGETS),
                                  seeds=(0,), speed_steps=12),
-    "full": LoRAExperimentConfig(rank=8, alpha=8, lr=5e-4, sweep_steps=1000,
+    "full": LoRAExperimentConfig(rank=8, alpha=8, lr=5e-4, sweep_steps=300,
                                  ranks=(1, 2, 4, 8, 16, 64), alphas=(2, 8, 32),
-                                 placements=tuple(ENCODER_TARGETS), seeds=(0, 1, 2),
+                                 placements=tuple(ENCODER_TARGETS), seeds=(0, 1),
                                  speed_steps=30),
 }
 

@@ -192,17 +192,46 @@ encoder, encoder_tokenizer = load_encoder_classifier(PROFILE, seed=SEED)
 causal_lm, lm_tokenizer = load_causal_lm(PROFILE)
 rows = []
 usage = {}
+
+
+def weight_code_statistics(model: torch.nn.Module, table: torch.Tensor,
+                           chunk: int = 1 << 22) -> dict:
+    """Code counts (16,) of every linear weight of `model` under `table`, tensor by tensor in
+    chunks of `chunk` values (whole blocks of 64, the last partial block of a tensor dropped),
+    and the first four moments of the weights in float64: memory stays O(chunk) for any model."""
+    counts = torch.zeros(16, dtype=torch.float64)
+    moments = torch.zeros(5, dtype=torch.float64)  # n, sum w, sum w^2, sum w^3, sum w^4
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        w = module.weight.detach().flatten()
+        w = w[: w.numel() // 64 * 64]
+        for part in w.split(chunk):
+            counts += torch.bincount(nearest_codes(part.float(), table).flatten(),
+                                     minlength=16).double()
+            x = part.double()
+            moments += torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64),
+                                    x.sum(), (x**2).sum(), (x**3).sum(), (x**4).sum()])
+    n, s1, s2, s3, s4 = moments.tolist()
+    mean = s1 / n
+    central4 = s4 / n - 4 * mean * s3 / n + 6 * mean**2 * s2 / n - 3 * mean**4
+    variance = (s2 - n * mean**2) / (n - 1)  # unbiased, as torch.var
+    return {"counts": counts, "n": int(n), "excess kurtosis": central4 / variance**2 - 3}
+
+
+def entropy_from_counts(counts: torch.Tensor) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
 for name, model in (("encoder", encoder), ("causal LM", causal_lm)):
-    weights = torch.cat([m.weight.detach().flatten() for m in model.modules()
-                         if isinstance(m, torch.nn.Linear)])
-    weights = weights[: weights.numel() // 64 * 64]
-    codes = nearest_codes(weights, levels)
-    usage[name] = torch.bincount(codes.flatten(), minlength=16).double() / codes.numel()
-    rows.append({"model": name, "linear weights": weights.numel(),
-                 "NF4 code entropy (bits)": code_entropy_bits(codes),
-                 "uniform-grid entropy (bits)": code_entropy_bits(nearest_codes(weights, uniform_grid)),
-                 "excess kurtosis": float(((weights - weights.mean()) ** 4).mean()
-                                          / weights.var() ** 2 - 3)})
+    nf4 = weight_code_statistics(model, levels)
+    grid = weight_code_statistics(model, uniform_grid)
+    usage[name] = nf4["counts"] / nf4["n"]
+    rows.append({"model": name, "linear weights": nf4["n"],
+                 "NF4 code entropy (bits)": entropy_from_counts(nf4["counts"]),
+                 "uniform-grid entropy (bits)": entropy_from_counts(grid["counts"]),
+                 "excess kurtosis": nf4["excess kurtosis"]})
 usage["N(0,1) sample"] = torch.bincount(nearest_codes(gaussian, levels).flatten(), minlength=16).double() / gaussian.numel()
 show_table(pd.DataFrame(rows).set_index("model"), "code_entropy", CHAPTER)
 
@@ -400,16 +429,26 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
 
 # %%
 import bitsandbytes.functional as bnbf
-from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
-# bnb's pure-PyTorch reference, without the torch.compile wrapper bnb puts around it
-bnb_dequantize_reference = getattr(_dequantize_4bit_compute, "__wrapped__", _dequantize_4bit_compute)
+try:  # bnb's pure-PyTorch reference is private API (bitsandbytes 0.50), so the import is guarded
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    # without the torch.compile wrapper bnb puts around it
+    bnb_dequantize_reference = getattr(_dequantize_4bit_compute, "__wrapped__",
+                                       _dequantize_4bit_compute)
+except ImportError as error:
+    bnb_dequantize_reference = None
+    print(f"bitsandbytes' reference dequantization is not importable ({error}): its public "
+          "dequantize_4bit stands in, and the kernel-against-reference column compares it "
+          "with itself")
 assert torch.equal(dynamic_map_8bit(), bnbf.create_dynamic_map(signed=True).float()), \
     "our 8-bit dynamic code must equal bitsandbytes'"
 
 
 def bnb_reference_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
     """bitsandbytes' pure-PyTorch NF4 dequantization (double-quantized constants included)."""
+    if bnb_dequantize_reference is None:
+        return bnbf.dequantize_4bit(packed, state)
     absmax = state.absmax
     if state.nested:
         absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset

@@ -366,10 +366,10 @@ ADAPTER_CONFIGS = {
                           lrs=_lrs(1e-4, 3e-3, 3e-3, 1e-2, 1e-2, 1e-3), lora_rank=8,
                           lora_alpha=16, num_virtual_tokens=8, prefix_projection=256,
                           latency_repeats=20, bank_steps=30),
-    "full": AdapterConfig(n_train=None, n_dev=None, steps=1000, batch_size=32, seeds=(0, 1, 2),
+    "full": AdapterConfig(n_train=None, n_dev=None, steps=400, batch_size=32, seeds=(0, 1),
                           lrs=_lrs(2e-5, 1e-3, 5e-4, 3e-3, 3e-2, 5e-4), lora_rank=8,
                           lora_alpha=16, num_virtual_tokens=20, prefix_projection=512,
-                          latency_repeats=40, bank_steps=500),
+                          latency_repeats=40, bank_steps=300),
 }
 
 
@@ -633,7 +633,10 @@ print(f"noise band: 2 x {noise:.3f}; within it of the best: {', '.join(tied.inde
 # A deployed base model usually serves several tasks. We need a second task on the same encoder:
 # *is this sentence from a movie review?* Positives are SST-2 training sentences, negatives are
 # sentences of the Wikipedia and C4 excerpts, lower-cased and split around punctuation like
-# SST-2's, so that casing and spacing do not give the answer away.
+# SST-2's, so that casing and spacing do not give the answer away. The excerpts' documents are
+# split between training and dev (four to one) so that no non-review sentence is in both, and
+# the task is as large as SST-2's split or as the non-review sentences allow, whichever is
+# smaller (the full SST-2 training split has more sentences than the excerpts).
 
 # %%
 #| export
@@ -645,29 +648,49 @@ def _sst2_style(sentence: str) -> str:
     return " ".join(sentence.split())
 
 
-def review_detection_task(n: int, seed: int, reviews: Any = None) -> Any:
-    """A balanced binary task of `n` rows (`sentence`, `label`): 1 for an SST-2 training
-    sentence, 0 for a sentence of the Wikipedia or C4 excerpts, normalised like SST-2 (lower
-    case, punctuation split off) and of 5 to 40 words."""
-    import random
+def non_review_sentences(split: str) -> list[str]:
+    """The distinct sentences of the Wikipedia and C4 excerpts, normalised like SST-2 and of 5 to
+    40 words, for one `split`: the documents alternate, four to "train" and the fifth to
+    "validation", and a validation sentence that also occurs in a training document is dropped,
+    so the two splits share no sentence."""
     import re
+
+    from ftbook.data import load_text_corpus
+
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    pools: dict[str, dict[str, None]] = {"train": {}, "validation": {}}  # ordered sets
+    for index, document in enumerate(load_text_corpus("wiki") + load_text_corpus("c4")):
+        part = "validation" if index % 5 == 4 else "train"
+        for sentence in re.split(r"(?<=[.!?])\s+", document):
+            if 5 <= len(sentence.split()) <= 40:
+                pools[part][_sst2_style(sentence)] = None
+    if split == "train":
+        return list(pools["train"])
+    return [s for s in pools["validation"] if s not in pools["train"]]
+
+
+def review_detection_task(n: int, seed: int, split: str = "train") -> Any:
+    """A balanced binary task of `n` rows (`sentence`, `label`) from one `split`: 1 for an SST-2
+    sentence of that split, 0 for a sentence of `non_review_sentences(split)`, normalised like
+    SST-2 (lower case, punctuation split off)."""
+    import random
 
     from datasets import Dataset
 
-    from ftbook.data import load_sst2, load_text_corpus
+    from ftbook.data import load_sst2
 
     if n < 2:
         raise ValueError(f"n must be at least 2, got {n}")
     rng = random.Random(seed)
-    reviews = reviews if reviews is not None else load_sst2("train")
-    positives = rng.sample(list(reviews["sentence"]), n // 2)
-    pool = []
-    for document in load_text_corpus("wiki") + load_text_corpus("c4"):
-        for sentence in re.split(r"(?<=[.!?])\s+", document):
-            if 5 <= len(sentence.split()) <= 40:
-                pool.append(_sst2_style(sentence))
-    if len(pool) < n - n // 2:
-        raise ValueError(f"only {len(pool)} non-review sentences available, {n - n // 2} needed")
+    reviews = list(load_sst2(split)["sentence"])
+    pool = non_review_sentences(split)
+    if len(pool) < n - n // 2 or len(reviews) < n // 2:
+        raise ValueError(f"review_detection_task({n}, split={split!r}) needs {n - n // 2} "
+                         f"non-review and {n // 2} review sentences; the corpora have "
+                         f"{len(pool)} and {len(reviews)}: ask for at most "
+                         f"{2 * min(len(pool), len(reviews))} rows")
+    positives = rng.sample(reviews, n // 2)
     negatives = rng.sample(pool, n - n // 2)
     rows = [(s, 1) for s in positives] + [(s, 0) for s in negatives]
     rng.shuffle(rows)
@@ -675,9 +698,13 @@ def review_detection_task(n: int, seed: int, reviews: Any = None) -> Any:
 
 
 # %%
-task_b_train = review_detection_task(len(train_ds), seed=SEED)
-task_b_dev = review_detection_task(len(dev_ds), seed=SEED + 1,
-                                   reviews=load_sst2("validation"))
+task_b_sizes = {}
+for split, wanted in (("train", len(train_ds)), ("validation", len(dev_ds))):
+    available = len(non_review_sentences(split))  # the task is balanced: half are non-reviews
+    task_b_sizes[split] = min(wanted, 2 * available)
+task_b_train = review_detection_task(task_b_sizes["train"], seed=SEED, split="train")
+task_b_dev = review_detection_task(task_b_sizes["validation"], seed=SEED + 1, split="validation")
+assert not set(task_b_train["sentence"]) & set(task_b_dev["sentence"]), "train and dev overlap"
 print(f"review detection: {len(task_b_train):,} training and {len(task_b_dev):,} dev rows; "
       f"examples: {task_b_dev[0]['sentence'][:60]!r} ({task_b_dev[0]['label']}), "
       f"{task_b_dev[1]['sentence'][:60]!r} ({task_b_dev[1]['label']})")

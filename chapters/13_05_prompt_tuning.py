@@ -838,8 +838,9 @@ def train_verbalizer(model: nn.Module, tokenizer: Any, train: Any, template: Tem
 # ## Experiments
 #
 # The budget per profile. The causal-LM experiments use the book's tiny LM (Appendix C) in the
-# tiny profile and Qwen2.5-0.5B-Instruct in the full profile; the classifier experiment uses the
-# encoder and data of 13-01.
+# tiny profile and Qwen2.5-0.5B-Instruct in the full profile (the instruction-tuned version, as
+# prompt tuning steers what a model can already do: see the discussion of the results); the
+# classifier experiment uses the encoder and data of 13-01.
 
 # %%
 #| export
@@ -876,8 +877,8 @@ PT_CONFIGS = {
                                    lr_prefix=1e-3, lr_lora=3e-3, prefix_projection=256,
                                    lora_rank=8),
     "full": PromptExperimentConfig(n_train=None, n_select=1000, n_dev=None,
-                                   num_virtual_tokens=20, batch_size=32, lm_steps=1000,
-                                   lm_lr_prompt=3e-2, lm_lr_prefix=5e-4, encoder_steps=1000,
+                                   num_virtual_tokens=20, batch_size=32, lm_steps=600,
+                                   lm_lr_prompt=3e-2, lm_lr_prefix=5e-4, encoder_steps=500,
                                    lr_prompt=3e-2, lr_prefix=5e-4, lr_lora=5e-4,
                                    prefix_projection=512, lora_rank=8),
 }
@@ -895,7 +896,7 @@ from ftbook.base_models import load_causal_lm
 from ftbook.data import load_sst2, subset
 
 cfg = pick(PROFILE, PT_CONFIGS)
-lm, lm_tokenizer = load_causal_lm(PROFILE, device=DEVICE)
+lm, lm_tokenizer = load_causal_lm(PROFILE, device=DEVICE, instruct=True)  # full: -Instruct
 lm.requires_grad_(False)
 train_ds = subset(load_sst2("train"), cfg.n_train, seed=SEED, stratify_by="label")
 select_ds = subset(train_ds, cfg.n_select, seed=SEED + 1, stratify_by="label")

@@ -1225,7 +1225,7 @@ SFT_RECIPES = {
                       warmup=3, seq_len=256, rows_per_step=2, max_new_tokens=32, bf16=False,
                       lora_rank=16),
     "full": SFTRecipe(n_per_task=2000, n_heldout_per_task=500, n_alpaca_heldout=200,
-                      mix_size=20000, temperature=2.0, steps=1200, ablation_steps=300, lr=2e-5,
+                      mix_size=20000, temperature=2.0, steps=1200, ablation_steps=150, lr=2e-5,
                       warmup=50, seq_len=1024, rows_per_step=8, max_new_tokens=64, bf16=True,
                       lora_rank=None),
 }

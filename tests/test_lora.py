@@ -252,7 +252,7 @@ def check_parity(ours, reference, batch, loss_fn):
     checked = 0
     for name, p in ours.named_parameters():
         if p.requires_grad:
-            q = peft_params[lora.peft_parameter_name(name)]
+            q = peft_params[lora.peft_parameter_name(name, ours.lora_config["modules_to_save"])]
             assert p.grad is not None and q.grad is not None, name
             assert p.grad.abs().max() > 0, name
             assert max_diff(p.grad, q.grad) < TOL, name
@@ -287,8 +287,56 @@ def test_peft_parity_llama_causal_lm():
 def test_peft_parameter_name():
     assert lora.peft_parameter_name("bert.encoder.layer.0.attention.self.query.lora_A") == (
         "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight")
-    assert lora.peft_parameter_name("classifier.bias") == (
+    assert lora.peft_parameter_name("classifier.bias", ["classifier"]) == (
         "base_model.model.classifier.modules_to_save.default.bias")
+    # RoBERTa's head is a module of two Linears: PEFT wraps the whole `classifier`
+    assert lora.peft_parameter_name("classifier.out_proj.weight", ["classifier"]) == (
+        "base_model.model.classifier.modules_to_save.default.out_proj.weight")
+    with pytest.raises(KeyError, match="neither a LoRA factor"):
+        lora.peft_parameter_name("classifier.bias", [])
+
+
+def tiny_roberta64():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64,
+                           max_position_embeddings=70, num_labels=2, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0, pad_token_id=1)
+    return RobertaForSequenceClassification(config).eval().double()
+
+
+def test_peft_parity_roberta_classifier_head():
+    # the full profile's encoder: a classification head of two Linears (dense, out_proj)
+    labels = torch.tensor([0, 1, 1, 0])
+    ours, reference = peft_pair(tiny_roberta64(), ["query", "value"], ["classifier"])
+    check_parity(ours, reference, bert_batch(),
+                 lambda out: nn.functional.cross_entropy(out.logits, labels))
+
+
+def test_seq_cls_adapter_without_its_head_is_refused(tmp_path):
+    model = lora.apply_lora(tiny_bert64(), ["query", "value"], rank=R, alpha=ALPHA)
+    with pytest.raises(ValueError, match="must carry the classification head 'classifier'"):
+        lora.save_adapter(model, tmp_path / "a", "tiny-bert")
+    assert not (tmp_path / "a").exists()  # nothing PEFT cannot load is written
+    lora.save_adapter(model, tmp_path / "b", "tiny-bert", task_type=None)  # a bare adapter
+
+
+def test_roberta_adapter_file_loads_in_peft(tmp_path):
+    base = tiny_roberta64()
+    ours = lora.apply_lora(copy.deepcopy(base), ["query", "value"], rank=R, alpha=ALPHA,
+                           modules_to_save=["classifier"])
+    randomize_b(ours)
+    with torch.no_grad():
+        for p in ours.classifier.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lora.save_adapter(ours, tmp_path / "a", "tiny-roberta")
+    import peft
+
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    with torch.no_grad():
+        assert max_diff(loaded(**bert_batch()).logits, ours.eval()(**bert_batch()).logits) < TOL
 
 
 # --- merging -------------------------------------------------------------------------------------

@@ -170,10 +170,10 @@ ADAPTER_CONFIGS = {
                           lrs=_lrs(1e-4, 3e-3, 3e-3, 1e-2, 1e-2, 1e-3), lora_rank=8,
                           lora_alpha=16, num_virtual_tokens=8, prefix_projection=256,
                           latency_repeats=20, bank_steps=30),
-    "full": AdapterConfig(n_train=None, n_dev=None, steps=1000, batch_size=32, seeds=(0, 1, 2),
+    "full": AdapterConfig(n_train=None, n_dev=None, steps=400, batch_size=32, seeds=(0, 1),
                           lrs=_lrs(2e-5, 1e-3, 5e-4, 3e-3, 3e-2, 5e-4), lora_rank=8,
                           lora_alpha=16, num_virtual_tokens=20, prefix_projection=512,
-                          latency_repeats=40, bank_steps=500),
+                          latency_repeats=40, bank_steps=300),
 }
 
 
@@ -301,29 +301,49 @@ def _sst2_style(sentence: str) -> str:
     return " ".join(sentence.split())
 
 
-def review_detection_task(n: int, seed: int, reviews: Any = None) -> Any:
-    """A balanced binary task of `n` rows (`sentence`, `label`): 1 for an SST-2 training
-    sentence, 0 for a sentence of the Wikipedia or C4 excerpts, normalised like SST-2 (lower
-    case, punctuation split off) and of 5 to 40 words."""
-    import random
+def non_review_sentences(split: str) -> list[str]:
+    """The distinct sentences of the Wikipedia and C4 excerpts, normalised like SST-2 and of 5 to
+    40 words, for one `split`: the documents alternate, four to "train" and the fifth to
+    "validation", and a validation sentence that also occurs in a training document is dropped,
+    so the two splits share no sentence."""
     import re
+
+    from ftbook.data import load_text_corpus
+
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    pools: dict[str, dict[str, None]] = {"train": {}, "validation": {}}  # ordered sets
+    for index, document in enumerate(load_text_corpus("wiki") + load_text_corpus("c4")):
+        part = "validation" if index % 5 == 4 else "train"
+        for sentence in re.split(r"(?<=[.!?])\s+", document):
+            if 5 <= len(sentence.split()) <= 40:
+                pools[part][_sst2_style(sentence)] = None
+    if split == "train":
+        return list(pools["train"])
+    return [s for s in pools["validation"] if s not in pools["train"]]
+
+
+def review_detection_task(n: int, seed: int, split: str = "train") -> Any:
+    """A balanced binary task of `n` rows (`sentence`, `label`) from one `split`: 1 for an SST-2
+    sentence of that split, 0 for a sentence of `non_review_sentences(split)`, normalised like
+    SST-2 (lower case, punctuation split off)."""
+    import random
 
     from datasets import Dataset
 
-    from ftbook.data import load_sst2, load_text_corpus
+    from ftbook.data import load_sst2
 
     if n < 2:
         raise ValueError(f"n must be at least 2, got {n}")
     rng = random.Random(seed)
-    reviews = reviews if reviews is not None else load_sst2("train")
-    positives = rng.sample(list(reviews["sentence"]), n // 2)
-    pool = []
-    for document in load_text_corpus("wiki") + load_text_corpus("c4"):
-        for sentence in re.split(r"(?<=[.!?])\s+", document):
-            if 5 <= len(sentence.split()) <= 40:
-                pool.append(_sst2_style(sentence))
-    if len(pool) < n - n // 2:
-        raise ValueError(f"only {len(pool)} non-review sentences available, {n - n // 2} needed")
+    reviews = list(load_sst2(split)["sentence"])
+    pool = non_review_sentences(split)
+    if len(pool) < n - n // 2 or len(reviews) < n // 2:
+        raise ValueError(f"review_detection_task({n}, split={split!r}) needs {n - n // 2} "
+                         f"non-review and {n // 2} review sentences; the corpora have "
+                         f"{len(pool)} and {len(reviews)}: ask for at most "
+                         f"{2 * min(len(pool), len(reviews))} rows")
+    positives = rng.sample(reviews, n // 2)
     negatives = rng.sample(pool, n - n // 2)
     rows = [(s, 1) for s in positives] + [(s, 0) for s in negatives]
     rng.shuffle(rows)

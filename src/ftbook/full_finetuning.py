@@ -55,9 +55,9 @@ FT_CONFIGS = {
                            lr_full=1e-4, lr_head=3e-3, warmup_ratio=0.1, weight_decay=0.01,
                            lm_steps=60, lm_lrs=(3e-4, 1e-3, 3e-3), lm_eval_every=30,
                            lm_eval_texts=16, lm_n_dev=400, llrd_decay=0.5),
-    "full": FineTuneConfig(n_train=None, n_dev=None, max_len=66, batch_size=32, steps=2000,
+    "full": FineTuneConfig(n_train=None, n_dev=None, max_len=66, batch_size=32, steps=1000,
                            lr_full=2e-5, lr_head=1e-3, warmup_ratio=0.06, weight_decay=0.01,
-                           lm_steps=600, lm_lrs=(1e-5, 5e-5, 2e-4), lm_eval_every=100,
+                           lm_steps=400, lm_lrs=(1e-5, 5e-5, 2e-4), lm_eval_every=100,
                            lm_eval_texts=200, lm_n_dev=None, llrd_decay=0.8),
 }
 

@@ -478,8 +478,8 @@ PT_CONFIGS = {
                                    lr_prefix=1e-3, lr_lora=3e-3, prefix_projection=256,
                                    lora_rank=8),
     "full": PromptExperimentConfig(n_train=None, n_select=1000, n_dev=None,
-                                   num_virtual_tokens=20, batch_size=32, lm_steps=1000,
-                                   lm_lr_prompt=3e-2, lm_lr_prefix=5e-4, encoder_steps=1000,
+                                   num_virtual_tokens=20, batch_size=32, lm_steps=600,
+                                   lm_lr_prompt=3e-2, lm_lr_prefix=5e-4, encoder_steps=500,
                                    lr_prompt=3e-2, lr_prefix=5e-4, lr_lora=5e-4,
                                    prefix_projection=512, lora_rank=8),
 }

@@ -973,11 +973,11 @@ PPO_CONFIGS = {
         lora_rank=16, lora_layers=15, n_train_prompts=512, n_eval_prompts=64,
         eval_batch_size=64, toy_ppo=TOY_PPO, toy_steps=100, toy_eval_every=10, toy_seeds=2),
     "full": RLHFExperimentConfig(
-        ppo=PPOConfig(batch_size=64, ppo_epochs=4, num_minibatches=4, max_new_tokens=48,
+        ppo=PPOConfig(batch_size=64, ppo_epochs=4, num_minibatches=2, max_new_tokens=48,
                       lr=1e-6),
-        steps=200, frontier_betas=(0.02, 0.05, 0.1, 0.2, 0.5), main_seeds=3, frontier_seeds=2,
+        steps=40, frontier_betas=(0.02, 0.1, 0.5), main_seeds=2, frontier_seeds=1,
         lora_rank=None, lora_layers=None, n_train_prompts=12_800, n_eval_prompts=512,
-        eval_batch_size=128, toy_ppo=TOY_PPO, toy_steps=100, toy_eval_every=10, toy_seeds=3),
+        eval_batch_size=128, toy_ppo=TOY_PPO, toy_steps=100, toy_eval_every=10, toy_seeds=2),
 }
 
 
