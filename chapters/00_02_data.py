@@ -1175,7 +1175,7 @@ assert abs(spread.loc["random", "std"] / sampling_sd - 1) < 0.35
 
 # %%
 profile_train, profile_dev = load_sst2_for_profile(PROFILE, SEED)
-sizes = DATA_SIZES[PROFILE]
+sizes = pick(PROFILE, DATA_SIZES)
 print(f"{PROFILE}: {sizes}")
 for split, part in (("train", profile_train), ("dev", profile_dev)):
     print(f"{split:5s}: {len(part):6d} rows, positive share {np.mean(part['label'][:]):.3f}")

@@ -628,7 +628,7 @@ extra = sum(layer.rank * (layer.in_features + layer.out_features)
             for layer in lora_layers(ours).values())
 print(f"unmerged LoRA adds {extra:,} multiply-adds per token to the encoder's "
       f"{linear_weight_count(base_model):,} ({100 * extra / linear_weight_count(base_model):.2f}%)")
-repeats = {"smoke": 3, "tiny": 40, "full": 60}[PROFILE]
+repeats = pick(PROFILE, {"smoke": 3, "tiny": 40, "full": 60})
 latency = pd.DataFrame({"median forward s": median_forward_seconds(
     {"base model": base_model, "LoRA merged": merged, "LoRA unmerged": ours}, batch, repeats)})
 latency["vs base"] = latency["median forward s"] / latency.loc["base model", "median forward s"]

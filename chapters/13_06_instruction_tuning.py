@@ -39,7 +39,7 @@
 # the number of response tokens in the batch.
 
 # %%
-from ftbook.workbench import device_cell, get_device, get_profile, seed_everything
+from ftbook.workbench import device_cell, get_device, get_profile, pick, seed_everything
 
 CHAPTER = "13_06_instruction_tuning"
 PROFILE = get_profile()
@@ -343,7 +343,7 @@ def sft_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: tor
 #| export
 import math
 
-from ftbook.workbench import rounding_bound, unit_roundoff
+from ftbook.workbench import pick, rounding_bound, unit_roundoff  # noqa: F811
 
 
 def log_softmax_tolerance(logits: torch.Tensor) -> float:
@@ -927,7 +927,7 @@ def answer_is_correct(generated: str, answer: str) -> bool:
 from ftbook.data import load_sst2
 
 sst2_train, sst2_dev = load_sst2("train"), load_sst2("validation")
-n_per_task = {"smoke": 8, "tiny": 300, "full": 2000}[PROFILE]
+n_per_task = pick(PROFILE, {"smoke": 8, "tiny": 300, "full": 2000})
 synthetic_train = synthetic_instructions(sst2_train["sentence"], sst2_train["label"],
                                          n_per_task, seed=SEED)
 seen = {e["messages"][0]["content"] for e in synthetic_train}
@@ -1237,7 +1237,7 @@ SFT_RECIPES = {
 # throughput: a few steps of each mode on the profile's chat LM, counting only real tokens.
 
 # %%
-RECIPE = SFT_RECIPES[PROFILE]
+RECIPE = pick(PROFILE, SFT_RECIPES)
 conversations_mix = [e["messages"] for e in synthetic_train] + [conversations[i] for i in kept]
 seq_len = RECIPE.seq_len  # the longest example kept
 sft_examples = tokenize_for_sft(lm_tokenizer, conversations_mix, max_len=seq_len)
@@ -1277,7 +1277,7 @@ def trainable_copy(model: nn.Module) -> nn.Module:
                                             lora_dropout=0.0, target_modules="all-linear"))
 
 
-probe_steps = {"smoke": 3, "tiny": 3, "full": 20}[PROFILE]
+probe_steps = pick(PROFILE, {"smoke": 3, "tiny": 3, "full": 20})
 runs = {}
 for packing in (False, True):
     runs["packed" if packing else "padded"] = sft_train(
@@ -1556,7 +1556,7 @@ def train_sft_model(profile: str, conversations: Sequence[Sequence[dict]], *,
     from ftbook.base_models import load_chat_lm
     from ftbook.workbench import seed_everything
 
-    recipe = SFT_RECIPES[profile]
+    recipe = pick(profile, SFT_RECIPES)
     seed_everything(seed)
     if start is None:
         model, tokenizer = load_chat_lm(profile, device)
@@ -1593,7 +1593,8 @@ def sft_model_path(profile: str) -> Any:
     from ftbook.base_models import chat_lm_name
     from ftbook.workbench import cache_dir
 
-    key = hashlib.sha256(f"{SFT_RECIPES[profile]}|{chat_lm_name(profile)}|{SFT_FORMAT}".encode())
+    recipe = pick(profile, SFT_RECIPES)
+    key = hashlib.sha256(f"{recipe}|{chat_lm_name(profile)}|{SFT_FORMAT}".encode())
     return cache_dir("13_06_instruction_tuning") / f"sft-{profile}-{key.hexdigest()[:12]}"
 
 
@@ -1624,7 +1625,7 @@ def load_sft_model(profile: str, device: torch.device | None = None) -> tuple[nn
 
     folder = sft_model_path(profile)
     if not folder.is_dir():
-        recipe = SFT_RECIPES[profile]
+        recipe = pick(profile, SFT_RECIPES)
         mixture = sft_mixture(build_sft_data(recipe), recipe, recipe.temperature)
         model, tokenizer, log = train_sft_model(profile, mixture, device=device)
         save_sft_model(model, tokenizer, profile, log)
@@ -1664,7 +1665,7 @@ mixture = sft_mixture(data, RECIPE, RECIPE.temperature, SEED)
 CHECKABLE = ("sentiment", "arithmetic", "copy", "uppercase")
 heldout = [e for e in data["synthetic_heldout"] if e["category"] in CHECKABLE]
 lm_tokenizer.padding_side = "left"  # generation pads on the left
-n_probe = {"smoke": 4, "tiny": 16, "full": 64}[PROFILE]
+n_probe = pick(PROFILE, {"smoke": 4, "tiny": 16, "full": 64})
 probe = [e for e in data["synthetic_heldout"] if e["category"] == "review"][:n_probe] + [
     e for e in data["synthetic_heldout"] if e["category"] == "continue"][:n_probe]
 samples_of = {t: next(e for e in data["synthetic_heldout"] if e["category"] == t)
@@ -1747,8 +1748,8 @@ def snapshot_at_ablation_length(step: int, model) -> None:
         snapshots["T = 2"] = evaluate(model, lm_tokenizer, *ABLATION_EVAL)
 
 
-ABLATION_EVAL = {"smoke": (2, 4, 4, 8), "tiny": (20, 8, 8, 12), "full": (100, 100, 64, 32)}[
-    PROFILE]
+ABLATION_EVAL = pick(PROFILE, {"smoke": (2, 4, 4, 8), "tiny": (20, 8, 8, 12),
+                               "full": (100, 100, 64, 32)})
 with Timer() as sft_time:
     sft_model, sft_tokenizer, sft_log = train_sft_model(
         PROFILE, mixture, device=DEVICE, seed=SEED, callback=snapshot_at_ablation_length,

@@ -37,7 +37,14 @@
 # of choice of both papers. TRL no longer ships a PPO trainer, so we write every step ourselves.
 
 # %%
-from ftbook.workbench import device_cell, get_device, get_profile, pick, seed_everything
+from ftbook.workbench import (
+    device_cell,
+    get_device,
+    get_profile,
+    pick,
+    rehearsing,
+    seed_everything,
+)
 
 CHAPTER = "13_08_rlhf_ppo"
 PROFILE = get_profile()
@@ -1838,7 +1845,8 @@ ax.set(yscale="log", xlabel="PPO step", ylabel=r"KL($\pi \,\|\, \pi^*$) = gap / 
        title=r"PPO on problems with a known optimum ($\beta$ = 0.5)")
 ax.legend()
 show_figure(fig, "toy_convergence", CHAPTER)
-if PROFILE != "smoke":  # a known answer: over 8 seeds at most 4% of the gap remained (sd 0.8%)
+if PROFILE != "smoke" and not rehearsing():  # a known answer at the real sizes: over 8 seeds
+    # at most 4% of the gap remained (sd 0.8%)
     for run in (bandit, tokens):  # at least 90% of the initial gap closed
         assert run["final"]["kl_to_optimum"] < 0.1 * run["curve"]["kl_to_optimum"].iloc[0]
 
@@ -1897,7 +1905,8 @@ adaptive_table = pd.DataFrame([
      "exact KL(pi || pi_ref) at the end": run["final"]["kl_ref"]}
     for beta0, run in adaptive.items()]).set_index("start")
 show_table(adaptive_table, "adaptive_kl", CHAPTER)
-if PROFILE != "smoke":  # a known answer: over 8 seeds the final beta was 0.47-0.54 (sd 0.02)
+if PROFILE != "smoke" and not rehearsing():  # a known answer at the real sizes: over 8
+    # seeds the final beta was 0.47-0.54 (sd 0.02)
     assert all(0.4 < run["history"]["beta"].iloc[-1] < 0.625 for run in adaptive.values())
 
 # %% [markdown]

@@ -568,13 +568,13 @@ def precompute_reference_logps(ref_model: nn.Module,
 # %%
 import copy
 
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from ftbook.base_models import causal_lm_name
+from ftbook.base_models import load_causal_lm_tokenizer
 from ftbook.instruction_tuning import REVIEW_PROMPT
 from ftbook.rlhf_ppo import forward_tolerance  # 13-08
 
-lm_tokenizer = AutoTokenizer.from_pretrained(causal_lm_name(PROFILE))  # the book's tokenizer
+lm_tokenizer = load_causal_lm_tokenizer(PROFILE)  # the causal LM's tokenizer, pad != EOS
 torch.manual_seed(0)
 toy_lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(lm_tokenizer), hidden_size=32,
                                       intermediate_size=64, num_hidden_layers=2,
@@ -778,10 +778,15 @@ assert cache_gap <= ref_tol
 # %% [markdown]
 # ## Parity with TRL's `DPOTrainer`
 #
-# We give TRL 1.15's `DPOTrainer` the same pairs as conversations (a user message, and each
-# reply as an assistant message), so that TRL renders them with the chat template as we do, and
-# compare, on its own tokenized and collated batch: the token ids, the precomputed reference log-probabilities
-# (`precompute_ref_log_probs=True`, TRL's cache), and the loss of `compute_loss` against ours.
+# We give TRL 1.15's `DPOTrainer` the same pairs as text rendered with the chat template: the
+# prompt up to the assistant header (`render_prompt`), and each reply up to and including the end
+# of turn (what `reward_model_text` adds to the prompt). Given conversations instead, TRL renders
+# whole turns, and a template that writes something after the end of turn (ChatML's newline,
+# Qwen2.5's in the full profile) becomes part of TRL's completion, a token we do not train
+# (13-06 ends the loss at the end of turn); from the rendered text TRL tokenizes exactly our
+# sequences. We compare, on its own tokenized and collated batch: the token ids, the
+# precomputed reference log-probabilities (`precompute_ref_log_probs=True`, TRL's cache), and
+# the loss of `compute_loss` against ours.
 #
 # One obstacle: TRL 1.15 computes per-token log-probabilities through a "fused LM head" whose
 # kernel (`trl.kernels.ChunkedLogProbFunction`) is written in Triton, which a CPU-only PyTorch does
@@ -853,9 +858,9 @@ with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), \
     trainer = DPOTrainer(
         model=copy.deepcopy(toy_lm), ref_model=copy.deepcopy(toy_ref), processing_class=lm_tokenizer,
         train_dataset=Dataset.from_list([
-            {"prompt": [{"role": "user", "content": r["prompt"]}],
-             "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+            {"prompt": render_prompt(lm_tokenizer, r["prompt"]),
+             **{side: reward_model_text(lm_tokenizer, r["prompt"], r[side])[
+                 len(render_prompt(lm_tokenizer, r["prompt"])):] for side in ("chosen", "rejected")}}
             for r in toy_records]),
         args=DPOConfig(output_dir=folder, report_to=[], use_cpu=True, bf16=False, beta=0.1,
                        per_device_train_batch_size=8, precompute_ref_log_probs=True))
@@ -1768,7 +1773,7 @@ rlvr_start.requires_grad_(False).eval()
 if cfg.rlvr_task == "arithmetic":
     sst2_train = load_sst2("train")
     sft_seen = {e["messages"][0]["content"] for e in synthetic_instructions(
-        sst2_train["sentence"], sst2_train["label"], SFT_RECIPES[PROFILE].n_per_task, seed=0)}
+        sst2_train["sentence"], sst2_train["label"], pick(PROFILE, SFT_RECIPES).n_per_task, seed=0)}
     problem_space = dict(max_operand=cfg.rlvr_max_operand, min_operand=cfg.rlvr_min_operand,
                          ops=cfg.rlvr_ops)
     rlvr_train = arithmetic_problems(cfg.rlvr_train, seed=11, exclude=sft_seen, **problem_space)

@@ -1153,7 +1153,7 @@ MODEL = chat_lm_name(PROFILE)
 SOURCE_GGUF = None if PROFILE == "full" else smollm2_gguf_path()
 tokenizer = AutoTokenizer.from_pretrained(MODEL)
 set_chat_special_tokens(tokenizer)  # end of turn = EOS, pad distinct (a no-op for tiny, smoke)
-recipe = SFT_RECIPES[PROFILE]
+recipe = pick(PROFILE, SFT_RECIPES)
 sft_data = build_sft_data(recipe, seed=SEED)
 conversations = sft_mixture(sft_data, recipe, recipe.temperature, seed=SEED)[: cfg.n_train]
 pairs = sft_pairs(tokenizer, conversations)
@@ -1509,20 +1509,29 @@ assert logit_rows["f16"]["max |logit difference|"] <= logit_tol
 # comparison with one layer's q bias dropped shows what the check would catch.
 
 # %%
-from transformers import Qwen2Config, Qwen2ForCausalLM
+#| export efficient_finetuning
+def random_qwen2(vocab_size: int, seed: int = 0) -> nn.Module:
+    """A random `Qwen2ForCausalLM` with a small configuration (2 layers, width 64, grouped-query
+    attention, tied embeddings, RoPE base 1e6) and q, k, v biases drawn from N(0, 0.5^2), its
+    weights rounded to bfloat16 values as a merged checkpoint's are."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-torch.manual_seed(SEED)
-qwen_config = Qwen2Config(vocab_size=len(merged_tokenizer), hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          max_position_embeddings=512, tie_word_embeddings=True,
-                          rope_theta=1e6)
-qwen = Qwen2ForCausalLM(qwen_config).eval()
-with torch.no_grad():
-    for layer in qwen.model.layers:
-        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-            proj.bias.normal_(0, 0.5)
-    for p in qwen.parameters():
-        p.copy_(p.to(torch.bfloat16).float())
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, rope_theta=1e6)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return model
+
+
+# %%
+qwen = random_qwen2(len(merged_tokenizer), seed=SEED)
 qwen_export = write_gguf(qwen, merged_tokenizer, GGUF_DIR / "qwen2-f16.gguf", "f16")
 qwen_back, _ = load_gguf(qwen_export["path"], with_tokenizer=False)
 with torch.no_grad():

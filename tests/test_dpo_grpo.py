@@ -179,11 +179,16 @@ def test_encoding_appends_eos_inside_the_response_mask_and_refuses_long_pairs(sm
                          max_len=5)
 
 
-def test_dpo_loss_matches_trl_dpo_trainer_on_its_collated_batch(smoke_tokenizer, tmp_path):
+@pytest.mark.parametrize("template", ["book", "chatml"])  # ChatML writes "\n" after a turn
+def test_dpo_loss_matches_trl_dpo_trainer_on_its_collated_batch(real_env, template, tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    tok = smoke_tokenizer
+    from ftbook.base_models import load_causal_lm, load_chat_lm
+    from ftbook.instruction_tuning import render_prompt
+    from ftbook.reward_modeling import reward_model_text
+
+    tok = (load_causal_lm if template == "book" else load_chat_lm)("smoke")[1]
     ref = tiny_llama(len(tok), tok.pad_token_id)
     lm = perturbed(ref)
     records = [{"prompt": "Continue this movie review: the film", "chosen": "is a delight.",
@@ -197,10 +202,10 @@ def test_dpo_loss_matches_trl_dpo_trainer_on_its_collated_batch(smoke_tokenizer,
         warnings.simplefilter("ignore")
         trainer = DPOTrainer(
             model=copy.deepcopy(lm), ref_model=copy.deepcopy(ref), processing_class=tok,
-            train_dataset=Dataset.from_list([
-                {"prompt": [{"role": "user", "content": r["prompt"]}],
-                 "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                 "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+            train_dataset=Dataset.from_list([  # the rendered text, as the chapter gives it
+                {"prompt": render_prompt(tok, r["prompt"]),
+                 **{side: reward_model_text(tok, r["prompt"], r[side])[
+                     len(render_prompt(tok, r["prompt"])):] for side in ("chosen", "rejected")}}
                 for r in records]),
             args=DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False,
                            beta=0.1, per_device_train_batch_size=3))

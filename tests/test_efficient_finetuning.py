@@ -323,22 +323,12 @@ def test_llama_cpp_tokenizes_like_the_exported_tokenizer(smollm_export: dict) ->
 
 
 def test_qwen2_round_trip(chatml, tmp_path: Path) -> None:
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoTokenizer
 
     _, tokenizer, _ = chatml
     qwen_tokenizer = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
     ef.set_pre_tokenizer(qwen_tokenizer, "qwen2")  # stands in for Qwen2.5's (same kind)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, rope_theta=1e6)).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
+    model = ef.random_qwen2(len(tokenizer), seed=0)
     export = ef.write_gguf(model, qwen_tokenizer, tmp_path / "qwen2.gguf", "f16")
     assert export["types"]["blk.0.attn_q.bias"] == "F32"
     assert ef.gguf_metadata(export["path"], "general.architecture")[

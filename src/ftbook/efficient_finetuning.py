@@ -775,3 +775,24 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
         if x != y:
             return step
     return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# --- chapters/13_10_unsloth.py :: A Qwen2 model through the writer ---
+def random_qwen2(vocab_size: int, seed: int = 0) -> nn.Module:
+    """A random `Qwen2ForCausalLM` with a small configuration (2 layers, width 64, grouped-query
+    attention, tied embeddings, RoPE base 1e6) and q, k, v biases drawn from N(0, 0.5^2), its
+    weights rounded to bfloat16 values as a merged checkpoint's are."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, rope_theta=1e6)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return model

@@ -181,7 +181,7 @@ def sft_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: tor
 # --- chapters/13_06_instruction_tuning.py :: The SFT helpers: CS336 Assignment 5's contracts ---
 import math
 
-from ftbook.workbench import rounding_bound, unit_roundoff
+from ftbook.workbench import pick, rounding_bound, unit_roundoff  # noqa: F811
 
 
 def log_softmax_tolerance(logits: torch.Tensor) -> float:
@@ -931,7 +931,7 @@ def train_sft_model(profile: str, conversations: Sequence[Sequence[dict]], *,
     from ftbook.base_models import load_chat_lm
     from ftbook.workbench import seed_everything
 
-    recipe = SFT_RECIPES[profile]
+    recipe = pick(profile, SFT_RECIPES)
     seed_everything(seed)
     if start is None:
         model, tokenizer = load_chat_lm(profile, device)
@@ -968,7 +968,8 @@ def sft_model_path(profile: str) -> Any:
     from ftbook.base_models import chat_lm_name
     from ftbook.workbench import cache_dir
 
-    key = hashlib.sha256(f"{SFT_RECIPES[profile]}|{chat_lm_name(profile)}|{SFT_FORMAT}".encode())
+    recipe = pick(profile, SFT_RECIPES)
+    key = hashlib.sha256(f"{recipe}|{chat_lm_name(profile)}|{SFT_FORMAT}".encode())
     return cache_dir("13_06_instruction_tuning") / f"sft-{profile}-{key.hexdigest()[:12]}"
 
 
@@ -999,7 +1000,7 @@ def load_sft_model(profile: str, device: torch.device | None = None) -> tuple[nn
 
     folder = sft_model_path(profile)
     if not folder.is_dir():
-        recipe = SFT_RECIPES[profile]
+        recipe = pick(profile, SFT_RECIPES)
         mixture = sft_mixture(build_sft_data(recipe), recipe, recipe.temperature)
         model, tokenizer, log = train_sft_model(profile, mixture, device=device)
         save_sft_model(model, tokenizer, profile, log)

@@ -65,10 +65,44 @@ def get_profile(argv: list[str] | None = None) -> str:
     return profile
 
 
+def rehearsing() -> bool:
+    """True when `$FTBOOK_REHEARSE` is "1": a rehearsal of the `full` profile on a CPU, the same
+    code path with random stand-in models on shrunk configurations (`ftbook.base_models`) and
+    the smoke profile's sizes (`pick`), so that a full-profile breakage shows without a GPU."""
+    return os.environ.get("FTBOOK_REHEARSE", "0") == "1"
+
+
+def rehearsal_config(full: Any, smoke: Any) -> Any:
+    """`full` with the sizes of `smoke`, field by field (nested dataclasses too): counts, steps,
+    lengths and lists (seeds, betas) come from `smoke`; everything that chooses a code path
+    stays `full`'s: booleans, strings, floats (learning rates, temperatures), and a None that
+    means "all" or "every weight" unless the field is a count (`n_...`)."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(full):
+        return smoke
+    changes = {}
+    for field in dataclasses.fields(full):
+        f, s = getattr(full, field.name), getattr(smoke, field.name)
+        if dataclasses.is_dataclass(f):
+            changes[field.name] = rehearsal_config(f, s)
+        elif isinstance(f, bool) or isinstance(f, (float, str)):
+            continue
+        elif f is None:
+            if (field.name.startswith("n_") or "_n_" in field.name) and s is not None:
+                changes[field.name] = s
+        elif isinstance(f, (int, tuple, list)) and isinstance(s, type(f)):
+            changes[field.name] = s
+    return dataclasses.replace(full, **changes)
+
+
 def pick(profile: str, configs: Mapping[str, Any]) -> Any:
-    """The chapter's configuration for `profile`, with an error that lists what exists."""
+    """The chapter's configuration for `profile`, with an error that lists what exists; in a
+    rehearsal of `full` (`rehearsing`), the full configuration with the smoke sizes."""
     if profile not in configs:
         raise KeyError(f"no configuration for profile {profile!r}; defined: {sorted(configs)}")
+    if profile == "full" and rehearsing() and "smoke" in configs:
+        return rehearsal_config(configs["full"], configs["smoke"])
     return configs[profile]
 
 
@@ -145,17 +179,21 @@ def data_dir() -> Path:
 
 
 def cache_dir(*parts: str) -> Path:
-    """A folder under the book's cache (`$FTBOOK_CACHE` or `<root>/.cache`), created if needed."""
+    """A folder under the book's cache (`$FTBOOK_CACHE` or `<root>/.cache`), created if needed;
+    a rehearsal (`rehearsing`) keeps its own, so that its stand-ins never pass for full results."""
     env = os.environ.get("FTBOOK_CACHE")
     base = Path(env) if env else repo_root() / ".cache"
+    if rehearsing():
+        base = base / "rehearsal"
     path = base.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def outputs_dir(chapter: str) -> Path:
-    """`<root>/outputs/<chapter>/`, created if needed: where figures and tables are written."""
-    path = repo_root() / "outputs" / chapter
+    """`<root>/outputs/<chapter>/`, created if needed: where figures and tables are written
+    (`<root>/outputs/rehearsal/<chapter>/` in a rehearsal)."""
+    path = repo_root() / "outputs" / ("rehearsal" if rehearsing() else "") / chapter
     path.mkdir(parents=True, exist_ok=True)
     return path
 
