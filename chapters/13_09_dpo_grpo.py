@@ -1214,8 +1214,11 @@ assert abs(per_token_grpo[0] / per_token_grpo[1]) == 4.0 and per_token_dr[0] == 
 # 2. score them with `reward_fn` and normalise within groups (`compute_group_normalized_rewards`);
 # 3. build the batch from the *sampled token ids* (`rollout_batch`: decoding a reply and
 #    tokenizing it again need not give back the same ids, and the ratio $\rho$ must be computed on
-#    the tokens that were sampled), and compute $\log \pi_{\theta_\text{old}}$ and, with a KL term,
-#    $\log \pi_\text{ref}$ in one forward pass each, without gradients;
+#    the tokens that were sampled), and compute, without gradients, $\log \pi_\text{ref}$ when
+#    there is a KL term and $\log \pi_{\theta_\text{old}}$ when the batch is used for more than
+#    one pass. With one pass $\pi_{\theta_\text{old}} = \pi_\theta$: the training pass's own
+#    log-probabilities, detached, are the old ones, every $\rho$ is exactly 1 and the clipped loss
+#    has the plain policy gradient (TRL's `GRPOTrainer` skips the same forward pass);
 # 4. `epochs_per_batch` passes over the batch, each one optimizer step accumulated over
 #    microbatches with `grpo_microbatch_train_step` (and the KL term of 9.7, when
 #    `kl_coef > 0`). One pass is on-policy; more passes reuse the samples off-policy, which is what
@@ -1372,9 +1375,10 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         lengths = mask.float().argmax(1) + 1 + mask.sum(1)  # prompt + reply tokens
         log.flops += batch_flops(policy, lengths.tolist(), config.generate_batch_size,
                                  training=False)
+        clip = config.loss_type == "grpo_clip"
         with torch.no_grad():
-            old_logps = ref_logps = None
-            if config.loss_type == "grpo_clip":
+            old_logps = ref_logps = None  # one pass: pi_old = pi_theta, its log-probs detached
+            if clip and config.epochs_per_batch > 1:
                 old_logps = _token_log_probs(policy, batch, config.microbatch_size, config.bf16)
                 log.flops += transformer_flops(policy, rows, width, training=False)
             if config.kl_coef > 0:
@@ -1403,7 +1407,8 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                 loss, meta = grpo_microbatch_train_step(
                     logps, mask[index], accumulation, config.loss_type,
                     raw_rewards=raw_rewards[index], advantages=advantages[index],
-                    old_log_probs=None if old_logps is None else old_logps[index],
+                    old_log_probs=(None if not clip else logps.detach() if old_logps is None
+                                   else old_logps[index]),
                     cliprange=config.cliprange, constant_normalize_factor=constant)
                 losses.append(loss.item() * accumulation)
                 if "clip_fraction" in meta:

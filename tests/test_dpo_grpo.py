@@ -3,6 +3,7 @@ against a hand computation and TRL's DPOTrainer, its stability, the GRPO functio
 Assignment 5's contracts on hand-computed tensors, the verifiable reward (9.10), and the errors
 on bad input."""
 import copy
+import dataclasses
 import math
 import warnings
 
@@ -435,6 +436,34 @@ def test_grpo_train_and_expert_iteration_run_and_count_samples(smoke_tokenizer):
                           sft_steps=1, lr=1e-3, seed=0,
                           callback=lambda r, m: seen.append(r) or {"probe": r})
     assert seen == [1, 2] and [row["probe"] for row in ei.history] == [1, 2]
+
+
+def test_on_policy_grpo_clip_skips_the_old_forward_and_is_the_policy_gradient(smoke_tokenizer):
+    """With one pass per batch pi_old = pi_theta: `grpo_train` takes the old log-probs from the
+    training pass (no extra forward, so fewer FLOPs than with two passes) and every ratio is
+    exp(0) = 1, so the clipped loss's gradient is REINFORCE-with-baseline's exactly: d/d log p of
+    -min(rho A, clip(rho) A) at rho = 1 is -A (halving at the tie and doubling are exact in binary
+    floating point), the same floats, so one step lands on the same weights bit for bit."""
+    tok = smoke_tokenizer
+    prompts, answers = ["What is 1 + 1?", "What is 2 + 3?"], ["2", "5"]
+    config = GRPOConfig(steps=1, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2,
+                        microbatch_size=4)
+    models, logs = {}, {}
+    for loss_type in ("grpo_clip", "reinforce_with_baseline"):
+        models[loss_type] = tiny_llama(len(tok), tok.pad_token_id)
+        logs[loss_type] = grpo_train(models[loss_type], tok, prompts, answers,
+                                     lambda r, t: {"reward": float(len(r)),
+                                                   "format_reward": 1.0, "answer_reward": 0.0},
+                                     dataclasses.replace(config, loss_type=loss_type))
+    assert logs["grpo_clip"].flops == logs["reinforce_with_baseline"].flops
+    assert logs["grpo_clip"].history[0]["clip_fraction"] == 0.0
+    assert logs["grpo_clip"].history[0]["grad_norm"] > 0  # the step moved the weights
+    for (name, a), b in zip(models["grpo_clip"].named_parameters(),
+                            models["reinforce_with_baseline"].parameters(), strict=True):
+        assert torch.equal(a, b), name
+    two_pass = grpo_train(tiny_llama(len(tok), tok.pad_token_id), tok, prompts, answers,
+                          verifiable_reward, dataclasses.replace(config, epochs_per_batch=2))
+    assert two_pass.flops > logs["grpo_clip"].flops  # the old log-probs' forward, and a pass
 
 
 # --- The verifiable reward (9.10) ----------------------------------------------------------------

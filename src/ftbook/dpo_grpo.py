@@ -738,9 +738,10 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         lengths = mask.float().argmax(1) + 1 + mask.sum(1)  # prompt + reply tokens
         log.flops += batch_flops(policy, lengths.tolist(), config.generate_batch_size,
                                  training=False)
+        clip = config.loss_type == "grpo_clip"
         with torch.no_grad():
-            old_logps = ref_logps = None
-            if config.loss_type == "grpo_clip":
+            old_logps = ref_logps = None  # one pass: pi_old = pi_theta, its log-probs detached
+            if clip and config.epochs_per_batch > 1:
                 old_logps = _token_log_probs(policy, batch, config.microbatch_size, config.bf16)
                 log.flops += transformer_flops(policy, rows, width, training=False)
             if config.kl_coef > 0:
@@ -769,7 +770,8 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                 loss, meta = grpo_microbatch_train_step(
                     logps, mask[index], accumulation, config.loss_type,
                     raw_rewards=raw_rewards[index], advantages=advantages[index],
-                    old_log_probs=None if old_logps is None else old_logps[index],
+                    old_log_probs=(None if not clip else logps.detach() if old_logps is None
+                                   else old_logps[index]),
                     cliprange=config.cliprange, constant_normalize_factor=constant)
                 losses.append(loss.item() * accumulation)
                 if "clip_fraction" in meta:
