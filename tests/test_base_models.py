@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ftbook import base_models as bm
+from ftbook.rlhf_ppo import forward_tolerance  # 13-08: two float32 forward passes
 from ftbook.workbench import rounding_bound
 
 TEXTS = [
@@ -128,9 +129,36 @@ def test_perplexity_equals_exp_of_model_loss(tokenizer):
     logit_gap = (masked - out.logits).abs().max().item()
     tolerance = 2 * rounding_bound(n + 2, loss.item()) + 2 * logit_gap
     assert abs(math.log(bm.perplexity(model, tokenizer, [text])) - loss.item()) <= tolerance
-    # padding does not change a text's score
-    both = bm.perplexity(model, tokenizer, [text, text + " and more words here ."])
-    assert both != pytest.approx(math.exp(loss), rel=1e-3)
+    # padding does not change a text's score: scored in one right-padded batch, two texts get
+    # the perplexity of scoring each alone (batch_size=1, no padding). A random model gives every
+    # token an NLL near log V, pad included, so pads counted as targets would hardly move the
+    # mean; a trained LM never predicts pad (never a target), so a few steps of pretraining make
+    # such a bug show (here it would move the log perplexity by ~500 tolerances)
+    config = dataclasses.replace(bm.BASE_LM_CONFIGS["smoke"], steps=10, lr=3e-3, warmup_steps=1,
+                                 seq_len=32, batch_size=8)
+    token_lists = [tokenizer(t, add_special_tokens=False).input_ids for t in TEXTS]
+    bm.pretrain(model, bm.pack_stream(token_lists, config.seq_len, 1, 2, seed=0), config,
+                torch.device("cpu"))
+    model.eval()
+    # each token's NLL moves by at most 13-08's forward_tolerance (two forward passes with other
+    # shapes, bounded at the padded batch's width); the float32 sums of NLLs (the padded row's
+    # zeros included) are each within (A.1)'s bound of the total; exp and log in float64 add
+    # ~1e-16, far below
+    texts = [text, text + " and more words here ."]
+    rows = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids,
+             tokenizer.eos_token_id] for t in texts]
+    width = max(map(len, rows))
+    assert len(rows[0]) < width  # the first text is padded
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        per_token = forward_tolerance(model, {"input_ids": ids, "attention_mask": mask})["logp"]
+    padded = math.log(bm.perplexity(model, tokenizer, texts))
+    alone = math.log(bm.perplexity(model, tokenizer, texts, batch_size=1))
+    targets = sum(len(r) - 1 for r in rows)
+    total = padded * targets  # the summed NLL, >= 0
+    sums = rounding_bound(2 * (width - 1), total) + rounding_bound(width - 1, total)
+    assert abs(padded - alone) <= per_token + sums / targets
 
 
 def test_pretrain_lowers_loss_and_reports_flops(tokenizer):

@@ -1,7 +1,7 @@
 """Tests of ftbook.dpo_grpo (chapter 13-09): the DPO optimum of eqs. (9.2)-(9.5), the DPO loss
 against a hand computation and TRL's DPOTrainer, its stability, the GRPO functions with CS336
-Assignment 5's contracts on hand-computed tensors, the verifiable reward (9.10), and the errors
-on bad input."""
+Assignment 5's contracts on hand-computed tensors, GRPO's convergence to the optimum of a
+one-token bandit, the verifiable reward (9.10), and the errors on bad input."""
 import copy
 import dataclasses
 import math
@@ -9,7 +9,8 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
+from transformers import LlamaForCausalLM
 
 from ftbook.dpo_grpo import (
     GRPOConfig,
@@ -52,15 +53,6 @@ def sequence_tolerance(models, examples, pad_token_id: int) -> float:
     per_token = max(forward_tolerance(m, {"input_ids": batch["input_ids"][:, :-1]})["logp"]
                     for m in models)
     return per_token * int(batch["response_mask"].sum(1).max())
-
-
-def tiny_llama(vocab_size: int = 64, pad_token_id: int = 0, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32,
-                                        intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=128, pad_token_id=pad_token_id,
-                                        attn_implementation="eager")).eval()
 
 
 def perturbed(model: LlamaForCausalLM, scale: float = 0.05, seed: int = 1) -> LlamaForCausalLM:
@@ -464,6 +456,58 @@ def test_on_policy_grpo_clip_skips_the_old_forward_and_is_the_policy_gradient(sm
     two_pass = grpo_train(tiny_llama(len(tok), tok.pad_token_id), tok, prompts, answers,
                           verifiable_reward, dataclasses.replace(config, epochs_per_batch=2))
     assert two_pass.flops > logs["grpo_clip"].flops  # the old log-probs' forward, and a pass
+
+
+def bandit_tokenizer():
+    """Eight tokens: four specials (pad, eos, the two chat markers) and four words, one token
+    each; a prompt renders as `<user> {content} <assistant>`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<user>", "<assistant>",
+                                         "a", "b", "c", "d"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                  additional_special_tokens=["<user>", "<assistant>"],
+                                  padding_side="left")
+    tok.chat_template = ("{% for m in messages %}<user> {{ m['content'] }} {% endfor %}"
+                         "<assistant>")
+    return tok
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grpo_converges_to_the_optimum_of_a_one_token_bandit(seed):
+    """One prompt, one-token replies over a vocabulary of V = 8, reward 1 for the reply "a" and 0
+    for the 7 others (specials decode to "" and earn 0). Without a KL term the optimum is pi(a) =
+    1, and GRPO approaches it: a group of G replies with mixed rewards pushes up the logit of "a"
+    and down the others it sampled; only groups that are all rewarded (or all not) give no
+    gradient (zero std). So the policy must end where nearly every group is all rewarded: we
+    assert pi(a) > 1 - 1/G, i.e. fewer than one unrewarded reply expected in a group, against
+    G (1 - pi(a)) ~ 7 at the start. pi(a) is computed exactly (a softmax, not a sample). A random
+    init gives all V logits ~0 (std ~0.1), so pi(a) starts near 1/V = 0.125, about 6 sampling
+    sds of a group's reward rate, sqrt(p (1 - p) / G) ~ 0.12, below the bound. Over seeds 0-15
+    the final 1 - pi(a) was 0.0004-0.002, 60x below 1/G; an inverted reward or lr = 0 fails."""
+    from ftbook.instruction_tuning import render_prompt
+
+    tok = bandit_tokenizer()
+    prompt_ids = torch.tensor([tok(render_prompt(tok, "b c"), add_special_tokens=False)
+                               ["input_ids"]])
+    a = tok.convert_tokens_to_ids("a")
+
+    def prob_a(model: LlamaForCausalLM) -> float:
+        with torch.no_grad():
+            return torch.softmax(model(prompt_ids).logits[0, -1].double(), -1)[a].item()
+
+    G = 8
+    config = GRPOConfig(steps=30, prompts_per_step=1, group_size=G, max_new_tokens=1, lr=1e-2,
+                        microbatch_size=G, seed=seed)  # on-policy grpo_clip, kl_coef = 0
+    model = tiny_llama(len(tok), tok.pad_token_id, seed=seed)
+    start = prob_a(model)
+    assert start < 1 / 2  # near 1/V: the bound below is far from where it starts
+    log = grpo_train(model, tok, ["b c"], ["a"], table_reward, config)
+    assert len(log.history) == 30 and log.responses == 30 * G
+    assert prob_a(model) > 1 - 1 / G
 
 
 # --- The verifiable reward (9.10) ----------------------------------------------------------------

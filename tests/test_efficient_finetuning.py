@@ -44,19 +44,16 @@ def corpus(n: int, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved random Llama (bf16-valued float32 weights) with the book's kind of tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_llama
 
     from ftbook.base_models import train_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = train_tokenizer(corpus(400), vocab_size=360, folder=folder, seed=0)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=80,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, initializer_range=0.15,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(len(tokenizer), tokenizer.pad_token_id, seed=0, hidden_size=64,
+                       intermediate_size=80, max_position_embeddings=256, initializer_range=0.15,
+                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, attn_implementation=None)
     with torch.no_grad():
         # byte-fallback tokens rarely win in a trained model; in a random one they often do, and
         # llama.cpp's server drops invalid UTF-8 byte sequences from what it reports

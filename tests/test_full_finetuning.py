@@ -9,11 +9,11 @@ import re
 
 import pytest
 import torch
+from tiny_models import tiny_llama_config
 from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
 )
@@ -46,10 +46,9 @@ def tiny_bert(vocab_size: int = 100, seed: int = 0, **overrides):
 
 
 def llama_config(vocab_size: int = 100, pad_token_id: int = 0, **overrides):
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=L, num_attention_heads=2, num_key_value_heads=2,
-                       max_position_embeddings=128, pad_token_id=pad_token_id, num_labels=2,
-                       **overrides)
+    return tiny_llama_config(vocab_size, pad_token_id, **({
+        "num_hidden_layers": L, "num_attention_heads": 2, "num_labels": 2,
+        "attn_implementation": None} | overrides))
 
 
 def tiny_llama_classifier(seed: int = 0, **config_kwargs):

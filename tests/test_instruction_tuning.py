@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_llama
+from transformers import LlamaForCausalLM
 
 from ftbook.instruction_tuning import (
     FormatError,
@@ -33,11 +34,7 @@ class CharTokenizer:
 
 
 def toy_lm(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, pad_token_id=0,
-                                        attn_implementation="eager"))
+    return tiny_llama(seed=seed, max_position_embeddings=2048).train()
 
 
 # --- formats --------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ import copy
 import json
 
 import pytest
+import tiny_models
 import torch
 from tiny_models import FFN, D, L, bert_batch, tiny_bert  # noqa: F401
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ftbook import lora
 from ftbook.workbench import rounding_bound
@@ -21,12 +22,10 @@ R, ALPHA = 4, 8.0  # rank and alpha of the adapters below
 TOL = lora.PARITY_TOLERANCE  # float64 comparisons of whole models
 
 
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=100, hidden_size=D, intermediate_size=64, num_hidden_layers=L,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    return tiny_models.tiny_llama(100, seed=seed, hidden_size=D, num_hidden_layers=L,
+                                  num_attention_heads=2, max_position_embeddings=64,
+                                  attn_implementation=None)
 
 
 def tiny_bert64(seed: int = 0):

@@ -7,6 +7,7 @@ import copy
 import warnings
 
 import pytest
+import tiny_models
 import torch
 from peft import PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
 from tiny_models import bert_batch, tiny_bert
@@ -32,14 +33,13 @@ from ftbook.workbench import rounding_bound
 
 
 def tiny_llama_config(kv_heads: int = 2) -> LlamaConfig:
-    return LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=kv_heads, pad_token_id=0,
-                       attn_implementation="eager")
+    return tiny_models.tiny_llama_config(100, num_key_value_heads=kv_heads,
+                                         max_position_embeddings=2048)
 
 
 def tiny_llama(seed: int = 0, kv_heads: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_llama_config(kv_heads)).eval()
+    return tiny_models.tiny_llama(100, seed=seed, num_key_value_heads=kv_heads,
+                                  max_position_embeddings=2048)
 
 
 def lm_batch(seed: int = 1) -> dict[str, torch.Tensor]:

@@ -6,8 +6,9 @@ import math
 import warnings
 
 import pytest
+import tiny_models
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from ftbook.instruction_tuning import transformer_tolerance
 from ftbook.reward_modeling import (
@@ -49,11 +50,7 @@ def reward_tolerance(model, rows: int, rewards: torch.Tensor) -> float:
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, pad_token_id=0,
-                                        attn_implementation="eager")).eval()
+    return tiny_models.tiny_llama(100, seed=seed, max_position_embeddings=2048)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

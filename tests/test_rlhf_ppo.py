@@ -11,8 +11,9 @@ import copy
 import math
 
 import pytest
+import tiny_models
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from ftbook.rlhf_ppo import (
     KLController,
@@ -46,12 +47,8 @@ EOS, PAD = 2, 0
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 16) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         pad_token_id=PAD, bos_token_id=1, eos_token_id=EOS,
-                         attn_implementation="eager")
-    return LlamaForCausalLM(config).eval()
+    return tiny_models.tiny_llama(vocab_size, PAD, seed=seed, bos_token_id=1, eos_token_id=EOS,
+                                  max_position_embeddings=2048)
 
 
 def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

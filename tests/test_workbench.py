@@ -89,11 +89,11 @@ def test_check_finite_raises_with_step():
 
 
 def test_count_parameters_counts_tied_once():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_llama
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(64, None, seed=None, hidden_size=16, intermediate_size=32,
+                       num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True,
+                       max_position_embeddings=2048, attn_implementation=None).train()
     assert wb.count_parameters(model) == sum(p.numel() for p in model.parameters())
     untied = sum(p.numel() for p in model.parameters()) + 64 * 16
     assert wb.count_parameters(model) == untied - 64 * 16
@@ -105,13 +105,11 @@ def test_count_parameters_counts_tied_once():
 @pytest.mark.parametrize("training", [False, True])
 def test_transformer_flops_matches_flop_counter(training):
     """Eq. (A.1)-(A.3) equal PyTorch's operator count up to the rotary frequency product."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=3, num_key_value_heads=3,
-                         attn_implementation="eager")
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(300, None, seed=0, hidden_size=48, intermediate_size=96,
+                       num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=3,
+                       max_position_embeddings=2048).train()
     ids = torch.randint(0, 300, (2, 24))
 
     def step():
