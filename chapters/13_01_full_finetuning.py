@@ -448,19 +448,46 @@ del probe
 # `FlopCounterMode` on one real training step. The count runs on the "eager" attention path (the
 # same arithmetic as the default SDPA kernel, whose CPU flash-attention variant the counter does
 # not see), so every matmul is visible.
+#
+# `encoder_runs` makes the two runs and keeps what the rest of the chapter and {ref}`lora` need:
+# each run's training log, time, FLOP count and parameter count, and the full fine-tune's update
+# $\Delta W = W_\text{ft} - W_0$ of every linear layer. It caches them under the configuration,
+# the encoder, the seed and the SST-2 rows they used, and reads them back from there when they
+# exist, so that 13-02 analyses *these* runs (13-01 and 13-02 can never disagree about them). It
+# leaves the caller's random state as it found it, whether it trains or reads.
 
 # %%
-from ftbook.data import load_sst2, subset
-from ftbook.workbench import Timer, measured_flops, transformer_flops
+#| export
+import json
+import random
+from contextlib import contextmanager
+from pathlib import Path
 
-train_ds = subset(load_sst2("train"), cfg.n_train, seed=SEED, stratify_by="label")
-dev_ds = subset(load_sst2("validation"), cfg.n_dev, seed=SEED, stratify_by="label")
-print(f"train rows {len(train_ds):,}, dev rows {len(dev_ds):,}")
+ENCODER_METHODS = ("feature extraction", "full fine-tuning")
+ENCODER_RUNS_FORMAT = 1  # bump to invalidate the cached encoder runs
 
 
-def one_step_flops(model, tokenizer) -> tuple[int, int]:
-    """(FLOPs counted on one training step, tokens in that step's padded batch)."""
-    batch = next(sample_batches(train_ds, tokenizer, cfg.batch_size, cfg.max_len, 1, SEED + 99))
+def encoder_data(profile: str, seed: int = 0) -> tuple[Any, Any]:
+    """(train, dev): the SST-2 rows of the encoder runs, stratified subsets of `n_train` and
+    `n_dev` rows (`FT_CONFIGS`) drawn with `seed`."""
+    from ftbook.data import load_sst2, subset
+    from ftbook.workbench import pick
+
+    cfg = pick(profile, FT_CONFIGS)
+    train = subset(load_sst2("train"), cfg.n_train, seed=seed, stratify_by="label")
+    dev = subset(load_sst2("validation"), cfg.n_dev, seed=seed, stratify_by="label")
+    return train, dev
+
+
+def one_step_flops(model: nn.Module, tokenizer: Any, train: Any, cfg: FineTuneConfig,
+                   seed: int) -> tuple[int, int]:
+    """(FLOPs counted on one training step, tokens in that step's padded batch): one batch of
+    `train` (seed `seed + 99`), counted by `FlopCounterMode` on the eager attention path."""
+    from ftbook.workbench import measured_flops
+
+    device = next(model.parameters()).device
+    batch = next(sample_batches(train, tokenizer, cfg.batch_size, cfg.max_len, 1, seed + 99))
+    batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch.pop("labels")
 
     def step():
@@ -474,28 +501,150 @@ def one_step_flops(model, tokenizer) -> tuple[int, int]:
     return flops, batch["input_ids"].size(1)
 
 
-encoder_runs = {}
-for method in ("feature extraction", "full fine-tuning"):
-    model, tokenizer = load_encoder_classifier(PROFILE, seed=SEED)
-    model.to(DEVICE)
-    if method == "feature extraction":
-        freeze_backbone(model)
-    flops, padded_len = one_step_flops(model, tokenizer)
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    with Timer(DEVICE) as timer:
-        log = train_classifier(
-            model, tokenizer, train_ds, steps=cfg.steps,
-            lr=cfg.lr_head if method == "feature extraction" else cfg.lr_full,
-            batch_size=cfg.batch_size, max_len=cfg.max_len, seed=SEED,
-            warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
-            eval_every=max(1, cfg.steps // 2), desc=method,
-            eval_fn=lambda step, m=model, t=tokenizer: {
-                "dev_accuracy": evaluate_accuracy(m, t, dev_ds, cfg.max_len, bf16=cfg.bf16)})
-    encoder_runs[method] = {"log": log, "seconds": timer.seconds, "flops": flops,
-                            "padded_len": padded_len, "total": count_parameters(model)}
-    if method == "full fine-tuning":
-        delta_w = linear_weight_deltas(before, model)  # kept for 13-02
-    del model, before
+@contextmanager
+def kept_random_state() -> Iterator[None]:
+    """Restore Python's, NumPy's and PyTorch's (CPU and every CUDA device's) random states on
+    exit: what runs inside seeds itself and leaves the caller's draws unchanged."""
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+@dataclass
+class EncoderRun:
+    """One run of Experiment 1: its training log, wall time (s), the FLOPs of one training step
+    as counted, that step's padded length in tokens, and the model's parameter count."""
+
+    log: TrainLog
+    seconds: float
+    flops: int
+    padded_len: int
+    total_parameters: int
+
+
+@dataclass
+class EncoderRuns:
+    """Experiment 1 of chapter 13-01 for `profile`: one `EncoderRun` per method of
+    `ENCODER_METHODS`, the full fine-tune's ΔW = W_ft - W_0 (`linear_weight_deltas`), the SST-2
+    rows the runs used, and the cache folder they were read from."""
+
+    profile: str
+    runs: dict[str, EncoderRun]
+    delta_w: dict[str, torch.Tensor]  # module name -> (out_features, in_features), float32
+    train: Any
+    dev: Any
+    folder: Path
+
+    def table(self) -> Any:
+        """The cost/benefit table, one row per method: final dev accuracy, trainable parameters
+        (count and % of the model), median s/step, GFLOP per step, peak memory, training time."""
+        import pandas as pd
+
+        rows = []
+        for method, run in self.runs.items():
+            log = run.log
+            rows.append({
+                "method": method,
+                "dev accuracy": log.evals[-1]["dev_accuracy"],
+                "trainable params": log.trainable_parameters,
+                "trainable %": 100 * log.trainable_parameters / run.total_parameters,
+                "s / step (median)": log.median_step_seconds,
+                "GFLOP / step": run.flops / 1e9,
+                "peak memory MiB": log.peak_memory_bytes / 2**20,
+                "train time s": run.seconds,
+            })
+        return pd.DataFrame(rows).set_index("method")
+
+
+def encoder_runs_folder(profile: str, seed: int = 0, data: tuple[Any, Any] | None = None
+                        ) -> Path:
+    """The cache folder of the encoder runs of `profile`, keyed by `ENCODER_RUNS_FORMAT`, the
+    chapter's configuration, the encoder, the seed and the SST-2 rows (`data`, else
+    `encoder_data(profile, seed)`), by content."""
+    import hashlib
+
+    from ftbook.base_models import encoder_name
+    from ftbook.workbench import cache_dir, pick
+
+    train, dev = data if data is not None else encoder_data(profile, seed)
+    rows = hashlib.sha256(json.dumps([train[:], dev[:]]).encode()).hexdigest()
+    key = json.dumps({"format": ENCODER_RUNS_FORMAT, "config": repr(pick(profile, FT_CONFIGS)),
+                      "encoder": encoder_name(profile), "seed": seed, "rows": rows},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir("13_01_full_finetuning") / f"encoder-runs-{profile}-{digest}"
+
+
+def encoder_runs(profile: str, device: torch.device | None = None, seed: int = 0
+                 ) -> EncoderRuns:
+    """Both runs of chapter 13-01's Experiment 1 for `profile`, from the cache
+    (`encoder_runs_folder`), or made and cached first: the profile's encoder
+    (`load_encoder_classifier(profile, seed=seed)`) trained `steps` steps on `encoder_data`,
+    the head alone at `lr_head` (feature extraction) and every weight at `lr_full` (full
+    fine-tuning), evaluated on the dev rows at the start, halfway and at the end. The caller's
+    random state is left as it was (`kept_random_state`)."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from ftbook.base_models import build_once, load_encoder_classifier
+    from ftbook.workbench import Timer, count_parameters, get_device, pick
+
+    cfg = pick(profile, FT_CONFIGS)
+    device = device if device is not None else get_device()
+
+    def build(folder: Path) -> None:
+        runs, delta_w = {}, {}
+        for method in ENCODER_METHODS:
+            model, tokenizer = load_encoder_classifier(profile, seed=seed)
+            model.to(device)
+            if method == "feature extraction":
+                freeze_backbone(model)
+            flops, padded_len = one_step_flops(model, tokenizer, train, cfg, seed)
+            before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            with Timer(device) as timer:
+                log = train_classifier(
+                    model, tokenizer, train, steps=cfg.steps,
+                    lr=cfg.lr_head if method == "feature extraction" else cfg.lr_full,
+                    batch_size=cfg.batch_size, max_len=cfg.max_len, seed=seed,
+                    warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
+                    eval_every=max(1, cfg.steps // 2), desc=method,
+                    eval_fn=lambda step, m=model, t=tokenizer: {
+                        "dev_accuracy": evaluate_accuracy(m, t, dev, cfg.max_len, bf16=cfg.bf16)})
+            runs[method] = {"log": dataclasses.asdict(log), "seconds": timer.seconds,
+                            "flops": flops, "padded_len": padded_len,
+                            "total_parameters": count_parameters(model)}
+            if method == "full fine-tuning":
+                delta_w = linear_weight_deltas(before, model)
+            del model, before
+        save_file({k: v.contiguous() for k, v in delta_w.items()},
+                  str(folder / "delta_w.safetensors"))
+        (folder / "runs.json").write_text(json.dumps({"profile": profile, "seed": seed,
+                                                      "runs": runs}))
+
+    with kept_random_state():
+        train, dev = encoder_data(profile, seed)
+        folder = build_once(encoder_runs_folder(profile, seed, (train, dev)), build)
+    stored = json.loads((folder / "runs.json").read_text())
+    runs = {method: EncoderRun(**{**run, "log": TrainLog(**run["log"])})
+            for method, run in stored["runs"].items()}
+    return EncoderRuns(profile, runs, load_file(str(folder / "delta_w.safetensors")), train, dev,
+                       folder)
+
+
+# %%
+from ftbook.workbench import transformer_flops
+
+encoder = encoder_runs(PROFILE, DEVICE, SEED)  # made now, or read from the cache
+train_ds, dev_ds = encoder.train, encoder.dev  # the SST-2 rows both runs used
+print(f"train rows {len(train_ds):,}, dev rows {len(dev_ds):,}")
 
 # %% [markdown]
 # The FLOP counter gives us a check of the cost argument of the theory section. For full
@@ -503,21 +652,21 @@ for method in ("feature extraction", "full fine-tuning"):
 # they should be about one third of that (the forward pass only).
 
 # %%
-fe, ft = encoder_runs["feature extraction"], encoder_runs["full fine-tuning"]
+fe, ft = encoder.runs["feature extraction"], encoder.runs["full fine-tuning"]
 probe, _ = load_encoder_classifier(PROFILE, seed=SEED)
 # The head (pooler and classifier) reads one token per sentence: its matmuls run on `batch` rows,
 # not `batch * seq` as eq. (A.1) assumes for every linear layer.
 head_weights = sum(m.weight.numel() for n, m in probe.named_modules()
                    if isinstance(m, nn.Linear) and set(n.split(".")) & set(HEAD_MODULES))
-predicted = (transformer_flops(probe, cfg.batch_size, ft["padded_len"], training=True)
-             - 3 * 2 * cfg.batch_size * (ft["padded_len"] - 1) * head_weights)
-print(f"full FT: counted {ft['flops'] / 1e9:.2f} GFLOP, eq. (A.3) {predicted / 1e9:.2f} GFLOP "
-      f"on the same padded batch ({ft['padded_len']} tokens)")
-print(f"feature extraction / full fine-tuning FLOPs per step: {fe['flops'] / ft['flops']:.3f} "
+predicted = (transformer_flops(probe, cfg.batch_size, ft.padded_len, training=True)
+             - 3 * 2 * cfg.batch_size * (ft.padded_len - 1) * head_weights)
+print(f"full FT: counted {ft.flops / 1e9:.2f} GFLOP, eq. (A.3) {predicted / 1e9:.2f} GFLOP "
+      f"on the same padded batch ({ft.padded_len} tokens)")
+print(f"feature extraction / full fine-tuning FLOPs per step: {fe.flops / ft.flops:.3f} "
       "(theory: about 1/3)")
 # FLOPs are counted from tensor shapes, not timed: integers, the same on every machine (the
 # difference is 0 for BERT; the slack only covers terms (A.3) leaves out in other encoders)
-assert abs(ft["flops"] / predicted - 1) < 1e-3
+assert abs(ft.flops / predicted - 1) < 1e-3
 del probe
 
 # %% [markdown]
@@ -544,7 +693,7 @@ from ftbook.base_models import (
     load_causal_lm,
     perplexity,
 )
-from ftbook.data import load_text_corpus
+from ftbook.data import load_text_corpus, subset
 from ftbook.workbench import binomial_interval, mean_interval
 
 lm_name = causal_lm_name(PROFILE)
@@ -734,20 +883,7 @@ print(f"  constant vs plain:   {paired(strategies[0]['per_text'], strategies[1][
 # ## Results: when is full fine-tuning worth its compute?
 
 # %%
-rows = []
-for method, run in encoder_runs.items():
-    log = run["log"]
-    rows.append({
-        "method": method,
-        "dev accuracy": log.evals[-1]["dev_accuracy"],
-        "trainable params": log.trainable_parameters,
-        "trainable %": 100 * log.trainable_parameters / run["total"],
-        "s / step (median)": log.median_step_seconds,
-        "GFLOP / step": run["flops"] / 1e9,
-        "peak memory MiB": log.peak_memory_bytes / 2**20,
-        "train time s": run["seconds"],
-    })
-cost_benefit = pd.DataFrame(rows).set_index("method")
+cost_benefit = encoder.table()
 show_table(cost_benefit, "cost_benefit", CHAPTER)
 gain = cost_benefit["dev accuracy"].iloc[1] - cost_benefit["dev accuracy"].iloc[0]
 ratio = cost_benefit["s / step (median)"].iloc[1] / cost_benefit["s / step (median)"].iloc[0]
@@ -760,8 +896,8 @@ for method, accuracy in cost_benefit["dev accuracy"].items():
           f"({len(dev_ds)} rows, one seed)")
 
 fig, ax = plt.subplots(figsize=(6.5, 3.5))
-for method, run in encoder_runs.items():
-    ev = pd.DataFrame(run["log"].evals)
+for method, run in encoder.runs.items():
+    ev = pd.DataFrame(run.log.evals)
     ax.plot(ev["step"], ev["dev_accuracy"], marker="o", label=method)
 ax.set(xlabel="step", ylabel="SST-2 dev accuracy", title="Encoder: dev accuracy during training")
 ax.legend()
@@ -782,14 +918,8 @@ show_figure(fig, "encoder_accuracy", CHAPTER)
 # methods of the next chapters keep most of the gain at a fraction of the cost.
 
 # %%
-from safetensors.torch import save_file
-
-from ftbook.workbench import cache_dir
-
-cost_benefit.to_csv(cache_dir(CHAPTER) / f"cost_benefit_{PROFILE}.csv")  # for 13-02's table
-delta_path = cache_dir(CHAPTER) / f"delta_w_{PROFILE}.safetensors"
-save_file({k: v.contiguous() for k, v in delta_w.items()}, str(delta_path))
-print(f"kept {len(delta_w)} weight updates for 13-02: {delta_path}")
+print(f"kept {len(encoder.delta_w)} weight updates for 13-02: "
+      f"{encoder.folder / 'delta_w.safetensors'}")
 
 # %% [markdown]
 # ## Pitfalls

@@ -112,9 +112,10 @@ assert ((A.grad - grad_A).abs() <= 2 * rounding_bound(d_out + 3, abs_A)).all()
 # done in a random subspace of a few hundred to a few thousand dimensions (the task's *intrinsic
 # dimension*) with most of the full-fine-tuning accuracy; Hu et al. conjectured that the weight
 # update itself has a low *intrinsic rank*. We can look directly. Chapter 13-01 kept the update
-# $\Delta W = W_\text{ft} - W_0$ of its full fine-tune. By the Eckart–Young theorem, the best
-# rank-$r$ approximation of $\Delta W$ in the Frobenius norm is its truncated SVD, and it keeps the
-# fraction
+# $\Delta W = W_\text{ft} - W_0$ of its full fine-tune: `encoder_runs` returns it with 13-01's
+# two runs, read from 13-01's cache (or made first, when 13-01 has not run in this profile). By
+# the Eckart–Young theorem, the best rank-$r$ approximation of $\Delta W$ in the Frobenius norm is
+# its truncated SVD, and it keeps the fraction
 #
 # $$
 # E(r) = \frac{\sum_{i \le r} \sigma_i^2}{\sum_i \sigma_i^2}
@@ -125,22 +126,15 @@ assert ((A.grad - grad_A).abs() <= 2 * rounding_bound(d_out + 3, abs_A)).all()
 # the same shape spreads its energy nearly evenly, so we plot both.
 
 # %%
-import subprocess
-import sys
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from safetensors.torch import load_file
 
-from ftbook.workbench import cache_dir, repo_root, show_figure, show_table
+from ftbook.full_finetuning import encoder_runs
+from ftbook.workbench import show_figure, show_table
 
-delta_path = cache_dir("13_01_full_finetuning") / f"delta_w_{PROFILE}.safetensors"
-if not delta_path.is_file():  # 13-01 has not run in this profile yet: run it now
-    print(f"{delta_path.name} missing: running chapter 13-01 ({PROFILE}) to produce it")
-    subprocess.run([sys.executable, str(repo_root() / "chapters" / "13_01_full_finetuning.py"),
-                    "--profile", PROFILE], check=True, capture_output=True)
-delta_w = load_file(str(delta_path))
+ft_runs = encoder_runs(PROFILE, DEVICE, SEED)  # 13-01's runs, from its cache (or made now)
+delta_w = ft_runs.delta_w
 print(f"{len(delta_w)} weight updates from 13-01, e.g. {next(iter(delta_w))}: "
       f"{tuple(next(iter(delta_w.values())).shape)}")
 
@@ -707,8 +701,7 @@ LORA_HEAD = ["pooler", "classifier"]  # the same head as 13-01's feature extract
 
 cfg = pick(PROFILE, LORA_CONFIGS)
 ft_cfg = pick(PROFILE, FT_CONFIGS)
-train_ds = subset(load_sst2("train"), ft_cfg.n_train, seed=SEED, stratify_by="label")
-dev_ds = subset(load_sst2("validation"), ft_cfg.n_dev, seed=SEED, stratify_by="label")
+train_ds, dev_ds = ft_runs.train, ft_runs.dev  # the SST-2 rows of 13-01's runs
 
 
 def lora_run(placement: str, rank: int, alpha: float, steps: int, seed: int) -> dict:
@@ -806,12 +799,11 @@ show_table(alpha_table, "alpha_sweep", CHAPTER)
 # ### LoRA against full fine-tuning and feature extraction
 #
 # The headline comparison uses 13-01's budget exactly (same steps, batch, data, warmup) for the
-# default adapter, next to 13-01's two rows, which 13-01 saved with its run.
+# default adapter, next to 13-01's two rows, from the same `encoder_runs` result.
 
 # %%
 headline = lora_run("attention q,v", cfg.rank, cfg.alpha, ft_cfg.steps, SEED)
-ft_results = pd.read_csv(cache_dir("13_01_full_finetuning") / f"cost_benefit_{PROFILE}.csv",
-                         index_col=0)
+ft_results = ft_runs.table()
 total = ft_results.loc["full fine-tuning", "trainable params"]
 comparison = pd.concat([ft_results[["dev accuracy", "trainable params", "s / step (median)",
                                     "peak memory MiB"]],

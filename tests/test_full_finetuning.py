@@ -388,3 +388,85 @@ def test_linear_weight_deltas_are_after_minus_before():
     # a Linear whose weight is not in `before` is skipped
     del before["classifier.weight"]
     assert set(ff.linear_weight_deltas(before, model)) == linear_names - {"classifier"}
+
+
+# --- the encoder runs of Experiment 1, cached for 13-02 ------------------------------------------
+
+@pytest.mark.slow
+def test_encoder_runs_make_both_methods_cache_them_and_read_them_back(real_env, monkeypatch,
+                                                                       tmp_path):
+    monkeypatch.setenv("FTBOOK_CACHE", str(tmp_path))  # a fresh cache: the runs are made here
+    cfg = ff.FT_CONFIGS["smoke"]
+    rng = torch.get_rng_state()
+    runs = ff.encoder_runs("smoke")
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's random state is untouched
+    assert runs.folder == ff.encoder_runs_folder("smoke")
+    assert runs.folder.parent == tmp_path / "13_01_full_finetuning"
+    assert (len(runs.train), len(runs.dev)) == (cfg.n_train, cfg.n_dev)
+
+    table = runs.table()
+    assert list(table.index) == list(ff.ENCODER_METHODS) == list(runs.runs)
+    assert list(table.columns) == ["dev accuracy", "trainable params", "trainable %",
+                                   "s / step (median)", "GFLOP / step", "peak memory MiB",
+                                   "train time s"]
+    model, _ = bm.load_encoder_classifier("smoke")
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for n, p in model.named_parameters()
+               if n in ff.head_parameter_names(model))
+    fe, ft = runs.runs["feature extraction"], runs.runs["full fine-tuning"]
+    assert fe.total_parameters == ft.total_parameters == total
+    assert table["trainable params"].tolist() == [head, total]
+    assert table.loc["full fine-tuning", "trainable %"] == 100.0
+    for run in (fe, ft):
+        assert len(run.log.losses) == len(run.log.step_seconds) == cfg.steps
+        assert [e["step"] for e in run.log.evals] == [0, cfg.steps // 2, cfg.steps]
+        assert all(0 <= e["dev_accuracy"] <= 1 for e in run.log.evals)
+        assert run.seconds > 0 and run.padded_len <= cfg.max_len
+    assert fe.padded_len == ft.padded_len  # the same counted batch (seed + 99)
+    assert 0 < fe.flops < ft.flops  # a frozen backbone needs no weight gradients
+    assert table["GFLOP / step"].tolist() == [fe.flops / 1e9, ft.flops / 1e9]
+
+    # ΔW of full fine-tuning: every nn.Linear of the encoder, in its weight's shape, and moved
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert set(runs.delta_w) == set(linear)
+    for name, delta in runs.delta_w.items():
+        assert delta.dtype == torch.float32 and delta.shape == linear[name].weight.shape
+    assert all(delta.abs().max() > 0 for delta in runs.delta_w.values())
+
+    # the second call reads the cache: nothing is trained, nothing is rewritten
+    stored = {p.name: p.stat().st_mtime_ns for p in runs.folder.iterdir()}
+    assert set(stored) == {"runs.json", "delta_w.safetensors"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("encoder_runs trained although its cache was there")
+
+    monkeypatch.setattr(ff, "train_classifier", no_training)
+    again = ff.encoder_runs("smoke")
+    assert {p.name: p.stat().st_mtime_ns for p in again.folder.iterdir()} == stored
+    assert again.runs == runs.runs  # TrainLogs and counts, bit for bit through JSON
+    assert again.table().equals(table)
+    assert list(again.delta_w) == list(runs.delta_w)
+    assert all(torch.equal(again.delta_w[k], runs.delta_w[k]) for k in runs.delta_w)
+    # another seed is another experiment, in another folder
+    assert ff.encoder_runs_folder("smoke", seed=1) != runs.folder
+
+
+def test_kept_random_state_restores_every_generator():
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    expected = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(3)
+    random.seed(3)
+    np.random.seed(3)
+    with ff.kept_random_state():
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        torch.rand(5), random.random(), np.random.rand(5)
+    assert torch.equal(torch.rand(2), expected[0])
+    assert random.random() == expected[1] and np.random.rand() == expected[2]

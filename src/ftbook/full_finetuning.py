@@ -263,3 +263,185 @@ def linear_weight_deltas(before: dict[str, torch.Tensor], after: nn.Module
             deltas[name] = (module.weight.detach().float().cpu()
                             - before[f"{name}.weight"].float().cpu())
     return deltas
+
+
+# --- chapters/13_01_full_finetuning.py :: Experiment 1: feature extraction against full fine... ---
+import json
+import random
+from contextlib import contextmanager
+from pathlib import Path
+
+ENCODER_METHODS = ("feature extraction", "full fine-tuning")
+ENCODER_RUNS_FORMAT = 1  # bump to invalidate the cached encoder runs
+
+
+def encoder_data(profile: str, seed: int = 0) -> tuple[Any, Any]:
+    """(train, dev): the SST-2 rows of the encoder runs, stratified subsets of `n_train` and
+    `n_dev` rows (`FT_CONFIGS`) drawn with `seed`."""
+    from ftbook.data import load_sst2, subset
+    from ftbook.workbench import pick
+
+    cfg = pick(profile, FT_CONFIGS)
+    train = subset(load_sst2("train"), cfg.n_train, seed=seed, stratify_by="label")
+    dev = subset(load_sst2("validation"), cfg.n_dev, seed=seed, stratify_by="label")
+    return train, dev
+
+
+def one_step_flops(model: nn.Module, tokenizer: Any, train: Any, cfg: FineTuneConfig,
+                   seed: int) -> tuple[int, int]:
+    """(FLOPs counted on one training step, tokens in that step's padded batch): one batch of
+    `train` (seed `seed + 99`), counted by `FlopCounterMode` on the eager attention path."""
+    from ftbook.workbench import measured_flops
+
+    device = next(model.parameters()).device
+    batch = next(sample_batches(train, tokenizer, cfg.batch_size, cfg.max_len, 1, seed + 99))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch.pop("labels")
+
+    def step():
+        nn.functional.cross_entropy(model(**batch).logits, labels).backward()
+
+    attention = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # CPU flash attention is invisible to the counter
+    flops = measured_flops(step)
+    model.set_attn_implementation(attention)
+    model.zero_grad(set_to_none=True)
+    return flops, batch["input_ids"].size(1)
+
+
+@contextmanager
+def kept_random_state() -> Iterator[None]:
+    """Restore Python's, NumPy's and PyTorch's (CPU and every CUDA device's) random states on
+    exit: what runs inside seeds itself and leaves the caller's draws unchanged."""
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+@dataclass
+class EncoderRun:
+    """One run of Experiment 1: its training log, wall time (s), the FLOPs of one training step
+    as counted, that step's padded length in tokens, and the model's parameter count."""
+
+    log: TrainLog
+    seconds: float
+    flops: int
+    padded_len: int
+    total_parameters: int
+
+
+@dataclass
+class EncoderRuns:
+    """Experiment 1 of chapter 13-01 for `profile`: one `EncoderRun` per method of
+    `ENCODER_METHODS`, the full fine-tune's ΔW = W_ft - W_0 (`linear_weight_deltas`), the SST-2
+    rows the runs used, and the cache folder they were read from."""
+
+    profile: str
+    runs: dict[str, EncoderRun]
+    delta_w: dict[str, torch.Tensor]  # module name -> (out_features, in_features), float32
+    train: Any
+    dev: Any
+    folder: Path
+
+    def table(self) -> Any:
+        """The cost/benefit table, one row per method: final dev accuracy, trainable parameters
+        (count and % of the model), median s/step, GFLOP per step, peak memory, training time."""
+        import pandas as pd
+
+        rows = []
+        for method, run in self.runs.items():
+            log = run.log
+            rows.append({
+                "method": method,
+                "dev accuracy": log.evals[-1]["dev_accuracy"],
+                "trainable params": log.trainable_parameters,
+                "trainable %": 100 * log.trainable_parameters / run.total_parameters,
+                "s / step (median)": log.median_step_seconds,
+                "GFLOP / step": run.flops / 1e9,
+                "peak memory MiB": log.peak_memory_bytes / 2**20,
+                "train time s": run.seconds,
+            })
+        return pd.DataFrame(rows).set_index("method")
+
+
+def encoder_runs_folder(profile: str, seed: int = 0, data: tuple[Any, Any] | None = None
+                        ) -> Path:
+    """The cache folder of the encoder runs of `profile`, keyed by `ENCODER_RUNS_FORMAT`, the
+    chapter's configuration, the encoder, the seed and the SST-2 rows (`data`, else
+    `encoder_data(profile, seed)`), by content."""
+    import hashlib
+
+    from ftbook.base_models import encoder_name
+    from ftbook.workbench import cache_dir, pick
+
+    train, dev = data if data is not None else encoder_data(profile, seed)
+    rows = hashlib.sha256(json.dumps([train[:], dev[:]]).encode()).hexdigest()
+    key = json.dumps({"format": ENCODER_RUNS_FORMAT, "config": repr(pick(profile, FT_CONFIGS)),
+                      "encoder": encoder_name(profile), "seed": seed, "rows": rows},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir("13_01_full_finetuning") / f"encoder-runs-{profile}-{digest}"
+
+
+def encoder_runs(profile: str, device: torch.device | None = None, seed: int = 0
+                 ) -> EncoderRuns:
+    """Both runs of chapter 13-01's Experiment 1 for `profile`, from the cache
+    (`encoder_runs_folder`), or made and cached first: the profile's encoder
+    (`load_encoder_classifier(profile, seed=seed)`) trained `steps` steps on `encoder_data`,
+    the head alone at `lr_head` (feature extraction) and every weight at `lr_full` (full
+    fine-tuning), evaluated on the dev rows at the start, halfway and at the end. The caller's
+    random state is left as it was (`kept_random_state`)."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from ftbook.base_models import build_once, load_encoder_classifier
+    from ftbook.workbench import Timer, count_parameters, get_device, pick
+
+    cfg = pick(profile, FT_CONFIGS)
+    device = device if device is not None else get_device()
+
+    def build(folder: Path) -> None:
+        runs, delta_w = {}, {}
+        for method in ENCODER_METHODS:
+            model, tokenizer = load_encoder_classifier(profile, seed=seed)
+            model.to(device)
+            if method == "feature extraction":
+                freeze_backbone(model)
+            flops, padded_len = one_step_flops(model, tokenizer, train, cfg, seed)
+            before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            with Timer(device) as timer:
+                log = train_classifier(
+                    model, tokenizer, train, steps=cfg.steps,
+                    lr=cfg.lr_head if method == "feature extraction" else cfg.lr_full,
+                    batch_size=cfg.batch_size, max_len=cfg.max_len, seed=seed,
+                    warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay, bf16=cfg.bf16,
+                    eval_every=max(1, cfg.steps // 2), desc=method,
+                    eval_fn=lambda step, m=model, t=tokenizer: {
+                        "dev_accuracy": evaluate_accuracy(m, t, dev, cfg.max_len, bf16=cfg.bf16)})
+            runs[method] = {"log": dataclasses.asdict(log), "seconds": timer.seconds,
+                            "flops": flops, "padded_len": padded_len,
+                            "total_parameters": count_parameters(model)}
+            if method == "full fine-tuning":
+                delta_w = linear_weight_deltas(before, model)
+            del model, before
+        save_file({k: v.contiguous() for k, v in delta_w.items()},
+                  str(folder / "delta_w.safetensors"))
+        (folder / "runs.json").write_text(json.dumps({"profile": profile, "seed": seed,
+                                                      "runs": runs}))
+
+    with kept_random_state():
+        train, dev = encoder_data(profile, seed)
+        folder = build_once(encoder_runs_folder(profile, seed, (train, dev)), build)
+    stored = json.loads((folder / "runs.json").read_text())
+    runs = {method: EncoderRun(**{**run, "log": TrainLog(**run["log"])})
+            for method, run in stored["runs"].items()}
+    return EncoderRuns(profile, runs, load_file(str(folder / "delta_w.safetensors")), train, dev,
+                       folder)
