@@ -921,6 +921,48 @@ assert abs(trl_loss - ours_losses.mean().item()) <= 4 * 0.1 * seq_tol  # beta = 
 # $(G - 1)/G$; the leave-one-out mean of RLOO avoids even that.) A group whose replies all earn
 # the same reward has $\hat A_i = 0$ and teaches nothing.
 #
+# **Which KL the $k_3$ term pulls on.** The value of $k_3$ on replies sampled from $\pi_\theta$ is
+# an unbiased estimate of $\mathrm{KL}(\pi_\theta \,\|\, \pi_\text{ref})$, eq. (8.5). Its
+# *gradient*, taken through $\log \pi_\theta$ alone as (9.7)'s loss takes it, is not that KL's
+# gradient. With $\rho = \pi_\text{ref} / \pi_\theta$, $\partial k_3 / \partial \log \pi_\theta =
+# 1 - \rho$, so for one token
+#
+# $$
+# \mathbb{E}_{y \sim \pi_\theta}\big[(1 - \rho(y))\, \nabla_\theta \log \pi_\theta(y)\big]
+# = \underbrace{\textstyle\sum_y \nabla_\theta \pi_\theta(y)}_{0}
+# - \textstyle\sum_y \pi_\text{ref}(y)\, \nabla_\theta \log \pi_\theta(y)
+# = \nabla_\theta\, \mathrm{KL}(\pi_\text{ref} \,\|\, \pi_\theta):
+# \tag{9.8a}
+# $$
+#
+# the penalty descends the *other* KL, the mass-covering one (Tang & Munos 2025,
+# arXiv:2506.09477, §3, who also note that over a sequence the per-token form drops the effect of
+# a token on the later ones). Near $\pi_\text{ref}$ the two KLs agree to second order, so a small
+# $\beta_\text{KL}$ still holds the policy close; our runs use $\beta_\text{KL} = 0$ in every
+# profile and are unaffected. On a 5-token distribution, in float64:
+
+# %%
+from ftbook.rlhf_ppo import kl_k3  # 13-08, eq. (8.5)
+
+torch.manual_seed(0)
+theta = torch.randn(5, dtype=torch.float64, requires_grad=True)  # the policy's logits
+log_ref = torch.log_softmax(torch.randn(5, dtype=torch.float64), -1)
+
+
+def kl_gradient(objective) -> torch.Tensor:
+    log_pi = torch.log_softmax(theta, -1)
+    return torch.autograd.grad(objective(log_pi), theta)[0]
+
+
+k3_loss = kl_gradient(lambda lp: (lp.exp().detach() * kl_k3(lp, log_ref)).sum())  # E_pi, exact
+reverse = kl_gradient(lambda lp: (lp.exp() * (lp - log_ref)).sum())  # KL(pi || pi_ref)
+forward = kl_gradient(lambda lp: (log_ref.exp() * (log_ref - lp)).sum())  # KL(pi_ref || pi)
+print(f"max |grad k3 loss - grad KL(pi_ref||pi)| = {(k3_loss - forward).abs().max():.1e}; "
+      f"max |grad k3 loss - grad KL(pi||pi_ref)| = {(k3_loss - reverse).abs().max():.3f}")
+# (9.8a) is an identity: float64 sums of 5 terms of size < 10 agree to ~5 * 10 * 2^-52 < 1e-13
+assert (k3_loss - forward).abs().max() < 1e-12
+
+# %% [markdown]
 # **Dr. GRPO.** Liu et al. (2025, arXiv:2503.20783, §3) point at two normalisations in (9.7)-(9.8)
 # that bias the optimisation. Dividing by $|o_i|$ gives each token of reply $i$ the weight
 # $\hat A_i / |o_i|$: among correct replies ($\hat A_i > 0$) short ones are pushed up harder, and
