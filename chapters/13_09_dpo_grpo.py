@@ -94,6 +94,7 @@ from ftbook.instruction_tuning import (
     tokenize_for_sft,
 )
 from ftbook.reward_modeling import (
+    draw_batch,
     pad_sequences,
     pairwise_accuracy,
     reward_model_text,
@@ -612,8 +613,8 @@ for margin in (-1e4, 1e4):
 # %% [markdown]
 # ### The training loop
 #
-# `dpo_train` draws pairs in seeded, reshuffled epochs and minimises (9.5) with AdamW, a linear
-# warmup and decay, and gradient clipping (the recipe of 13-07's reward model). The reference
+# `dpo_train` draws pairs in seeded, reshuffled epochs (13-07's `draw_batch`) and minimises (9.5)
+# with AdamW, a linear warmup and decay, and gradient clipping (the recipe of 13-07's reward model). The reference
 # enters either as cached log-probabilities or as a model that is run on every batch; the two give
 # the same numbers up to rounding, and the second exists only to measure what the cache saves. Beside the loss it
 # logs what the DPO literature watches: the implicit rewards of chosen and rejected replies, their
@@ -665,11 +666,7 @@ def dpo_train(policy: nn.Module, examples: Sequence[tuple[Sequence[int], ...]], 
     log = DPOLog()
     for step in progress(range(steps), desc=desc):
         start = time.perf_counter()
-        rows = []
-        while len(rows) < batch_size:
-            if not order:
-                order = torch.randperm(len(examples), generator=generator).tolist()
-            rows.append(order.pop())
+        rows = draw_batch(order, len(examples), batch_size, generator)
         batch = collate_dpo([examples[i] for i in rows], pad_token_id)
         width = batch["input_ids"].shape[1]
         if ref_logps is not None:
@@ -1351,11 +1348,7 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     start = time.perf_counter()
     for step in progress(range(config.steps), desc=desc):
         step_start = time.perf_counter()
-        picked: list[int] = []
-        while len(picked) < config.prompts_per_step:
-            if not order:
-                order = torch.randperm(len(prompts), generator=generator).tolist()
-            picked.append(order.pop())
+        picked = draw_batch(order, len(prompts), config.prompts_per_step, generator)
         rollout_prompts = [prompt_strs[i] for i in picked for _ in range(G)]
         truths = [ground_truths[i] for i in picked for _ in range(G)]
         replies = sample_replies(policy, tokenizer, rollout_prompts,
@@ -1688,11 +1681,7 @@ def expert_iteration(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     start = time.perf_counter()
     for round_index in range(rounds):
         round_start = time.perf_counter()
-        picked: list[int] = []
-        while len(picked) < prompts_per_round:
-            if not order:
-                order = torch.randperm(len(prompts), generator=generator).tolist()
-            picked.append(order.pop())
+        picked = draw_batch(order, len(prompts), prompts_per_round, generator)
         users = [prompts[i] for i in picked for _ in range(samples_per_prompt)]
         truths = [ground_truths[i] for i in picked for _ in range(samples_per_prompt)]
         prompt_strs = [render_prompt(tokenizer, u) for u in users]

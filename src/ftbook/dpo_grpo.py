@@ -35,6 +35,7 @@ from ftbook.instruction_tuning import (
     tokenize_for_sft,
 )
 from ftbook.reward_modeling import (
+    draw_batch,
     pad_sequences,
     pairwise_accuracy,
     reward_model_text,
@@ -325,11 +326,7 @@ def dpo_train(policy: nn.Module, examples: Sequence[tuple[Sequence[int], ...]], 
     log = DPOLog()
     for step in progress(range(steps), desc=desc):
         start = time.perf_counter()
-        rows = []
-        while len(rows) < batch_size:
-            if not order:
-                order = torch.randperm(len(examples), generator=generator).tolist()
-            rows.append(order.pop())
+        rows = draw_batch(order, len(examples), batch_size, generator)
         batch = collate_dpo([examples[i] for i in rows], pad_token_id)
         width = batch["input_ids"].shape[1]
         if ref_logps is not None:
@@ -714,11 +711,7 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     start = time.perf_counter()
     for step in progress(range(config.steps), desc=desc):
         step_start = time.perf_counter()
-        picked: list[int] = []
-        while len(picked) < config.prompts_per_step:
-            if not order:
-                order = torch.randperm(len(prompts), generator=generator).tolist()
-            picked.append(order.pop())
+        picked = draw_batch(order, len(prompts), config.prompts_per_step, generator)
         rollout_prompts = [prompt_strs[i] for i in picked for _ in range(G)]
         truths = [ground_truths[i] for i in picked for _ in range(G)]
         replies = sample_replies(policy, tokenizer, rollout_prompts,
@@ -966,11 +959,7 @@ def expert_iteration(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     start = time.perf_counter()
     for round_index in range(rounds):
         round_start = time.perf_counter()
-        picked: list[int] = []
-        while len(picked) < prompts_per_round:
-            if not order:
-                order = torch.randperm(len(prompts), generator=generator).tolist()
-            picked.append(order.pop())
+        picked = draw_batch(order, len(prompts), prompts_per_round, generator)
         users = [prompts[i] for i in picked for _ in range(samples_per_prompt)]
         truths = [ground_truths[i] for i in picked for _ in range(samples_per_prompt)]
         prompt_strs = [render_prompt(tokenizer, u) for u in users]
