@@ -93,6 +93,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftbook.prompt_tuning import position_ids_from_mask  # 13-05
 from ftbook.workbench import cache_dir, check_finite, pick, progress
 
 
@@ -479,7 +480,8 @@ assert ((fitted - true_scores).abs() < 5 * stderr).all()
 # positions only, $q_m^\top k_n = f(q, k, m - n)$, so shifting all real tokens by the same amount
 # changes nothing, and the masked pads are never attended to. Learned absolute positions (GPT-2,
 # OPT) see the shift. The reward model passes position ids that count real tokens only,
-# $p_t = \max(0, \sum_{s \le t} m_s - 1)$, which is exact for both.
+# $p_t = \max(0, \sum_{s \le t} m_s - 1)$ (13-05's `position_ids_from_mask`), which is exact for
+# both.
 
 # %%
 #| export
@@ -491,12 +493,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
         raise ValueError("a row of attention_mask has no real token")
     positions = torch.arange(mask.shape[-1], device=mask.device)
     return (positions * mask).argmax(-1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) positions counting real tokens only, so that left padding does not shift
-    the rotary positions; padding positions get 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class RewardModel(nn.Module):

@@ -324,7 +324,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftbook.reward_modeling import position_ids_from_mask  # 13-07
+from ftbook.instruction_tuning import compute_entropy  # 13-06
+from ftbook.prompt_tuning import position_ids_from_mask  # 13-05
 from ftbook.workbench import rounding_bound, unit_roundoff  # Appendix A
 
 
@@ -487,7 +488,7 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     with torch.no_grad():
         clip_frac = masked_mean((clipped > unclipped).float(), response_mask, count)
         # k3 of KL(pi_old || pi_theta) on tokens sampled from pi_old: rho = pi_theta / pi_old
-        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask, count)
+        approx_kl = masked_mean(kl_k3(old_logps, logps), response_mask, count)
     return loss, {"clip_frac": clip_frac, "approx_kl": approx_kl}
 
 
@@ -506,12 +507,6 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     with torch.no_grad():
         frac = masked_mean((clipped > unclipped).float(), response_mask, count)
     return loss, {"value_clip_frac": frac}
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution, (..., vocab) -> (...): logsumexp(z) - E_p[z]."""
-    logits = at_least_float32(logits)
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 # %% [markdown]
@@ -1085,8 +1080,8 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: PPOBa
                                                     config.cliprange, count)
             vf_loss, vf_stats = clipped_value_loss(values, mb.old_values, mb.returns,
                                                    mb.response_mask, config.cliprange_value, count)
-            entropy = masked_mean(entropy_from_logits(
-                logits[:, mb.prompt_len - 1:mb.prompt_len - 1 + length]), mb.response_mask, count)
+            entropy = masked_mean(compute_entropy(at_least_float32(  # 13-06's, in float32
+                logits[:, mb.prompt_len - 1:mb.prompt_len - 1 + length])), mb.response_mask, count)
             loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
             if accelerator is not None:
                 accelerator.backward(loss)

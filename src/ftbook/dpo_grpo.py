@@ -29,6 +29,7 @@ from ftbook.instruction_tuning import (
     answer_is_correct,
     get_response_log_probs,
     masked_normalize,
+    prompt_and_output_batch,
     render_prompt,
     sample_replies,
     sft_train,
@@ -40,6 +41,7 @@ from ftbook.reward_modeling import (
     pairwise_accuracy,
     reward_model_text,
 )
+from ftbook.rlhf_ppo import kl_k3
 from ftbook.workbench import check_finite, progress, transformer_flops
 
 
@@ -598,21 +600,13 @@ def rollout_batch(tokenizer: Any, prompt_strs: Sequence[str], response_ids: Sequ
     if len(prompt_strs) != len(response_ids):
         raise ValueError(f"{len(prompt_strs)} prompts but {len(response_ids)} responses")
     cache: dict[str, list[int]] = {}
-    rows, starts = [], []
     for i, (prompt, ids) in enumerate(zip(prompt_strs, response_ids, strict=True)):
         if not len(ids):
             raise ValueError(f"response {i} is empty: a sampled reply has at least one token")
         if prompt not in cache:
             cache[prompt] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        rows.append(cache[prompt] + list(ids))
-        starts.append(len(cache[prompt]))
-    width = max(len(r) for r in rows)
-    full = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
-        full[i, :len(row)] = torch.tensor(row)
-        mask[i, start:len(row)] = True
-    return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": mask[:, 1:]}
+    return prompt_and_output_batch([cache[p] for p in prompt_strs], response_ids,
+                                   tokenizer.pad_token_id)
 
 
 @dataclass(frozen=True)
@@ -752,8 +746,7 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                     logps = get_response_log_probs(policy, batch["input_ids"][index],
                                                    batch["labels"][index])["log_probs"].float()
                 if ref_logps is not None:
-                    log_rho = ref_logps[index] - logps  # k3 of eq. (8.5), per token
-                    k3 = torch.expm1(log_rho) - log_rho
+                    k3 = kl_k3(logps, ref_logps[index])  # eq. (8.5), per token
                     per_response = (masked_mean(k3, mask[index], dim=-1) if constant is None
                                     else masked_normalize(torch.where(mask[index], k3, 0.0),
                                                           mask[index], constant, dim=-1))

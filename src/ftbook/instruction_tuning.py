@@ -120,18 +120,24 @@ def tokenize_prompt_and_output(prompt_strs: Sequence[str], output_strs: Sequence
         raise ValueError(f"{len(prompt_strs)} prompts but {len(output_strs)} outputs")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer needs a pad token")
-    rows, starts = [], []
-    for prompt, output in zip(prompt_strs, output_strs, strict=True):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        output_ids = tokenizer(output, add_special_tokens=False)["input_ids"]
-        rows.append(prompt_ids + output_ids)
-        starts.append(len(prompt_ids))
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_strs]
+    output_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in output_strs]
+    return prompt_and_output_batch(prompt_ids, output_ids, tokenizer.pad_token_id)
+
+
+def prompt_and_output_batch(prompt_ids: Sequence[Sequence[int]],
+                            output_ids: Sequence[Sequence[int]], pad_token_id: int
+                            ) -> dict[str, torch.Tensor]:
+    """`tokenize_prompt_and_output`'s layout from token ids: each prompt's ids followed by its
+    output's, right-padded with `pad_token_id`; `input_ids` and `labels` (batch, max_len - 1)
+    shifted by one, `response_mask` true on the label positions holding output tokens."""
+    rows = [list(p) + list(o) for p, o in zip(prompt_ids, output_ids, strict=True)]
     width = max(len(r) for r in rows)
-    full = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    full = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+    for i, (row, prompt) in enumerate(zip(rows, prompt_ids, strict=True)):
         full[i, :len(row)] = torch.tensor(row)
-        mask[i, start:len(row)] = True
+        mask[i, len(prompt):len(row)] = True
     return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": mask[:, 1:]}
 
 

@@ -309,6 +309,12 @@ def verbalizer_ids(tokenizer: Any, template: Template) -> list[int]:
     return ids
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) positions counting real tokens only, so that left padding does not shift
+    the rotary positions; padding positions get 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def encode_prompted(tokenizer: Any, sentences: Sequence[str], template: Template,
                     with_prefix: bool = True, max_len: int = 96) -> dict[str, torch.Tensor]:
     """Token ids of `prefix + sentence + suffix`, left-padded, with position ids that count only
@@ -325,8 +331,8 @@ def encode_prompted(tokenizer: Any, sentences: Sequence[str], template: Template
     for i, r in enumerate(rows):
         input_ids[i, width - len(r):] = torch.tensor(r)
         attention_mask[i, width - len(r):] = 1
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask)}
 
 
 def class_logits(model: nn.Module, batch: dict[str, torch.Tensor], label_ids: Sequence[int]

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftbook.prompt_tuning import position_ids_from_mask  # 13-05
 from ftbook.workbench import cache_dir, check_finite, pick, progress
 
 
@@ -196,12 +197,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
         raise ValueError("a row of attention_mask has no real token")
     positions = torch.arange(mask.shape[-1], device=mask.device)
     return (positions * mask).argmax(-1)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) positions counting real tokens only, so that left padding does not shift
-    the rotary positions; padding positions get 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class RewardModel(nn.Module):
