@@ -179,6 +179,9 @@ def tabular_dpo_fit(ref_log_probs: torch.Tensor, preference_weights: torch.Tenso
 
 
 # --- chapters/13_09_dpo_grpo.py :: DPO for language models ---
+from ftbook.reward_modeling import validate_preference_records
+
+
 def encode_dpo_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str,
                     max_len: int | None = None, where: str = "pair"
                     ) -> tuple[list[int], list[int], list[int]]:
@@ -206,8 +209,6 @@ def encode_dpo_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str,
 def encode_dpo_pairs(tokenizer: Any, records: Sequence[dict], max_len: int | None = None
                      ) -> list[tuple[list[int], list[int], list[int]]]:
     """`encode_dpo_pair` for every record {"prompt", "chosen", "rejected"} (13-07's format)."""
-    from ftbook.reward_modeling import validate_preference_records
-
     records = validate_preference_records(records, "DPO preference records")
     return [encode_dpo_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_len,
                             f"record {i}") for i, r in enumerate(records)]
@@ -285,6 +286,9 @@ def precompute_reference_logps(ref_model: nn.Module,
 
 
 # --- chapters/13_09_dpo_grpo.py :: The training loop ---
+from ftbook.full_finetuning import schedule_factor
+
+
 @dataclass
 class DPOLog:
     """What `dpo_train` measured, one entry per step."""
@@ -308,8 +312,6 @@ def dpo_train(policy: nn.Module, examples: Sequence[tuple[Sequence[int], ...]], 
     linear warmup and decay, and gradient clipping (Rafailov et al. 2023, arXiv:2305.18290).
     Pass the reference either as `ref_logps` = (ref_chosen_logps, ref_rejected_logps) from
     `precompute_reference_logps` (cached) or as `ref_model` (recomputed on every batch)."""
-    from ftbook.full_finetuning import schedule_factor
-
     if (ref_logps is None) == (ref_model is None):
         raise ValueError("pass exactly one of ref_logps (cached) and ref_model (recomputed)")
     if not examples:
@@ -790,6 +792,12 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
 
 
 # --- chapters/13_09_dpo_grpo.py :: RLVR: verifiable rewards and expert iteration ---
+import random
+from decimal import Decimal, InvalidOperation
+
+from ftbook.data import load_gsm8k, parse_gsm8k_answer
+from ftbook.data import subset as subset_rows
+
 ANSWER_NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?"
 GSM8K_PROMPT = ("{question}\nSolve the problem step by step. Give the final answer on a last line "
                 "of the form '#### <number>'.")
@@ -799,8 +807,6 @@ def extract_answer(response: str) -> str | None:
     """The final answer of a reply, commas removed: the number of a '#### <number>' line (GSM8K
     format, `ftbook.data.parse_gsm8k_answer`), or the whole reply if it is one number (the
     arithmetic task of 13-06). None when the reply has neither format."""
-    from ftbook.data import parse_gsm8k_answer
-
     text = response.strip()
     if "####" in text:
         try:
@@ -813,8 +819,6 @@ def extract_answer(response: str) -> str | None:
 
 
 def _canonical_number(text: str) -> str:
-    from decimal import Decimal, InvalidOperation
-
     try:
         return format(Decimal(text.replace(",", "").strip()).normalize(), "f")
     except InvalidOperation as error:
@@ -854,8 +858,6 @@ def arithmetic_problems(n: int, seed: int, exclude: set[str] | None = None,
     "What is a - b?", differences non-negative, answered by the bare number), operands
     `min_operand`..`max_operand`, operations drawn from `ops`, as {"prompt", "answer"}; none of
     the prompts is in `exclude`."""
-    import random
-
     if not ops or set(ops) - set("+-"):
         raise ValueError(f"ops must be made of '+' and '-', got {ops!r}")
     rng = random.Random(seed)
@@ -880,9 +882,6 @@ def arithmetic_problems(n: int, seed: int, exclude: set[str] | None = None,
 def gsm8k_problems(split: str, n: int | None, seed: int) -> list[dict]:
     """`n` seeded GSM8K problems of `split` (all if None) as {"prompt" (`GSM8K_PROMPT`),
     "answer" (the number after '####')}."""
-    from ftbook.data import load_gsm8k
-    from ftbook.data import subset as subset_rows
-
     rows = subset_rows(load_gsm8k(split), n, seed)
     return [{"prompt": GSM8K_PROMPT.format(question=q), "answer": a}
             for q, a in zip(rows["question"], rows["final_answer"], strict=True)]

@@ -247,6 +247,8 @@ class PrefixTuning(nn.Module):
 
 
 # --- chapters/13_05_prompt_tuning.py :: Prompt tuning is prefix tuning with tied layers, eq.... ---
+import copy
+
 PARITY_TOLERANCE = 1e-9  # max |logits ours - PEFT| in float64 (13-02 derives it)
 
 
@@ -255,8 +257,6 @@ def float64_copy(model: nn.Module) -> nn.Module:
     it used transformers' eager attention: eager Llama attention computes its softmax in float32
     whatever the model's dtype, which would limit a comparison to float32 rounding. (Our prefix
     attention already calls SDPA.)"""
-    import copy
-
     copied = copy.deepcopy(model).double()
     for module in copied.modules():
         config = getattr(module, "config", None)
@@ -393,6 +393,11 @@ def verbalizer_accuracy(model: nn.Module, tokenizer: Any, dataset: Any, template
 
 
 # --- chapters/13_05_prompt_tuning.py :: The training loop ---
+import time
+
+from ftbook.workbench import check_finite, progress
+
+
 @dataclass
 class PromptRunLog:
     """What `train_verbalizer` records."""
@@ -410,10 +415,6 @@ def train_verbalizer(model: nn.Module, tokenizer: Any, train: Any, template: Tem
     """Train the parameters of `model` that require grad to answer `template`'s verbalizer on
     `train` (SST-2 rows). `with_prefix=False` drops the template's prefix text (the soft prompt
     replaces it); `eval_fn(step)` runs before training and every `eval_every` steps."""
-    import time
-
-    from ftbook.workbench import check_finite, progress
-
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
