@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# transformers, tokenizers, sentencepiece, gguf, MiniLM: imported where used (slow or optional)
 import torch
 
 from ftbook.workbench import (

@@ -327,6 +327,8 @@ assert grad_gap < PARITY_TOLERANCE and merged_vs_peft < PARITY_TOLERANCE
 
 # %%
 #| export
+from safetensors.torch import save_file
+
 from ftbook.base_models import load_encoder_classifier
 from ftbook.full_finetuning import evaluate_accuracy, freeze_backbone, train_classifier
 from ftbook.lora import apply_lora, encoder_target_modules, merge_lora
@@ -443,8 +445,6 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def bytes_on_disk(state: dict[str, torch.Tensor]) -> int:
     """Size of `state` written as a safetensors file."""
-    from safetensors.torch import save_file
-
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "adapter.safetensors"
         save_file(state, str(path))
@@ -635,6 +635,8 @@ print(f"noise band: 2 x {noise:.3f}; within it of the best: {', '.join(tied.inde
 import random
 import re
 
+from datasets import Dataset
+
 from ftbook.data import load_sst2, load_text_corpus
 
 
@@ -666,8 +668,6 @@ def review_detection_task(n: int, seed: int, split: str = "train") -> Any:
     """A balanced binary task of `n` rows (`sentence`, `label`) from one `split`: 1 for an SST-2
     sentence of that split, 0 for a sentence of `non_review_sentences(split)`, normalised like
     SST-2 (lower case, punctuation split off)."""
-    from datasets import Dataset
-
     if n < 2:
         raise ValueError(f"n must be at least 2, got {n}")
     rng = random.Random(seed)

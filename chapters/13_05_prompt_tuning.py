@@ -165,6 +165,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# transformers is imported where used (prefix attention): it takes seconds to import
 import torch
 from torch import nn
 

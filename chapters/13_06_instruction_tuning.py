@@ -76,6 +76,7 @@ contracts follow Stanford CS336 (Spring 2025) Assignment 5.
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# transformers and peft are imported where used: they take seconds to import
 import torch
 from torch import nn
 

@@ -321,6 +321,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# transformers and peft are imported where used: they take seconds to import
 import torch
 from torch import nn
 
@@ -2228,6 +2229,8 @@ def load_running_task(profile: str, cfg: RLHFExperimentConfig, seed: int,
 #| export
 import hashlib
 
+import pandas as pd
+
 from ftbook.base_models import build_once
 from ftbook.instruction_tuning import sft_model_path
 from ftbook.reward_modeling import rm_recipe
@@ -2299,16 +2302,12 @@ class RLHFRuns:
 
     def table(self) -> Any:
         """One row per run: arm, beta, seed, the held-out means, seconds and FLOPs."""
-        import pandas as pd
-
         return pd.DataFrame([{"arm": r["arm"], "beta": r["beta"], "seed": r["seed"],
                               **{k: sum(v) / len(v) for k, v in r["eval"].items()},
                               "seconds": r["seconds"], "flops": r["flops"]} for r in self.runs])
 
     def history(self) -> Any:
         """The training logs of all runs, one row per step, with arm, beta and seed."""
-        import pandas as pd
-
         return pd.DataFrame([{"arm": r["arm"], "beta": r["beta"], "seed": r["seed"], **row}
                              for r in self.runs for row in r["history"]])
 

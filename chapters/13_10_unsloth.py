@@ -227,6 +227,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# peft, trl, datasets, unsloth, xllamacpp: imported where used (slow or optional; unsloth first)
 import gguf
 import numpy as np
 import torch

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# trl is imported where used (its fused-head fallback): it takes seconds to import
 import torch
 from torch import nn
 

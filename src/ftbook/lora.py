@@ -136,6 +136,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 # --- chapters/13_02_lora.py :: PEFT-format adapter files ---
+from safetensors.torch import load_file, save_file
+
 PEFT_PREFIX = "base_model.model."
 SEQ_CLS_HEADS = ("classifier", "score")  # the head names PEFT's SEQ_CLS task saves
 
@@ -157,8 +159,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str,
                  task_type: str | None = "SEQ_CLS") -> Path:
     """Write `model`'s adapter in PEFT's format (config + safetensors) into folder `path`."""
-    from safetensors.torch import save_file
-
     config = model.lora_config
     if task_type == "SEQ_CLS":
         heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in SEQ_CLS_HEADS]
@@ -189,8 +189,6 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Apply the PEFT-format LoRA adapter in folder `path` to `model` (in place) and load its
     weights. Every tensor in the file must find its place, and every LoRA factor must be filled."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     config = json.loads((path / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":

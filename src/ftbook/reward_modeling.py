@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# transformers is imported where used: it takes seconds to import
 import torch
 from torch import nn
 
@@ -889,14 +890,15 @@ def preference_data(profile: str, device: torch.device | None = None) -> dict[st
 
 
 # --- chapters/13_07_reward_modeling.py :: Calibration ---
+import pandas as pd
+
+
 def calibration_table(predicted: torch.Tensor, outcomes: torch.Tensor, n_bins: int = 10,
                       true_probs: torch.Tensor | None = None) -> Any:
     """A pandas DataFrame with one row per non-empty equal-width bin of `predicted`
     probabilities: `count`, `predicted` (mean), `empirical` (mean outcome), `stderr`
     (binomial standard error of the empirical frequency) and, given `true_probs`, `true`
     (their mean)."""
-    import pandas as pd
-
     predicted, outcomes = predicted.double().flatten(), outcomes.double().flatten()
     if predicted.shape != outcomes.shape:
         raise ValueError(f"{predicted.numel()} predictions but {outcomes.numel()} outcomes")

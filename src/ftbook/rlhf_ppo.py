@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# transformers and peft are imported where used: they take seconds to import
 import torch
 from torch import nn
 
@@ -1077,6 +1078,8 @@ def load_running_task(profile: str, cfg: RLHFExperimentConfig, seed: int,
 # --- chapters/13_08_rlhf_ppo.py :: One run, and every run of the chapter ---
 import hashlib
 
+import pandas as pd
+
 from ftbook.base_models import build_once
 from ftbook.instruction_tuning import sft_model_path
 from ftbook.reward_modeling import rm_recipe
@@ -1148,16 +1151,12 @@ class RLHFRuns:
 
     def table(self) -> Any:
         """One row per run: arm, beta, seed, the held-out means, seconds and FLOPs."""
-        import pandas as pd
-
         return pd.DataFrame([{"arm": r["arm"], "beta": r["beta"], "seed": r["seed"],
                               **{k: sum(v) / len(v) for k, v in r["eval"].items()},
                               "seconds": r["seconds"], "flops": r["flops"]} for r in self.runs])
 
     def history(self) -> Any:
         """The training logs of all runs, one row per step, with arm, beta and seed."""
-        import pandas as pd
-
         return pd.DataFrame([{"arm": r["arm"], "beta": r["beta"], "seed": r["seed"], **row}
                              for r in self.runs for row in r["history"]])
 
