@@ -590,6 +590,9 @@ def read_text_corpus(path: str | Path, unit: str, name: str | None = None) -> li
 
 # %%
 #| export
+from datasets import load_dataset
+
+
 def _locate(relative: str) -> tuple[Path | None, str]:
     """The local file for `relative` (None if absent) and what was looked for, for messages."""
     try:
@@ -612,8 +615,6 @@ def _load_hub(path: str, kwargs: Mapping[str, Any]) -> Dataset:
 
     Untested here: the tests and CI have no network, so they only exercise its failure.
     """
-    from datasets import load_dataset
-
     return load_dataset(path, **kwargs)
 
 

@@ -76,6 +76,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# transformers, tokenizers, sentencepiece, gguf, MiniLM: imported where used (slow or optional)
 import torch
 
 from ftbook.workbench import (
@@ -253,6 +254,9 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path, seed: int =
 
 # %%
 #| export
+from ftbook.data import load_sst2, load_text_corpus
+
+
 @dataclass(frozen=True)
 class BaseLMConfig:
     """Tokenizer, architecture and pretraining budget of the book's base LM (one per profile)."""
@@ -315,8 +319,6 @@ def build_pretraining_corpus(
     config: BaseLMConfig,
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(train, heldout): texts per corpus name, from `ftbook.data` and `arithmetic_lines`."""
-    from ftbook.data import load_sst2, load_text_corpus
-
     rng = random.Random(config.seed)
     sst2 = list(load_sst2("train")["sentence"])
     if config.max_sst2_sentences is not None:

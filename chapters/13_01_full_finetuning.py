@@ -382,14 +382,15 @@ def train_classifier(model: nn.Module, tokenizer: Any, train: Any, *, steps: int
 
 # %%
 #| export
+from ftbook.base_models import perplexity
+
+
 def backbone_perplexity(classifier: nn.Module, causal_lm: nn.Module, tokenizer: Any,
                         texts: list[str]) -> float:
     """Perplexity on `texts` of `classifier`'s backbone placed under `causal_lm`'s LM head.
 
     `causal_lm` is overwritten (its backbone weights replaced), so pass a scratch copy.
     """
-    from ftbook.base_models import perplexity
-
     prefix = classifier.base_model_prefix
     getattr(causal_lm, prefix).load_state_dict(getattr(classifier, prefix).state_dict())
     return perplexity(causal_lm, tokenizer, texts)
@@ -691,7 +692,6 @@ from ftbook.base_models import (
     attention_implementation,
     causal_lm_name,
     load_causal_lm,
-    perplexity,
 )
 from ftbook.data import load_text_corpus, subset
 from ftbook.workbench import binomial_interval, mean_interval

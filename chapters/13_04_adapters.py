@@ -110,7 +110,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftbook.lora import _matches, linear_layer_names  # target matching as in 13-02 (and PEFT)
+from ftbook.lora import linear_layer_names, matches_target  # target matching as in 13-02 (and PEFT)
 
 
 class IA3Linear(nn.Module):
@@ -166,7 +166,7 @@ def apply_ia3(model: nn.Module, target_modules: Sequence[str],
     if not target_modules:
         raise ValueError("target_modules is empty: name at least one linear layer")
     for target in target_modules:
-        if not any(_matches(n, target) for n in linear_names):
+        if not any(matches_target(n, target) for n in linear_names):
             raise ValueError(f"IA3 target {target!r} matches no nn.Linear in "
                              f"{type(model).__name__}; linear layers are named like "
                              f"{sorted({n.split('.')[-1] for n in linear_names})}")
@@ -176,13 +176,13 @@ def apply_ia3(model: nn.Module, target_modules: Sequence[str],
                          "module must also be a target")
     model.requires_grad_(False)
     for name in linear_names:
-        if any(_matches(name, t) for t in target_modules):
+        if any(matches_target(name, t) for t in target_modules):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            feedforward = any(_matches(name, f) for f in feedforward_modules)
+            feedforward = any(matches_target(name, f) for f in feedforward_modules)
             setattr(parent, child, IA3Linear(getattr(parent, child), feedforward))
     for name, module in model.named_modules():
-        if name and any(_matches(name, m) for m in modules_to_save):
+        if name and any(matches_target(name, m) for m in modules_to_save):
             module.requires_grad_(True)
     return model
 
@@ -327,6 +327,15 @@ assert grad_gap < PARITY_TOLERANCE and merged_vs_peft < PARITY_TOLERANCE
 
 # %%
 #| export
+from safetensors.torch import save_file
+
+from ftbook.base_models import load_encoder_classifier
+from ftbook.full_finetuning import evaluate_accuracy, freeze_backbone, train_classifier
+from ftbook.lora import apply_lora, encoder_target_modules, merge_lora
+from ftbook.prompt_tuning import PrefixTuning, PromptTuning
+from ftbook.qlora import NF4Linear, merge_lora_nf4, quantize_model
+from ftbook.workbench import count_parameters
+
 METHODS = ("feature extraction", "full fine-tuning", "LoRA", "QLoRA", "IA3", "prompt tuning",
            "prefix tuning")
 MERGEABLE = {"feature extraction": True, "full fine-tuning": True, "LoRA": True, "QLoRA": True,
@@ -376,11 +385,6 @@ ADAPTER_CONFIGS = {
 def prepare_method(method: str, model: nn.Module, cfg: AdapterConfig,
                    head_modules: Sequence[str] = ("classifier", "score", "pooler")) -> nn.Module:
     """The trainable model of `method` built on a freshly loaded encoder classifier."""
-    from ftbook.full_finetuning import freeze_backbone
-    from ftbook.lora import apply_lora, encoder_target_modules
-    from ftbook.prompt_tuning import PrefixTuning, PromptTuning
-    from ftbook.qlora import quantize_model
-
     if method == "feature extraction":
         return freeze_backbone(model, tuple(head_modules))
     if method == "full fine-tuning":
@@ -405,9 +409,6 @@ def prepare_method(method: str, model: nn.Module, cfg: AdapterConfig,
 def for_inference(method: str, model: nn.Module) -> nn.Module:
     """The deployable form: merged where the method allows (LoRA, QLoRA into a float base, IA3),
     the folded prefix table for prefix tuning, the model itself otherwise."""
-    from ftbook.lora import merge_lora
-    from ftbook.qlora import merge_lora_nf4
-
     if method == "LoRA":
         return merge_lora(model)
     if method == "QLoRA":  # merge into the dequantized base, then dequantize the other layers
@@ -422,8 +423,6 @@ def for_inference(method: str, model: nn.Module) -> nn.Module:
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace every remaining `NF4Linear` (13-03) by a plain `nn.Linear` holding its
     dequantized weight, in place: the float model a QLoRA adapter is deployed on."""
-    from ftbook.qlora import NF4Linear
-
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):
             plain = nn.Linear(module.in_features, module.out_features,
@@ -446,8 +445,6 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def bytes_on_disk(state: dict[str, torch.Tensor]) -> int:
     """Size of `state` written as a safetensors file."""
-    from safetensors.torch import save_file
-
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "adapter.safetensors"
         save_file(state, str(path))
@@ -458,10 +455,6 @@ def run_method(method: str, profile: str, cfg: AdapterConfig, train: Any, dev: A
                device: torch.device, max_len: int = 64, bf16: bool = True
                ) -> tuple[dict[str, Any], nn.Module]:
     """Train one method with one seed; return its measurements and its deployable model."""
-    from ftbook.base_models import load_encoder_classifier
-    from ftbook.full_finetuning import evaluate_accuracy, train_classifier
-    from ftbook.workbench import count_parameters
-
     lrs = dict(cfg.lrs)
     if method not in lrs:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -499,7 +492,6 @@ def run_method(method: str, profile: str, cfg: AdapterConfig, train: Any, dev: A
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ftbook.base_models import load_encoder_classifier
 from ftbook.data import load_sst2, subset
 from ftbook.full_finetuning import FT_CONFIGS, collate
 from ftbook.workbench import median_forward_seconds, show_figure
@@ -640,9 +632,15 @@ print(f"noise band: 2 x {noise:.3f}; within it of the best: {', '.join(tied.inde
 
 # %%
 #| export
-def _sst2_style(sentence: str) -> str:
-    import re
+import random
+import re
 
+from datasets import Dataset
+
+from ftbook.data import load_sst2, load_text_corpus
+
+
+def _sst2_style(sentence: str) -> str:
     sentence = re.sub(r"([.,!?;:()\"])", r" \1 ", sentence.lower())
     sentence = re.sub(r"'(s|re|ve|ll|d|t|m)\b", r" '\1", sentence)
     return " ".join(sentence.split())
@@ -653,10 +651,6 @@ def non_review_sentences(split: str) -> list[str]:
     40 words, for one `split`: the documents alternate, four to "train" and the fifth to
     "validation", and a validation sentence that also occurs in a training document is dropped,
     so the two splits share no sentence."""
-    import re
-
-    from ftbook.data import load_text_corpus
-
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     pools: dict[str, dict[str, None]] = {"train": {}, "validation": {}}  # ordered sets
@@ -674,12 +668,6 @@ def review_detection_task(n: int, seed: int, split: str = "train") -> Any:
     """A balanced binary task of `n` rows (`sentence`, `label`) from one `split`: 1 for an SST-2
     sentence of that split, 0 for a sentence of `non_review_sentences(split)`, normalised like
     SST-2 (lower case, punctuation split off)."""
-    import random
-
-    from datasets import Dataset
-
-    from ftbook.data import load_sst2
-
     if n < 2:
         raise ValueError(f"n must be at least 2, got {n}")
     rng = random.Random(seed)
@@ -746,8 +734,6 @@ class AdapterBank:
 
 
 # %%
-from ftbook.full_finetuning import evaluate_accuracy, train_classifier
-from ftbook.lora import apply_lora, encoder_target_modules
 from ftbook.workbench import Timer
 
 LORA_HEAD = ["pooler", "classifier"]
@@ -829,13 +815,14 @@ print(f"sentiment {acc_a:.3f}, review detection {acc_b:.3f}, the same through th
 
 # %%
 #| export
+import math
+
+
 def combine_lora(states: Sequence[dict[str, torch.Tensor]], scalings: Sequence[float],
                  weights: Sequence[float], how: str = "cat") -> dict[str, torch.Tensor]:
     """Merge LoRA adapters (their `lora_A`/`lora_B` tensors) into one adapter of scaling 1:
     eq. (4.3) for `how="cat"` (exact, rank sum r_i), eq. (4.4) for `how="linear"` (rank r,
     with cross terms), as PEFT's `add_weighted_adapter`. Other tensors (heads) are dropped."""
-    import math
-
     if how not in ("cat", "linear"):
         raise ValueError(f"how must be 'cat' or 'linear', got {how!r}")
     if not len(states) == len(scalings) == len(weights) >= 1:
@@ -942,8 +929,6 @@ for name, row in merging.iloc[1:].iterrows():
 # does the stack still detect reviews (with task B's head)?
 
 # %%
-from ftbook.lora import merge_lora
-
 stacked, _ = lora_model()
 bank_b = AdapterBank(stacked)
 bank_b.add("review detection", state_b)

@@ -76,6 +76,7 @@ contracts follow Stanford CS336 (Spring 2025) Assignment 5.
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# transformers and peft are imported where used: they take seconds to import
 import torch
 from torch import nn
 
@@ -253,18 +254,24 @@ def tokenize_prompt_and_output(prompt_strs: Sequence[str], output_strs: Sequence
         raise ValueError(f"{len(prompt_strs)} prompts but {len(output_strs)} outputs")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer needs a pad token")
-    rows, starts = [], []
-    for prompt, output in zip(prompt_strs, output_strs, strict=True):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        output_ids = tokenizer(output, add_special_tokens=False)["input_ids"]
-        rows.append(prompt_ids + output_ids)
-        starts.append(len(prompt_ids))
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_strs]
+    output_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in output_strs]
+    return prompt_and_output_batch(prompt_ids, output_ids, tokenizer.pad_token_id)
+
+
+def prompt_and_output_batch(prompt_ids: Sequence[Sequence[int]],
+                            output_ids: Sequence[Sequence[int]], pad_token_id: int
+                            ) -> dict[str, torch.Tensor]:
+    """`tokenize_prompt_and_output`'s layout from token ids: each prompt's ids followed by its
+    output's, right-padded with `pad_token_id`; `input_ids` and `labels` (batch, max_len - 1)
+    shifted by one, `response_mask` true on the label positions holding output tokens."""
+    rows = [list(p) + list(o) for p, o in zip(prompt_ids, output_ids, strict=True)]
     width = max(len(r) for r in rows)
-    full = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    full = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+    for i, (row, prompt) in enumerate(zip(rows, prompt_ids, strict=True)):
         full[i, :len(row)] = torch.tensor(row)
-        mask[i, start:len(row)] = True
+        mask[i, len(prompt):len(row)] = True
     return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": mask[:, 1:]}
 
 
@@ -859,6 +866,8 @@ print(f"Alpaca sample: {len(alpaca)} records, {rejected} malformed, {len(convers
 
 # %%
 #| export
+import random
+
 SYNTHETIC_TASKS = ("sentiment", "arithmetic", "copy", "uppercase", "review", "continue")
 # The running task of 13-07 to 13-09: continue the opening of a movie review.
 REVIEW_PROMPT = "Continue this movie review: {opening}"
@@ -870,8 +879,6 @@ def synthetic_instructions(sentences: Sequence[str], labels: Sequence[int], n_pe
     `messages` (a conversation) and `answer` (the exact expected reply, None for the two review
     tasks, whose replies are the SST-2 sentence the opening was cut from).
     Prompts whose user turn is in `exclude` are skipped (held-out splits)."""
-    import random
-
     if len(sentences) != len(labels):
         raise ValueError(f"{len(sentences)} sentences but {len(labels)} labels")
     rng = random.Random(seed)
@@ -979,8 +986,6 @@ def build_mixture(groups: dict[str, Sequence], weights: dict[str, float], n_tota
     """`n_total` items, round(n_total * w_c) from each group c, in a seeded shuffled order. A
     group is drawn without replacement while it lasts, then again from a fresh shuffle: a
     category whose weight exceeds its share is upsampled (seen for several epochs)."""
-    import random
-
     missing = set(weights) ^ set(groups)
     if missing:
         raise ValueError(f"groups and weights must name the same categories; differ on {missing}")
@@ -1003,8 +1008,6 @@ def build_mixture(groups: dict[str, Sequence], weights: dict[str, float], n_tota
 def curriculum_order(difficulty: Sequence[float], seed: int) -> list[int]:
     """Indices from easiest to hardest (ascending `difficulty`), ties broken by a seeded shuffle:
     the ordering curriculum of Bengio et al. (2009)."""
-    import random
-
     tie_break = list(range(len(difficulty)))
     random.Random(seed).shuffle(tie_break)
     return sorted(range(len(difficulty)), key=lambda i: (difficulty[i], tie_break[i]))
@@ -1047,7 +1050,11 @@ assert lengths == sorted(lengths)
 
 # %%
 #| export
+import time
 from dataclasses import dataclass, field
+
+from ftbook.base_models import cosine_lr
+from ftbook.workbench import check_finite, progress
 
 
 def tokenize_for_sft(tokenizer: Any, conversations: Sequence[Sequence[dict]], max_len: int
@@ -1134,11 +1141,6 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
     warms up linearly and decays on a cosine to lr / 10 over `schedule_steps` (default `steps`;
     more makes this run the first `steps` steps of a longer one). `callback(k, model)` runs
     after step k = 1, 2, ..."""
-    import time
-
-    from ftbook.base_models import cosine_lr
-    from ftbook.workbench import check_finite, progress
-
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     if order is None:
@@ -1499,14 +1501,17 @@ def teacher_forced_scores(model: nn.Module, tokenizer: Any,
 
 # %%
 #| export
+import json
+
+from ftbook.base_models import attention_implementation, build_once, chat_lm_name, load_chat_lm
+from ftbook.data import load_alpaca, load_sst2
+from ftbook.workbench import cache_dir, seed_everything
+
+
 def build_sft_data(recipe: SFTRecipe, seed: int = 0) -> dict[str, Any]:
     """The profile's SFT data: `synthetic_train` / `synthetic_heldout` (dicts of
     `synthetic_instructions`), `alpaca_train` / `alpaca_heldout` (conversations that passed every
     filter), and `alpaca_removed` (what each filter removed) and `alpaca_malformed` (count)."""
-    import random
-
-    from ftbook.data import load_alpaca, load_sst2
-
     train, dev = load_sst2("train"), load_sst2("validation")
     synthetic_train = synthetic_instructions(train["sentence"], train["label"], recipe.n_per_task,
                                              seed=seed)
@@ -1551,11 +1556,6 @@ def train_sft_model(profile: str, conversations: Sequence[Sequence[dict]], *,
     from the fewest response tokens to the most. With `recipe.lora_rank`, LoRA adapters on every
     linear layer are trained and merged at the end. `steps` below the recipe's makes this the
     first `steps` steps of the recipe's run (same learning-rate schedule)."""
-    import copy
-
-    from ftbook.base_models import load_chat_lm
-    from ftbook.workbench import seed_everything
-
     recipe = pick(profile, SFT_RECIPES)
     seed_everything(seed)
     if start is None:
@@ -1588,11 +1588,6 @@ SFT_FORMAT = 2  # bump to invalidate every cached SFT model
 
 def sft_model_path(profile: str) -> Any:
     """The cache folder of the profile's SFT model, keyed by its recipe and chat LM."""
-    import hashlib
-
-    from ftbook.base_models import chat_lm_name
-    from ftbook.workbench import cache_dir
-
     recipe = pick(profile, SFT_RECIPES)
     key = hashlib.sha256(f"{recipe}|{chat_lm_name(profile)}|{SFT_FORMAT}".encode())
     return cache_dir("13_06_instruction_tuning") / f"sft-{profile}-{key.hexdigest()[:12]}"
@@ -1602,10 +1597,6 @@ def save_sft_model(model: nn.Module, tokenizer: Any, profile: str, log: SFTLog) 
     """Save with `save_pretrained` (model, tokenizer) plus the training log, where
     `load_sft_model` finds it; written to a temporary folder and renamed, so that an interrupted
     save leaves no half-written model."""
-    import json
-
-    from ftbook.base_models import build_once
-
     def write(folder: Any) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -1620,8 +1611,6 @@ def load_sft_model(profile: str, device: torch.device | None = None) -> tuple[nn
     """(model, tokenizer) of the profile's SFT model, loaded with `from_pretrained` from the
     cache; trained with the chapter's recipe and saved first when the cache has none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ftbook.base_models import attention_implementation
 
     folder = sft_model_path(profile)
     if not folder.is_dir():

@@ -81,6 +81,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# trl is imported where used (its fused-head fallback): it takes seconds to import
 import torch
 from torch import nn
 
@@ -88,16 +89,19 @@ from ftbook.instruction_tuning import (
     answer_is_correct,
     get_response_log_probs,
     masked_normalize,
+    prompt_and_output_batch,
     render_prompt,
     sample_replies,
     sft_train,
     tokenize_for_sft,
 )
 from ftbook.reward_modeling import (
+    draw_batch,
     pad_sequences,
     pairwise_accuracy,
     reward_model_text,
 )
+from ftbook.rlhf_ppo import kl_k3
 from ftbook.workbench import check_finite, progress, transformer_flops
 
 
@@ -454,6 +458,9 @@ assert torch.allclose(at_ref, torch.full_like(at_ref, math.log(2)))
 
 # %%
 #| export
+from ftbook.reward_modeling import validate_preference_records
+
+
 def encode_dpo_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str,
                     max_len: int | None = None, where: str = "pair"
                     ) -> tuple[list[int], list[int], list[int]]:
@@ -481,8 +488,6 @@ def encode_dpo_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str,
 def encode_dpo_pairs(tokenizer: Any, records: Sequence[dict], max_len: int | None = None
                      ) -> list[tuple[list[int], list[int], list[int]]]:
     """`encode_dpo_pair` for every record {"prompt", "chosen", "rejected"} (13-07's format)."""
-    from ftbook.reward_modeling import validate_preference_records
-
     records = validate_preference_records(records, "DPO preference records")
     return [encode_dpo_pair(tokenizer, r["prompt"], r["chosen"], r["rejected"], max_len,
                             f"record {i}") for i, r in enumerate(records)]
@@ -612,8 +617,8 @@ for margin in (-1e4, 1e4):
 # %% [markdown]
 # ### The training loop
 #
-# `dpo_train` draws pairs in seeded, reshuffled epochs and minimises (9.5) with AdamW, a linear
-# warmup and decay, and gradient clipping (the recipe of 13-07's reward model). The reference
+# `dpo_train` draws pairs in seeded, reshuffled epochs (13-07's `draw_batch`) and minimises (9.5)
+# with AdamW, a linear warmup and decay, and gradient clipping (the recipe of 13-07's reward model). The reference
 # enters either as cached log-probabilities or as a model that is run on every batch; the two give
 # the same numbers up to rounding, and the second exists only to measure what the cache saves. Beside the loss it
 # logs what the DPO literature watches: the implicit rewards of chosen and rejected replies, their
@@ -622,6 +627,9 @@ for margin in (-1e4, 1e4):
 
 # %%
 #| export
+from ftbook.full_finetuning import schedule_factor
+
+
 @dataclass
 class DPOLog:
     """What `dpo_train` measured, one entry per step."""
@@ -645,8 +653,6 @@ def dpo_train(policy: nn.Module, examples: Sequence[tuple[Sequence[int], ...]], 
     linear warmup and decay, and gradient clipping (Rafailov et al. 2023, arXiv:2305.18290).
     Pass the reference either as `ref_logps` = (ref_chosen_logps, ref_rejected_logps) from
     `precompute_reference_logps` (cached) or as `ref_model` (recomputed on every batch)."""
-    from ftbook.full_finetuning import schedule_factor
-
     if (ref_logps is None) == (ref_model is None):
         raise ValueError("pass exactly one of ref_logps (cached) and ref_model (recomputed)")
     if not examples:
@@ -665,11 +671,7 @@ def dpo_train(policy: nn.Module, examples: Sequence[tuple[Sequence[int], ...]], 
     log = DPOLog()
     for step in progress(range(steps), desc=desc):
         start = time.perf_counter()
-        rows = []
-        while len(rows) < batch_size:
-            if not order:
-                order = torch.randperm(len(examples), generator=generator).tolist()
-            rows.append(order.pop())
+        rows = draw_batch(order, len(examples), batch_size, generator)
         batch = collate_dpo([examples[i] for i in rows], pad_token_id)
         width = batch["input_ids"].shape[1]
         if ref_logps is not None:
@@ -1280,21 +1282,13 @@ def rollout_batch(tokenizer: Any, prompt_strs: Sequence[str], response_ids: Sequ
     if len(prompt_strs) != len(response_ids):
         raise ValueError(f"{len(prompt_strs)} prompts but {len(response_ids)} responses")
     cache: dict[str, list[int]] = {}
-    rows, starts = [], []
     for i, (prompt, ids) in enumerate(zip(prompt_strs, response_ids, strict=True)):
         if not len(ids):
             raise ValueError(f"response {i} is empty: a sampled reply has at least one token")
         if prompt not in cache:
             cache[prompt] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        rows.append(cache[prompt] + list(ids))
-        starts.append(len(cache[prompt]))
-    width = max(len(r) for r in rows)
-    full = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
-        full[i, :len(row)] = torch.tensor(row)
-        mask[i, start:len(row)] = True
-    return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": mask[:, 1:]}
+    return prompt_and_output_batch([cache[p] for p in prompt_strs], response_ids,
+                                   tokenizer.pad_token_id)
 
 
 @dataclass(frozen=True)
@@ -1393,11 +1387,7 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     start = time.perf_counter()
     for step in progress(range(config.steps), desc=desc):
         step_start = time.perf_counter()
-        picked: list[int] = []
-        while len(picked) < config.prompts_per_step:
-            if not order:
-                order = torch.randperm(len(prompts), generator=generator).tolist()
-            picked.append(order.pop())
+        picked = draw_batch(order, len(prompts), config.prompts_per_step, generator)
         rollout_prompts = [prompt_strs[i] for i in picked for _ in range(G)]
         truths = [ground_truths[i] for i in picked for _ in range(G)]
         replies = sample_replies(policy, tokenizer, rollout_prompts,
@@ -1438,8 +1428,7 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                     logps = get_response_log_probs(policy, batch["input_ids"][index],
                                                    batch["labels"][index])["log_probs"].float()
                 if ref_logps is not None:
-                    log_rho = ref_logps[index] - logps  # k3 of eq. (8.5), per token
-                    k3 = torch.expm1(log_rho) - log_rho
+                    k3 = kl_k3(logps, ref_logps[index])  # eq. (8.5), per token
                     per_response = (masked_mean(k3, mask[index], dim=-1) if constant is None
                                     else masked_normalize(torch.where(mask[index], k3, 0.0),
                                                           mask[index], constant, dim=-1))
@@ -1510,6 +1499,12 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
 
 # %%
 #| export
+import random
+from decimal import Decimal, InvalidOperation
+
+from ftbook.data import load_gsm8k, parse_gsm8k_answer
+from ftbook.data import subset as subset_rows
+
 ANSWER_NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?"
 GSM8K_PROMPT = ("{question}\nSolve the problem step by step. Give the final answer on a last line "
                 "of the form '#### <number>'.")
@@ -1519,8 +1514,6 @@ def extract_answer(response: str) -> str | None:
     """The final answer of a reply, commas removed: the number of a '#### <number>' line (GSM8K
     format, `ftbook.data.parse_gsm8k_answer`), or the whole reply if it is one number (the
     arithmetic task of 13-06). None when the reply has neither format."""
-    from ftbook.data import parse_gsm8k_answer
-
     text = response.strip()
     if "####" in text:
         try:
@@ -1533,8 +1526,6 @@ def extract_answer(response: str) -> str | None:
 
 
 def _canonical_number(text: str) -> str:
-    from decimal import Decimal, InvalidOperation
-
     try:
         return format(Decimal(text.replace(",", "").strip()).normalize(), "f")
     except InvalidOperation as error:
@@ -1574,8 +1565,6 @@ def arithmetic_problems(n: int, seed: int, exclude: set[str] | None = None,
     "What is a - b?", differences non-negative, answered by the bare number), operands
     `min_operand`..`max_operand`, operations drawn from `ops`, as {"prompt", "answer"}; none of
     the prompts is in `exclude`."""
-    import random
-
     if not ops or set(ops) - set("+-"):
         raise ValueError(f"ops must be made of '+' and '-', got {ops!r}")
     rng = random.Random(seed)
@@ -1600,9 +1589,6 @@ def arithmetic_problems(n: int, seed: int, exclude: set[str] | None = None,
 def gsm8k_problems(split: str, n: int | None, seed: int) -> list[dict]:
     """`n` seeded GSM8K problems of `split` (all if None) as {"prompt" (`GSM8K_PROMPT`),
     "answer" (the number after '####')}."""
-    from ftbook.data import load_gsm8k
-    from ftbook.data import subset as subset_rows
-
     rows = subset_rows(load_gsm8k(split), n, seed)
     return [{"prompt": GSM8K_PROMPT.format(question=q), "answer": a}
             for q, a in zip(rows["question"], rows["final_answer"], strict=True)]
@@ -1730,11 +1716,7 @@ def expert_iteration(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     start = time.perf_counter()
     for round_index in range(rounds):
         round_start = time.perf_counter()
-        picked: list[int] = []
-        while len(picked) < prompts_per_round:
-            if not order:
-                order = torch.randperm(len(prompts), generator=generator).tolist()
-            picked.append(order.pop())
+        picked = draw_batch(order, len(prompts), prompts_per_round, generator)
         users = [prompts[i] for i in picked for _ in range(samples_per_prompt)]
         truths = [ground_truths[i] for i in picked for _ in range(samples_per_prompt)]
         prompt_strs = [render_prompt(tokenizer, u) for u in users]

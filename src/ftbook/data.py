@@ -430,6 +430,9 @@ def read_text_corpus(path: str | Path, unit: str, name: str | None = None) -> li
 
 
 # --- chapters/00_02_data.py :: The loaders ---
+from datasets import load_dataset
+
+
 def _locate(relative: str) -> tuple[Path | None, str]:
     """The local file for `relative` (None if absent) and what was looked for, for messages."""
     try:
@@ -452,8 +455,6 @@ def _load_hub(path: str, kwargs: Mapping[str, Any]) -> Dataset:
 
     Untested here: the tests and CI have no network, so they only exercise its failure.
     """
-    from datasets import load_dataset
-
     return load_dataset(path, **kwargs)
 
 

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# peft, trl, datasets, unsloth, xllamacpp: imported where used (slow or optional; unsloth first)
 import gguf
 import numpy as np
 import torch
@@ -111,6 +112,9 @@ def _rotate(x: torch.Tensor, position: int, layout: str, base: float = 10000.0) 
 
 
 # --- chapters/13_10_unsloth.py :: One configuration, two pipelines, one process each ---
+from ftbook.instruction_tuning import conversation_to_prompt_and_output
+from ftbook.workbench import PeakMemory, Timer, check_finite, count_parameters
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PIPELINES = ("standard", "unsloth")
 
@@ -167,8 +171,6 @@ def native_bf16() -> bool:
 def sft_pairs(tokenizer: Any, conversations: Sequence[Sequence[dict]]) -> list[dict]:
     """`{"prompt", "completion"}` strings for TRL: the chat template up to the assistant header
     and the reply followed by EOS (13-06's `conversation_to_prompt_and_output`)."""
-    from ftbook.instruction_tuning import conversation_to_prompt_and_output
-
     pairs = []
     for messages in conversations:
         prompt, completion = conversation_to_prompt_and_output(tokenizer, messages)
@@ -209,8 +211,6 @@ class StepMeter(TrainerCallback):
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
                **kwargs: Any) -> None:
-        from ftbook.workbench import check_finite
-
         if logs and "loss" in logs:
             self.losses.append(check_finite(float(logs["loss"]), "SFT loss", state.global_step))
 
@@ -243,8 +243,6 @@ def _fit(trainer: Any, meter: StepMeter, model: nn.Module, tokenizer: Any, outpu
     import resource
 
     from transformers import PrinterCallback
-
-    from ftbook.workbench import PeakMemory, Timer, count_parameters
 
     trainer.remove_callback(PrinterCallback)  # the meter keeps the losses
     device = next(model.parameters()).device

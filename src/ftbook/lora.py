@@ -70,7 +70,9 @@ class LoRALinear(nn.Module):
 
 
 # --- chapters/13_02_lora.py :: Implementation ---
-def _matches(name: str, target: str) -> bool:
+def matches_target(name: str, target: str) -> bool:
+    """PEFT's rule for `target_modules`: `target` is the whole qualified `name` or a suffix of it
+    that starts at a dot."""
     return name == target or name.endswith("." + target)
 
 
@@ -92,19 +94,19 @@ def apply_lora(model: nn.Module, target_modules: list[str] | tuple[str, ...], ra
         raise ValueError("target_modules is empty: name at least one linear layer")
     linear_names = linear_layer_names(model)
     for target in target_modules:
-        if not any(_matches(n, target) for n in linear_names):
+        if not any(matches_target(n, target) for n in linear_names):
             suffixes = sorted({n.split(".")[-1] for n in linear_names})
             raise ValueError(f"target module {target!r} matches no nn.Linear in "
                              f"{type(model).__name__}; linear layers are named like {suffixes} "
                              f"(e.g. {linear_names[:3]})")
     model.requires_grad_(False)
     for name in linear_names:
-        if any(_matches(name, t) for t in target_modules):
+        if any(matches_target(name, t) for t in target_modules):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             setattr(parent, child, LoRALinear(getattr(parent, child), rank, alpha, dropout))
     for name, module in model.named_modules():
-        if name and any(_matches(name, m) for m in modules_to_save):
+        if name and any(matches_target(name, m) for m in modules_to_save):
             module.requires_grad_(True)
     model.lora_config = {"target_modules": list(target_modules), "rank": rank, "alpha": alpha,
                          "dropout": dropout, "modules_to_save": list(modules_to_save)}
@@ -134,6 +136,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 # --- chapters/13_02_lora.py :: PEFT-format adapter files ---
+from safetensors.torch import load_file, save_file
+
 PEFT_PREFIX = "base_model.model."
 SEQ_CLS_HEADS = ("classifier", "score")  # the head names PEFT's SEQ_CLS task saves
 
@@ -146,7 +150,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
         state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
     for name, module in model.named_modules():
-        if name and any(_matches(name, m) for m in config["modules_to_save"]):
+        if name and any(matches_target(name, m) for m in config["modules_to_save"]):
             for key, tensor in module.state_dict().items():
                 state[f"{PEFT_PREFIX}{name}.{key}"] = tensor.detach()
     return {k: v.contiguous().cpu() for k, v in state.items()}
@@ -155,12 +159,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: str,
                  task_type: str | None = "SEQ_CLS") -> Path:
     """Write `model`'s adapter in PEFT's format (config + safetensors) into folder `path`."""
-    from safetensors.torch import save_file
-
     config = model.lora_config
     if task_type == "SEQ_CLS":
         heads = [n for n, _ in model.named_modules() if n.split(".")[-1] in SEQ_CLS_HEADS]
-        if heads and not any(_matches(h, m) for h in heads for m in config["modules_to_save"]):
+        saved = config["modules_to_save"]
+        if heads and not any(matches_target(h, m) for h in heads for m in saved):
             raise ValueError(
                 f"a SEQ_CLS adapter must carry the classification head {heads[0]!r}: PEFT's "
                 "PeftModelForSequenceClassification adds the head to modules_to_save and then "
@@ -186,8 +189,6 @@ def save_adapter(model: nn.Module, path: str | Path, base_model_name_or_path: st
 def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Apply the PEFT-format LoRA adapter in folder `path` to `model` (in place) and load its
     weights. Every tensor in the file must find its place, and every LoRA factor must be filled."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     config = json.loads((path / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
@@ -236,7 +237,7 @@ def peft_parameter_name(name: str, modules_to_save: Sequence[str] = ()) -> str:
     parts = name.split(".")
     for end in range(1, len(parts)):  # the shortest enclosing module that is saved
         module = ".".join(parts[:end])
-        if any(_matches(module, m) for m in modules_to_save):
+        if any(matches_target(module, m) for m in modules_to_save):
             return f"{PEFT_PREFIX}{module}.modules_to_save.default.{'.'.join(parts[end:])}"
     raise KeyError(f"{name} is neither a LoRA factor nor inside modules_to_save "
                    f"{list(modules_to_save)}")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# transformers is imported where used (prefix attention): it takes seconds to import
 import torch
 from torch import nn
 
@@ -247,6 +248,8 @@ class PrefixTuning(nn.Module):
 
 
 # --- chapters/13_05_prompt_tuning.py :: Prompt tuning is prefix tuning with tied layers, eq.... ---
+import copy
+
 PARITY_TOLERANCE = 1e-9  # max |logits ours - PEFT| in float64 (13-02 derives it)
 
 
@@ -255,8 +258,6 @@ def float64_copy(model: nn.Module) -> nn.Module:
     it used transformers' eager attention: eager Llama attention computes its softmax in float32
     whatever the model's dtype, which would limit a comparison to float32 rounding. (Our prefix
     attention already calls SDPA.)"""
-    import copy
-
     copied = copy.deepcopy(model).double()
     for module in copied.modules():
         config = getattr(module, "config", None)
@@ -309,6 +310,12 @@ def verbalizer_ids(tokenizer: Any, template: Template) -> list[int]:
     return ids
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) positions counting real tokens only, so that left padding does not shift
+    the rotary positions; padding positions get 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def encode_prompted(tokenizer: Any, sentences: Sequence[str], template: Template,
                     with_prefix: bool = True, max_len: int = 96) -> dict[str, torch.Tensor]:
     """Token ids of `prefix + sentence + suffix`, left-padded, with position ids that count only
@@ -325,8 +332,8 @@ def encode_prompted(tokenizer: Any, sentences: Sequence[str], template: Template
     for i, r in enumerate(rows):
         input_ids[i, width - len(r):] = torch.tensor(r)
         attention_mask[i, width - len(r):] = 1
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "position_ids": position_ids_from_mask(attention_mask)}
 
 
 def class_logits(model: nn.Module, batch: dict[str, torch.Tensor], label_ids: Sequence[int]
@@ -387,6 +394,11 @@ def verbalizer_accuracy(model: nn.Module, tokenizer: Any, dataset: Any, template
 
 
 # --- chapters/13_05_prompt_tuning.py :: The training loop ---
+import time
+
+from ftbook.workbench import check_finite, progress
+
+
 @dataclass
 class PromptRunLog:
     """What `train_verbalizer` records."""
@@ -404,10 +416,6 @@ def train_verbalizer(model: nn.Module, tokenizer: Any, train: Any, template: Tem
     """Train the parameters of `model` that require grad to answer `template`'s verbalizer on
     `train` (SST-2 rows). `with_prefix=False` drops the template's prefix text (the soft prompt
     replaces it); `eval_fn(step)` runs before training and every `eval_every` steps."""
-    import time
-
-    from ftbook.workbench import check_finite, progress
-
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:

@@ -388,6 +388,9 @@ QLORA_CONFIGS = {
 
 
 # --- chapters/13_03_qlora.py :: Merging LoRA into a 4-bit base ---
+from ftbook.lora import lora_layers
+
+
 def merge_lora_nf4(model: nn.Module, requantize: bool = False,
                    dtype: torch.dtype = torch.float32) -> nn.Module:
     """Merge every LoRA adapter over an `NF4Linear` base, eq. (3.4), in place.
@@ -395,8 +398,6 @@ def merge_lora_nf4(model: nn.Module, requantize: bool = False,
     The merged weight dequantize(W0) + (alpha/r) B A becomes a plain `nn.Linear` in `dtype`, or,
     with `requantize=True`, a new `NF4Linear` (which rounds it to NF4 and changes outputs).
     """
-    from ftbook.lora import lora_layers
-
     for name, layer in lora_layers(model).items():
         base = layer.base
         if not isinstance(base, NF4Linear):

@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# transformers is imported where used: it takes seconds to import
 import torch
 from torch import nn
 
+from ftbook.prompt_tuning import position_ids_from_mask  # 13-05
 from ftbook.workbench import cache_dir, check_finite, pick, progress
 
 
@@ -198,12 +200,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * mask).argmax(-1)
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) positions counting real tokens only, so that left padding does not shift
-    the rotary positions; padding positions get 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class RewardModel(nn.Module):
     """A transformer backbone and a linear scalar head read at the last real token, eq. (7.6)
     (Stiennon et al. 2020, arXiv:2009.01325, §3.4; Ouyang et al. 2022, arXiv:2203.02155, §3.5).
@@ -284,12 +280,15 @@ class RewardModel(nn.Module):
 
 
 # --- chapters/13_07_reward_modeling.py :: Batches and the training loop ---
+from ftbook.full_finetuning import schedule_factor
 from ftbook.instruction_tuning import (
     REVIEW_PROMPT,
     conversation_to_prompt_and_output,
     generate_responses,
     load_sft_model,
     render_prompt,
+    repeat_cache,
+    shared_prefix_cache,
 )
 
 
@@ -431,8 +430,6 @@ def train_reward_model(reward_model: nn.Module,
     decay, and gradient clipping; pairs are drawn in seeded, reshuffled epochs. With
     `eval_pairs` and `eval_every`, held-out loss and accuracy are logged at step 0 and every
     `eval_every` steps. Raises `FloatingPointError` if the loss is not finite."""
-    from ftbook.full_finetuning import schedule_factor
-
     if not pairs:
         raise ValueError("no training pairs")
     if steps < 1 or batch_size < 1:
@@ -484,7 +481,6 @@ def last_token_features(reward_model: "RewardModel", rows: Sequence[Sequence[int
     and its key/value cache reused, which changes the batching and nothing else."""
     if not rows:
         raise ValueError("no rows to score")
-    from ftbook.instruction_tuning import repeat_cache, shared_prefix_cache
 
     device = next(reward_model.parameters()).device
     reward_model.eval()
@@ -518,8 +514,6 @@ def train_reward_head(reward_model: "RewardModel",
     computed once (`last_token_features`), then only the head w of eq. (7.6) is trained, with the
     same loss (7.2), batches, schedule and clipping. A linear head on frozen features is a
     logistic regression on feature differences: r(a) - r(b) = w^T (h_a - h_b)."""
-    from ftbook.full_finetuning import schedule_factor
-
     if not pairs:
         raise ValueError("no training pairs")
     if steps < 1 or batch_size < 1:
@@ -596,6 +590,15 @@ def fit_reward_model(reward_model: "RewardModel",
 
 
 # --- chapters/13_07_reward_modeling.py :: The running task: prompts, gold reward and prefere... ---
+import random
+import re
+from itertools import combinations
+
+from ftbook.base_models import load_encoder_classifier
+from ftbook.data import load_sst2
+from ftbook.data import subset as subset_rows
+from ftbook.full_finetuning import FT_CONFIGS, evaluate_accuracy, train_classifier
+
 SST2_MIN_WORDS = 7  # a sentence must leave words to continue after the opening
 OPENING_WORDS = (3, 6)  # the opening's length in words, drawn uniformly
 CACHE_FORMAT = 2  # bump to invalidate the cached gold classifiers and reward models
@@ -606,10 +609,6 @@ def sentiment_prompts(split: str, n: int, seed: int) -> list[str]:
     """`n` user messages `REVIEW_PROMPT.format(opening=...)` from distinct, seeded SST-2 `split`
     ("train" or "validation") sentences of at least `SST2_MIN_WORDS` words; the opening is their
     first 3 to 6 words."""
-    import random
-
-    from ftbook.data import load_sst2
-
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     sentences = [s.strip() for s in load_sst2(split)["sentence"]
@@ -639,8 +638,6 @@ FUNCTION_WORDS = frozenset(
 def well_formedness(text: str) -> float:
     """g(y) of eq. (7.1b): the product of the length, repetition, function-word and ending
     factors, in [0, 1]; 0 for an empty reply."""
-    import re
-
     words = text.lower().split()
     if not words:
         return 0.0
@@ -710,8 +707,6 @@ def _save_atomically(folder: Path, write: Callable[[Path], None], recipe: dict) 
 
 def gold_recipe(profile: str) -> dict:
     """What the cached gold classifier of `profile` was trained with (13-01's `FT_CONFIGS`)."""
-    from ftbook.full_finetuning import FT_CONFIGS
-
     return {"format": CACHE_FORMAT, "profile": profile,
             **dataclasses.asdict(pick(profile, FT_CONFIGS))}
 
@@ -721,11 +716,6 @@ def train_gold_classifier(profile: str, folder: Path, device: torch.device | Non
     """Fine-tune the profile's encoder on SST-2 train with 13-01's full fine-tuning recipe
     (`FT_CONFIGS[profile]`: `train_classifier` at `lr_full`) and save it with its tokenizer and
     its dev accuracy under `folder`. Returns the info dict."""
-    from ftbook.base_models import load_encoder_classifier
-    from ftbook.data import load_sst2
-    from ftbook.data import subset as subset_rows
-    from ftbook.full_finetuning import FT_CONFIGS, evaluate_accuracy, train_classifier
-
     cfg = pick(profile, FT_CONFIGS)
     model, tokenizer = load_encoder_classifier(profile, seed=cfg.seed)
     model.to(device or torch.device("cpu"))
@@ -796,8 +786,6 @@ def label_pairs(prompts: Sequence[str], replies: Sequence[Sequence[str]],
     (`draw_preferences`, seeded). Returns validated records {"prompt", "chosen", "rejected",
     "gold_chosen", "gold_rejected"}; pairs whose replies are empty or identical are dropped
     (they carry no preference)."""
-    from itertools import combinations
-
     if len(prompts) != len(replies):
         raise ValueError(f"{len(prompts)} prompts but {len(replies)} lists of replies")
     pairs = []
@@ -831,6 +819,12 @@ def preference_pairs(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
 
 
 # --- chapters/13_07_reward_modeling.py :: The running task: prompts, gold reward and prefere... ---
+import hashlib
+
+from ftbook.base_models import build_once
+from ftbook.instruction_tuning import sft_model_path
+
+
 def heldout_samples(profile: str, policy: nn.Module, tokenizer: Any
                     ) -> tuple[list[str], list[list[str]]]:
     """The held-out prompts (`bon_prompts` SST-2 validation openings) and `bon_max_n` replies
@@ -868,8 +862,6 @@ def reward_data(profile: str, policy: nn.Module, tokenizer: Any,
 def rm_recipe(profile: str) -> dict:
     """What the cached reward model of `profile` was trained with: this chapter's configuration,
     the gold classifier's recipe and 13-06's SFT model (its cache folder is keyed by its recipe)."""
-    from ftbook.instruction_tuning import sft_model_path
-
     return {"format": CACHE_FORMAT, "profile": profile, "sft": sft_model_path(profile).name,
             "gold": gold_recipe(profile), **dataclasses.asdict(pick(profile, RM_CONFIGS))}
 
@@ -880,10 +872,6 @@ def preference_data(profile: str, device: torch.device | None = None) -> dict[st
     records, "heldout_prompts": prompts, "heldout_samples": replies per prompt}, as
     `reward_data` and `heldout_samples` make them. The reward model trains on these pairs, and
     13-09's DPO trains on the same ones."""
-    import hashlib
-
-    from ftbook.base_models import build_once
-
     digest = hashlib.sha256(json.dumps(rm_recipe(profile), sort_keys=True).encode())
     folder = cache_dir(RM_CHAPTER) / f"pairs-{profile}-{digest.hexdigest()[:12]}"
 
@@ -902,14 +890,15 @@ def preference_data(profile: str, device: torch.device | None = None) -> dict[st
 
 
 # --- chapters/13_07_reward_modeling.py :: Calibration ---
+import pandas as pd
+
+
 def calibration_table(predicted: torch.Tensor, outcomes: torch.Tensor, n_bins: int = 10,
                       true_probs: torch.Tensor | None = None) -> Any:
     """A pandas DataFrame with one row per non-empty equal-width bin of `predicted`
     probabilities: `count`, `predicted` (mean), `empirical` (mean outcome), `stderr`
     (binomial standard error of the empirical frequency) and, given `true_probs`, `true`
     (their mean)."""
-    import pandas as pd
-
     predicted, outcomes = predicted.double().flatten(), outcomes.double().flatten()
     if predicted.shape != outcomes.shape:
         raise ValueError(f"{predicted.numel()} predictions but {outcomes.numel()} outcomes")
@@ -939,6 +928,10 @@ def expected_calibration_error(table: Any, target: str = "empirical") -> float:
 
 
 # --- chapters/13_07_reward_modeling.py :: Saving the reward model for 13-08 and 13-09 ---
+from ftbook.base_models import attention_implementation
+from ftbook.workbench import seed_everything
+
+
 def rm_folder(profile: str) -> Path:
     """cache_dir("13_07_reward_modeling") / f"rm-{profile}": where the reward model lives."""
     return cache_dir(RM_CHAPTER) / f"rm-{profile}"
@@ -964,8 +957,6 @@ def train_and_save_reward_model(profile: str, device: torch.device | None = None
     """The chapter's recipe: the SFT policy, the training pairs of `preference_data`, a reward
     model initialised from the policy and trained with
     `RM_CONFIGS[profile]`, saved by `save_reward_model`. Returns the folder."""
-    from ftbook.workbench import seed_everything
-
     cfg = pick(profile, RM_CONFIGS)
     device = device or torch.device("cpu")
     policy, tokenizer = load_sft_model(profile, device)
@@ -984,8 +975,6 @@ def load_reward_model(profile: str, device: torch.device | None = None
     eval mode; trained and saved first (`train_and_save_reward_model`) if missing or trained
     with another configuration."""
     from transformers import AutoTokenizer
-
-    from ftbook.base_models import attention_implementation
 
     folder = rm_folder(profile)
     if not _recipe_matches(folder, rm_recipe(profile)):

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# transformers and peft are imported where used: they take seconds to import
 import torch
 from torch import nn
 
-from ftbook.reward_modeling import position_ids_from_mask  # 13-07
+from ftbook.instruction_tuning import compute_entropy  # 13-06
+from ftbook.prompt_tuning import position_ids_from_mask  # 13-05
 from ftbook.workbench import rounding_bound, unit_roundoff  # Appendix A
 
 
@@ -123,7 +125,7 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     with torch.no_grad():
         clip_frac = masked_mean((clipped > unclipped).float(), response_mask, count)
         # k3 of KL(pi_old || pi_theta) on tokens sampled from pi_old: rho = pi_theta / pi_old
-        approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, response_mask, count)
+        approx_kl = masked_mean(kl_k3(old_logps, logps), response_mask, count)
     return loss, {"clip_frac": clip_frac, "approx_kl": approx_kl}
 
 
@@ -142,12 +144,6 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     with torch.no_grad():
         frac = masked_mean((clipped > unclipped).float(), response_mask, count)
     return loss, {"value_clip_frac": frac}
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution, (..., vocab) -> (...): logsumexp(z) - E_p[z]."""
-    logits = at_least_float32(logits)
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 # --- chapters/13_08_rlhf_ppo.py :: The adaptive KL controller and reward normalisation ---
@@ -512,8 +508,8 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: PPOBa
                                                     config.cliprange, count)
             vf_loss, vf_stats = clipped_value_loss(values, mb.old_values, mb.returns,
                                                    mb.response_mask, config.cliprange_value, count)
-            entropy = masked_mean(entropy_from_logits(
-                logits[:, mb.prompt_len - 1:mb.prompt_len - 1 + length]), mb.response_mask, count)
+            entropy = masked_mean(compute_entropy(at_least_float32(  # 13-06's, in float32
+                logits[:, mb.prompt_len - 1:mb.prompt_len - 1 + length])), mb.response_mask, count)
             loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
             if accelerator is not None:
                 accelerator.backward(loss)
@@ -542,6 +538,9 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: PPOBa
 
 
 # --- chapters/13_08_rlhf_ppo.py :: The training loop ---
+from ftbook.workbench import check_finite, progress
+
+
 @dataclass
 class PPOLog:
     """What `ppo_train` records: one row per PPO step, the fitted reward normalisation, time."""
@@ -594,8 +593,6 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
     returns per-reply tensors (the gold reward, say) that are logged as means and never trained
     on; `callback(step, policy)` may add entries to a step's log row. With
     `config.normalize_rewards`, `normalizer` (if given) replaces the one fitted on samples."""
-    from ftbook.workbench import check_finite, progress
-
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     start = time.perf_counter()
@@ -688,6 +685,9 @@ def evaluate_policy(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Te
 
 
 # --- chapters/13_08_rlhf_ppo.py :: A problem with a known answer ---
+import itertools
+
+
 class ToyTask:
     """A token-level problem whose KL-regularised optimum, eq. (8.2), is computable (chapter
     13-08): prompt = one context token c in 1..C; reply = content tokens 1..K ended by EOS (0)
@@ -733,8 +733,6 @@ class ToyTask:
 
     def replies(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every possible reply, (N, max_len) right-padded with EOS, and its mask."""
-        import itertools
-
         rows, masks = [], []
         for k in range(self.max_len + 1):
             for body in itertools.product(range(1, self.num_tokens + 1), repeat=k):
@@ -815,6 +813,11 @@ def exact_metrics(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, rewards:
 
 
 # --- chapters/13_08_rlhf_ppo.py :: Multi-process: the same update on two processes ---
+import os
+import socket
+import subprocess
+import sys
+
 ACCELERATE_SCRIPT = """\
 import sys
 
@@ -897,11 +900,6 @@ def launch_update_case(folder: str | Path, num_processes: int = 2,
     with `accelerate launch --multi_gpu --num_processes N` (torchrun; the script's
     `Accelerator(cpu=True)` selects gloo) in a subprocess; returns, per dtype, what the main
     process saved (`state`, `grad`, `stats`, `processes`, `backend`)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
     folder = Path(folder)
     script = folder / "ppo_step.py"
     script.write_text(ACCELERATE_SCRIPT)
@@ -982,14 +980,24 @@ PPO_CONFIGS = {
 
 
 # --- chapters/13_08_rlhf_ppo.py :: The running task ---
+import copy
+
+from ftbook.instruction_tuning import load_sft_model, render_prompt
+from ftbook.reward_modeling import (
+    load_gold_reward,
+    load_reward_model,
+    score_replies,
+    sentiment_prompts,
+    well_formedness,
+)
+
+
 def adapter_copy(model: nn.Module, rank: int | None, layers: int | None = None) -> nn.Module:
     """A trainable copy of the causal LM `model`. `rank=None`: every weight trains. Otherwise
     LoRA (13-02, through PEFT) of rank `rank` and alpha 2 * rank on every linear layer of the
     last `layers` transformer blocks (None: all of them); the copy's other weights are frozen.
     The copy stays the model's own class (PEFT's layers are injected in place), so everything
     that takes the model takes the copy."""
-    import copy
-
     from peft import LoraConfig, get_peft_model
 
     lm = copy.deepcopy(model)
@@ -1029,8 +1037,6 @@ class RunningTask:
 
     def encode(self, messages: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and mask of the rendered prompts (the template brings its BOS)."""
-        from ftbook.instruction_tuning import render_prompt
-
         batch = self.tokenizer([render_prompt(self.tokenizer, m) for m in messages],
                                return_tensors="pt", padding=True, add_special_tokens=False)
         device = next(self.sft_model.parameters()).device
@@ -1042,8 +1048,6 @@ class RunningTask:
 
     def proxy_fn(self, messages: Sequence[str]) -> Callable[[Rollout], torch.Tensor]:
         """The reward model's scores of a rollout's replies to `messages[prompt_index]`."""
-        from ftbook.reward_modeling import score_replies
-
         def proxy(rollout: Rollout) -> torch.Tensor:
             prompts = [messages[i] for i in rollout.prompt_index.tolist()]
             return score_replies(self.reward_model, self.rm_tokenizer, prompts,
@@ -1052,8 +1056,6 @@ class RunningTask:
 
     def monitor(self, rollout: Rollout) -> dict[str, torch.Tensor]:
         """The gold reward (7.1b) of each reply and its ingredients, s(y) and g(y)."""
-        from ftbook.reward_modeling import well_formedness
-
         texts = self.replies(rollout)
         g = torch.tensor([well_formedness(t) for t in texts])
         s = self.gold.sentiment(texts)
@@ -1065,9 +1067,6 @@ def load_running_task(profile: str, cfg: RLHFExperimentConfig, seed: int,
     """The running task of `profile`: 13-06's SFT model, 13-07's reward model and gold reward
     (each trained first if its cache is empty), `cfg.n_train_prompts` training and
     `cfg.n_eval_prompts` held-out (SST-2 validation) user messages."""
-    from ftbook.instruction_tuning import load_sft_model
-    from ftbook.reward_modeling import load_gold_reward, load_reward_model, sentiment_prompts
-
     sft_model, tokenizer = load_sft_model(profile, device)
     reward_model, rm_tokenizer = load_reward_model(profile, device)
     return RunningTask(sft_model.requires_grad_(False).eval(), tokenizer, reward_model,
@@ -1077,6 +1076,16 @@ def load_running_task(profile: str, cfg: RLHFExperimentConfig, seed: int,
 
 
 # --- chapters/13_08_rlhf_ppo.py :: One run, and every run of the chapter ---
+import hashlib
+
+import pandas as pd
+
+from ftbook.base_models import build_once
+from ftbook.instruction_tuning import sft_model_path
+from ftbook.reward_modeling import rm_recipe
+from ftbook.workbench import cache_dir, pick, seed_everything, transformer_flops
+
+
 def policy_flops(policy: PolicyWithValue, tokens: int, reply_tokens: int, epochs: int,
                  trained_fraction: float) -> float:
     """Model FLOPs of one PPO step, eqs. (A.1)-(A.3) at the batch's mean sequence length
@@ -1085,8 +1094,6 @@ def policy_flops(policy: PolicyWithValue, tokens: int, reply_tokens: int, epochs
     `epochs` training passes, each a forward plus a backward through `trained_fraction` of the
     network (2 forwards' worth when every weight trains, 1 when only activations need
     gradients)."""
-    from ftbook.workbench import transformer_flops
-
     forward_per_token = transformer_flops(policy.lm, 1, 1, training=False)
     return forward_per_token * (reply_tokens + 2 * tokens
                                 + epochs * tokens * (1 + trained_fraction))
@@ -1097,8 +1104,6 @@ def rlhf_run(task: RunningTask, cfg: RLHFExperimentConfig, *, beta: float, seed:
     """One PPO run on the running task and its held-out evaluation, as a JSON-ready dict:
     arm, beta, seed, `history` (one row per step), `eval` (per-prompt columns of
     `evaluate_policy`), `replies` (its held-out replies), `seconds`, `flops`."""
-    from ftbook.workbench import seed_everything
-
     seed_everything(seed)
     policy = adapter_policy(task.sft_model, cfg.lora_rank, cfg.lora_layers)
     n_blocks = len(policy.lm.get_decoder().layers)
@@ -1146,16 +1151,12 @@ class RLHFRuns:
 
     def table(self) -> Any:
         """One row per run: arm, beta, seed, the held-out means, seconds and FLOPs."""
-        import pandas as pd
-
         return pd.DataFrame([{"arm": r["arm"], "beta": r["beta"], "seed": r["seed"],
                               **{k: sum(v) / len(v) for k, v in r["eval"].items()},
                               "seconds": r["seconds"], "flops": r["flops"]} for r in self.runs])
 
     def history(self) -> Any:
         """The training logs of all runs, one row per step, with arm, beta and seed."""
-        import pandas as pd
-
         return pd.DataFrame([{"arm": r["arm"], "beta": r["beta"], "seed": r["seed"], **row}
                              for r in self.runs for row in r["history"]])
 
@@ -1166,12 +1167,6 @@ RUNS_FORMAT = 1  # bump to invalidate the cached runs
 def rlhf_runs_folder(profile: str) -> Path:
     """The cache folder of the runs of `profile`, keyed by the chapter's configuration, the SFT
     model (its folder name is keyed by its recipe) and the reward model's recipe."""
-    import hashlib
-
-    from ftbook.instruction_tuning import sft_model_path
-    from ftbook.reward_modeling import rm_recipe
-    from ftbook.workbench import cache_dir, pick
-
     key = json.dumps({"format": RUNS_FORMAT, "config": repr(pick(profile, PPO_CONFIGS)),
                       "sft": sft_model_path(profile).name, "rm": rm_recipe(profile)},
                      sort_keys=True)
@@ -1183,9 +1178,6 @@ def rlhf_runs(profile: str, device: torch.device | None = None, seed: int = 0) -
     """All runs of chapter 13-08 for `profile`, from the cache, or made and cached first: each
     beta of `frontier_betas` over `frontier_seeds` seeds (`main_seeds` at the main beta), and
     the main beta without reward normalisation (seed `seed`)."""
-    from ftbook.base_models import build_once
-    from ftbook.workbench import pick, progress, seed_everything
-
     cfg = pick(profile, PPO_CONFIGS)
 
     def build(folder: Path) -> None:
