@@ -414,7 +414,6 @@ def linear_weight_deltas(before: dict[str, torch.Tensor], after: nn.Module
 
 # %%
 import matplotlib.pyplot as plt
-import pandas as pd
 import torch
 
 from ftbook.base_models import load_encoder_classifier
@@ -459,10 +458,27 @@ del probe
 
 # %%
 #| export
+import dataclasses
+import hashlib
 import json
 import random
 from contextlib import contextmanager
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from safetensors.torch import load_file, save_file
+
+from ftbook.base_models import build_once, encoder_name, load_encoder_classifier  # Appendix C
+from ftbook.data import load_sst2, subset  # Appendix B
+from ftbook.workbench import (
+    Timer,
+    cache_dir,
+    count_parameters,
+    get_device,
+    measured_flops,
+    pick,
+)
 
 ENCODER_METHODS = ("feature extraction", "full fine-tuning")
 ENCODER_RUNS_FORMAT = 1  # bump to invalidate the cached encoder runs
@@ -471,9 +487,6 @@ ENCODER_RUNS_FORMAT = 1  # bump to invalidate the cached encoder runs
 def encoder_data(profile: str, seed: int = 0) -> tuple[Any, Any]:
     """(train, dev): the SST-2 rows of the encoder runs, stratified subsets of `n_train` and
     `n_dev` rows (`FT_CONFIGS`) drawn with `seed`."""
-    from ftbook.data import load_sst2, subset
-    from ftbook.workbench import pick
-
     cfg = pick(profile, FT_CONFIGS)
     train = subset(load_sst2("train"), cfg.n_train, seed=seed, stratify_by="label")
     dev = subset(load_sst2("validation"), cfg.n_dev, seed=seed, stratify_by="label")
@@ -484,8 +497,6 @@ def one_step_flops(model: nn.Module, tokenizer: Any, train: Any, cfg: FineTuneCo
                    seed: int) -> tuple[int, int]:
     """(FLOPs counted on one training step, tokens in that step's padded batch): one batch of
     `train` (seed `seed + 99`), counted by `FlopCounterMode` on the eager attention path."""
-    from ftbook.workbench import measured_flops
-
     device = next(model.parameters()).device
     batch = next(sample_batches(train, tokenizer, cfg.batch_size, cfg.max_len, 1, seed + 99))
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -506,8 +517,6 @@ def one_step_flops(model: nn.Module, tokenizer: Any, train: Any, cfg: FineTuneCo
 def kept_random_state() -> Iterator[None]:
     """Restore Python's, NumPy's and PyTorch's (CPU and every CUDA device's) random states on
     exit: what runs inside seeds itself and leaves the caller's draws unchanged."""
-    import numpy as np
-
     python_state, numpy_state = random.getstate(), np.random.get_state()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     try:
@@ -546,8 +555,6 @@ class EncoderRuns:
     def table(self) -> Any:
         """The cost/benefit table, one row per method: final dev accuracy, trainable parameters
         (count and % of the model), median s/step, GFLOP per step, peak memory, training time."""
-        import pandas as pd
-
         rows = []
         for method, run in self.runs.items():
             log = run.log
@@ -569,11 +576,6 @@ def encoder_runs_folder(profile: str, seed: int = 0, data: tuple[Any, Any] | Non
     """The cache folder of the encoder runs of `profile`, keyed by `ENCODER_RUNS_FORMAT`, the
     chapter's configuration, the encoder, the seed and the SST-2 rows (`data`, else
     `encoder_data(profile, seed)`), by content."""
-    import hashlib
-
-    from ftbook.base_models import encoder_name
-    from ftbook.workbench import cache_dir, pick
-
     train, dev = data if data is not None else encoder_data(profile, seed)
     rows = hashlib.sha256(json.dumps([train[:], dev[:]]).encode()).hexdigest()
     key = json.dumps({"format": ENCODER_RUNS_FORMAT, "config": repr(pick(profile, FT_CONFIGS)),
@@ -591,13 +593,6 @@ def encoder_runs(profile: str, device: torch.device | None = None, seed: int = 0
     the head alone at `lr_head` (feature extraction) and every weight at `lr_full` (full
     fine-tuning), evaluated on the dev rows at the start, halfway and at the end. The caller's
     random state is left as it was (`kept_random_state`)."""
-    import dataclasses
-
-    from safetensors.torch import load_file, save_file
-
-    from ftbook.base_models import build_once, load_encoder_classifier
-    from ftbook.workbench import Timer, count_parameters, get_device, pick
-
     cfg = pick(profile, FT_CONFIGS)
     device = device if device is not None else get_device()
 
@@ -684,7 +679,6 @@ del probe
 # interval (Appendix A, "Measurements and their uncertainty").
 
 # %%
-import numpy as np
 from transformers import AutoModelForSequenceClassification
 
 from ftbook.base_models import (
@@ -693,7 +687,7 @@ from ftbook.base_models import (
     causal_lm_name,
     load_causal_lm,
 )
-from ftbook.data import load_text_corpus, subset
+from ftbook.data import load_text_corpus
 from ftbook.workbench import binomial_interval, mean_interval
 
 lm_name = causal_lm_name(PROFILE)

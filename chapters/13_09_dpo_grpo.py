@@ -944,9 +944,7 @@ assert abs(trl_loss - ours_losses.mean().item()) <= 4 * 0.1 * seq_tol  # beta = 
 # profile and are unaffected. On a 5-token distribution, in float64:
 
 # %%
-from ftbook.rlhf_ppo import kl_k3  # 13-08, eq. (8.5)
-
-torch.manual_seed(0)
+torch.manual_seed(0)  # kl_k3 is 13-08's, eq. (8.5), imported with this chapter's code
 theta = torch.randn(5, dtype=torch.float64, requires_grad=True)  # the policy's logits
 log_ref = torch.log_softmax(torch.randn(5, dtype=torch.float64), -1)
 
