@@ -72,6 +72,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -386,7 +387,8 @@ assert rows.shape == (2, 5) and (rows == 1).sum() == 3
 # next-token cross-entropy with AdamW (Loshchilov & Hutter 2019), linear warmup then cosine
 # decay, gradient clipping at 1, and bfloat16 autocast for the matmuls (float32 master weights).
 # Utilization is reported with the model FLOPs of eq. (A.3) against the measured bfloat16 matmul
-# peak of {ref}`workbench`.
+# peak of {ref}`workbench`. Held-out texts are scored in right-padded batches (`pad_sequences`,
+# which the later chapters use for left and right padding alike).
 
 # %%
 #| export
@@ -412,6 +414,21 @@ def cosine_lr(step: int, total: int, warmup: int, lr: float, min_ratio: float = 
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_)))
 
 
+def pad_sequences(rows: Sequence[Sequence[int]], pad_token_id: int, padding_side: str = "right"
+                  ) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` (rows, longest) with padding on `padding_side`."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        where = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+        input_ids[i, where] = torch.tensor(list(row), dtype=torch.long)
+        attention_mask[i, where] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 @torch.no_grad()
 def perplexity(model: Any, tokenizer: Any, texts: list[str], max_len: int = 256,
                batch_size: int = 16) -> float:
@@ -423,13 +440,9 @@ def perplexity(model: Any, tokenizer: Any, texts: list[str], max_len: int = 256,
     for i in range(0, len(texts), batch_size):
         ids = [[tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids,
                 tokenizer.eos_token_id][:max_len] for t in texts[i:i + batch_size]]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)  # (batch, seq)
-        mask = torch.zeros(len(ids), width, dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = torch.tensor(x)
-            mask[row, : len(x)] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
+        batch = pad_sequences(ids, tokenizer.pad_token_id)  # right-padded, (batch, seq)
+        input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        width = input_ids.shape[1]
         logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (b, seq, V)
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1),
@@ -1067,12 +1080,8 @@ def bits_per_byte(model: Any, tokenizer: Any, texts: list[str], max_len: int = 1
         ids = [tokenizer(t, add_special_tokens=False).input_ids[:max_len]
                for t in texts[i:i + batch_size]]
         total_bytes += sum(len(tokenizer.decode(x).encode("utf-8")) for x in ids)
-        width = 1 + max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)  # (batch, seq)
-        mask = torch.zeros(len(ids), width, dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x) + 1] = torch.tensor([start, *x])
-            mask[row, : len(x) + 1] = 1
+        batch = pad_sequences([[start, *x] for x in ids], tokenizer.pad_token_id)
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]  # (batch, seq)
         with torch.no_grad():
             logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
         nll = torch.nn.functional.cross_entropy(

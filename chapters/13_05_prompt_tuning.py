@@ -169,6 +169,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftbook.base_models import pad_sequences  # Appendix C
+
 PREFIX_ATTENTION = "ftbook_prefix"  # name of the registered attention function
 PROMPT_INITS = ("random", "vocab", "text")
 KEY_PROJECTIONS = {"k_proj": 1, "key": 1, "k_lin": 1, "Wqkv": 3, "qkv_proj": 3}  # name: fused parts
@@ -708,14 +710,8 @@ def encode_prompted(tokenizer: Any, sentences: Sequence[str], template: Template
     rows = [prefix_ids + tokenizer(s + template.suffix, add_special_tokens=False)["input_ids"]
             for s in sentences]
     rows = [r[-max_len:] for r in rows]  # keep the end: the answer is read at the last token
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, width - len(r):] = torch.tensor(r)
-        attention_mask[i, width - len(r):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "position_ids": position_ids_from_mask(attention_mask)}
+    batch = pad_sequences(rows, tokenizer.pad_token_id, "left")  # Appendix C
+    return {**batch, "position_ids": position_ids_from_mask(batch["attention_mask"])}
 
 
 def class_logits(model: nn.Module, batch: dict[str, torch.Tensor], label_ids: Sequence[int]

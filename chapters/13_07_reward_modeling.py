@@ -94,6 +94,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftbook.base_models import pad_sequences  # Appendix C
 from ftbook.prompt_tuning import position_ids_from_mask  # 13-05
 from ftbook.workbench import cache_dir, check_finite, pick, progress
 
@@ -599,13 +600,8 @@ print(f"zero head: loss {bradley_terry_loss(zero_rewards, zero_rewards).item():.
 
 
 def pad_rows(rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        where = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
-        ids[i, where], mask[i, where] = torch.tensor(r), 1
-    return ids, mask
+    batch = pad_sequences(rows, 0, side)  # Appendix C's padding, pad id 0
+    return batch["input_ids"], batch["attention_mask"]
 
 
 from ftbook.instruction_tuning import transformer_tolerance
@@ -699,21 +695,6 @@ def encode_preference_pairs(tokenizer: Any, records: Sequence[Mapping[str, Any]]
             sides.append(ids)
         pairs.append((sides[0], sides[1]))
     return pairs
-
-
-def pad_sequences(rows: Sequence[Sequence[int]], pad_token_id: int, padding_side: str = "right"
-                  ) -> dict[str, torch.Tensor]:
-    """`input_ids` and `attention_mask` (rows, longest) with padding on `padding_side`."""
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        where = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
-        input_ids[i, where] = torch.tensor(list(row), dtype=torch.long)
-        attention_mask[i, where] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def collate_pairs(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_token_id: int,

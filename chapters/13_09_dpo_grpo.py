@@ -89,6 +89,7 @@ from ftbook.instruction_tuning import (
     answer_is_correct,
     get_response_log_probs,
     masked_normalize,
+    pad_prompt_and_output,
     prompt_and_output_batch,
     render_prompt,
     sample_replies,
@@ -97,7 +98,6 @@ from ftbook.instruction_tuning import (
 )
 from ftbook.reward_modeling import (
     draw_batch,
-    pad_sequences,
     pairwise_accuracy,
     reward_model_text,
 )
@@ -499,13 +499,9 @@ def collate_dpo(examples: Sequence[tuple[Sequence[int], Sequence[int], Sequence[
     tokens): the B chosen sequences, then the B rejected ones (TRL's layout)."""
     if not examples:
         raise ValueError("no preference pairs to collate")
-    rows = [list(p) + list(c) for p, c, _ in examples] + [list(p) + list(r) for p, _, r in examples]
-    starts = [len(p) for p, _, _ in examples] * 2
-    batch = pad_sequences(rows, pad_token_id, "right")
-    response_mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
-    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
-        response_mask[i, start:len(row)] = True
-    return {**batch, "response_mask": response_mask}
+    prompts = [p for p, _, _ in examples] * 2
+    replies = [c for _, c, _ in examples] + [r for _, _, r in examples]
+    return pad_prompt_and_output(prompts, replies, pad_token_id)  # 13-06
 
 
 def sequence_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

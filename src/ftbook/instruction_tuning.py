@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftbook.base_models import pad_sequences  # Appendix C
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -126,19 +128,28 @@ def tokenize_prompt_and_output(prompt_strs: Sequence[str], output_strs: Sequence
     return prompt_and_output_batch(prompt_ids, output_ids, tokenizer.pad_token_id)
 
 
+def pad_prompt_and_output(prompt_ids: Sequence[Sequence[int]],
+                          output_ids: Sequence[Sequence[int]], pad_token_id: int
+                          ) -> dict[str, torch.Tensor]:
+    """Each prompt's ids followed by its output's, right-padded (Appendix C's `pad_sequences`):
+    `input_ids`, `attention_mask` and `response_mask` (true on the output tokens), (batch,
+    max_len)."""
+    rows = [list(p) + list(o) for p, o in zip(prompt_ids, output_ids, strict=True)]
+    batch = pad_sequences(rows, pad_token_id)
+    response_mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    for i, (row, prompt) in enumerate(zip(rows, prompt_ids, strict=True)):
+        response_mask[i, len(prompt):len(row)] = True
+    return {**batch, "response_mask": response_mask}
+
+
 def prompt_and_output_batch(prompt_ids: Sequence[Sequence[int]],
                             output_ids: Sequence[Sequence[int]], pad_token_id: int
                             ) -> dict[str, torch.Tensor]:
-    """`tokenize_prompt_and_output`'s layout from token ids: each prompt's ids followed by its
-    output's, right-padded with `pad_token_id`; `input_ids` and `labels` (batch, max_len - 1)
-    shifted by one, `response_mask` true on the label positions holding output tokens."""
-    rows = [list(p) + list(o) for p, o in zip(prompt_ids, output_ids, strict=True)]
-    width = max(len(r) for r in rows)
-    full = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (row, prompt) in enumerate(zip(rows, prompt_ids, strict=True)):
-        full[i, :len(row)] = torch.tensor(row)
-        mask[i, len(prompt):len(row)] = True
+    """`tokenize_prompt_and_output`'s layout from token ids: `pad_prompt_and_output` shifted by
+    one, `input_ids` and `labels` (batch, max_len - 1) and `response_mask` true on the label
+    positions holding output tokens."""
+    batch = pad_prompt_and_output(prompt_ids, output_ids, pad_token_id)
+    full, mask = batch["input_ids"], batch["response_mask"]
     return {"input_ids": full[:, :-1], "labels": full[:, 1:], "response_mask": mask[:, 1:]}
 
 
@@ -597,15 +608,12 @@ def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_to
                  ) -> dict[str, torch.Tensor]:
     """Right-pad examples to the longest: `input_ids`, `labels` (-100 on padding),
     `attention_mask`."""
-    width = max(len(ids) for ids, _ in examples)
-    out = {"input_ids": torch.full((len(examples), width), pad_token_id, dtype=torch.long),
-           "labels": torch.full((len(examples), width), -100, dtype=torch.long),
-           "attention_mask": torch.zeros(len(examples), width, dtype=torch.long)}
-    for i, (ids, labels) in enumerate(examples):
-        out["input_ids"][i, :len(ids)] = torch.tensor(list(ids))
-        out["labels"][i, :len(ids)] = torch.tensor(list(labels))
-        out["attention_mask"][i, :len(ids)] = 1
-    return out
+    if any(len(ids) != len(labels) for ids, labels in examples):
+        raise ValueError("every example needs as many labels as input ids")
+    batch = pad_sequences([ids for ids, _ in examples], pad_token_id)  # Appendix C
+    labels = pad_sequences([labels for _, labels in examples], -100)["input_ids"]
+    return {"input_ids": batch["input_ids"], "labels": labels,
+            "attention_mask": batch["attention_mask"]}
 
 
 @dataclass
