@@ -255,7 +255,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path, seed: int =
 
 # %%
 #| export
-from ftbook.data import load_sst2, load_text_corpus
 
 
 @dataclass(frozen=True)
@@ -320,6 +319,8 @@ def build_pretraining_corpus(
     config: BaseLMConfig,
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(train, heldout): texts per corpus name, from `ftbook.data` and `arithmetic_lines`."""
+    from ftbook.data import load_sst2, load_text_corpus  # lazy: ftbook.data imports `datasets`
+
     rng = random.Random(config.seed)
     sst2 = list(load_sst2("train")["sentence"])
     if config.max_sst2_sentences is not None:

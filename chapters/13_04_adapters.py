@@ -637,8 +637,6 @@ import re
 
 from datasets import Dataset
 
-from ftbook.data import load_sst2, load_text_corpus
-
 
 def _sst2_style(sentence: str) -> str:
     sentence = re.sub(r"([.,!?;:()\"])", r" \1 ", sentence.lower())
@@ -651,6 +649,8 @@ def non_review_sentences(split: str) -> list[str]:
     40 words, for one `split`: the documents alternate, four to "train" and the fifth to
     "validation", and a validation sentence that also occurs in a training document is dropped,
     so the two splits share no sentence."""
+    from ftbook.data import load_text_corpus  # lazy: ftbook.data imports `datasets`
+
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     pools: dict[str, dict[str, None]] = {"train": {}, "validation": {}}  # ordered sets
@@ -668,6 +668,8 @@ def review_detection_task(n: int, seed: int, split: str = "train") -> Any:
     """A balanced binary task of `n` rows (`sentence`, `label`) from one `split`: 1 for an SST-2
     sentence of that split, 0 for a sentence of `non_review_sentences(split)`, normalised like
     SST-2 (lower case, punctuation split off)."""
+    from ftbook.data import load_sst2  # lazy: ftbook.data imports `datasets`
+
     if n < 2:
         raise ValueError(f"n must be at least 2, got {n}")
     rng = random.Random(seed)

@@ -1512,7 +1512,6 @@ def teacher_forced_scores(model: nn.Module, tokenizer: Any,
 import json
 
 from ftbook.base_models import attention_implementation, build_once, chat_lm_name, load_chat_lm
-from ftbook.data import load_alpaca, load_sst2
 from ftbook.workbench import cache_dir, seed_everything
 
 
@@ -1520,6 +1519,8 @@ def build_sft_data(recipe: SFTRecipe, seed: int = 0) -> dict[str, Any]:
     """The profile's SFT data: `synthetic_train` / `synthetic_heldout` (dicts of
     `synthetic_instructions`), `alpaca_train` / `alpaca_heldout` (conversations that passed every
     filter), and `alpaca_removed` (what each filter removed) and `alpaca_malformed` (count)."""
+    from ftbook.data import load_alpaca, load_sst2  # lazy: ftbook.data imports `datasets`
+
     train, dev = load_sst2("train"), load_sst2("validation")
     synthetic_train = synthetic_instructions(train["sentence"], train["label"], recipe.n_per_task,
                                              seed=seed)

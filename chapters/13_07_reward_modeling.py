@@ -1015,8 +1015,6 @@ import re
 from itertools import combinations
 
 from ftbook.base_models import load_encoder_classifier
-from ftbook.data import load_sst2
-from ftbook.data import subset as subset_rows
 from ftbook.full_finetuning import FT_CONFIGS, evaluate_accuracy, train_classifier
 
 SST2_MIN_WORDS = 7  # a sentence must leave words to continue after the opening
@@ -1029,6 +1027,8 @@ def sentiment_prompts(split: str, n: int, seed: int) -> list[str]:
     """`n` user messages `REVIEW_PROMPT.format(opening=...)` from distinct, seeded SST-2 `split`
     ("train" or "validation") sentences of at least `SST2_MIN_WORDS` words; the opening is their
     first 3 to 6 words."""
+    from ftbook.data import load_sst2  # lazy: ftbook.data imports `datasets`
+
     if n < 1:
         raise ValueError(f"n must be positive, got {n}")
     sentences = [s.strip() for s in load_sst2(split)["sentence"]
@@ -1136,6 +1136,9 @@ def train_gold_classifier(profile: str, folder: Path, device: torch.device | Non
     """Fine-tune the profile's encoder on SST-2 train with 13-01's full fine-tuning recipe
     (`FT_CONFIGS[profile]`: `train_classifier` at `lr_full`) and save it with its tokenizer and
     its dev accuracy under `folder`. Returns the info dict."""
+    from ftbook.data import load_sst2  # lazy: ftbook.data imports `datasets`
+    from ftbook.data import subset as subset_rows
+
     cfg = pick(profile, FT_CONFIGS)
     model, tokenizer = load_encoder_classifier(profile, seed=cfg.seed)
     model.to(device or torch.device("cpu"))
@@ -1274,6 +1277,8 @@ print(f"gold classifier: SST-2 dev accuracy {gold.info['dev_accuracy']:.3f} on "
 # and the SST-2 validation sentences of eight words or more, which are real reviews.
 
 # %%
+from ftbook.data import load_sst2
+
 by_hand = {
     "fluent, positive": "a moving , beautifully acted film that stays with you long after it "
                         "ends .",

@@ -1496,9 +1496,6 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
 import random
 from decimal import Decimal, InvalidOperation
 
-from ftbook.data import load_gsm8k, parse_gsm8k_answer
-from ftbook.data import subset as subset_rows
-
 ANSWER_NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?"
 GSM8K_PROMPT = ("{question}\nSolve the problem step by step. Give the final answer on a last line "
                 "of the form '#### <number>'.")
@@ -1508,6 +1505,8 @@ def extract_answer(response: str) -> str | None:
     """The final answer of a reply, commas removed: the number of a '#### <number>' line (GSM8K
     format, `ftbook.data.parse_gsm8k_answer`), or the whole reply if it is one number (the
     arithmetic task of 13-06). None when the reply has neither format."""
+    from ftbook.data import parse_gsm8k_answer  # lazy: ftbook.data imports `datasets`
+
     text = response.strip()
     if "####" in text:
         try:
@@ -1583,6 +1582,9 @@ def arithmetic_problems(n: int, seed: int, exclude: set[str] | None = None,
 def gsm8k_problems(split: str, n: int | None, seed: int) -> list[dict]:
     """`n` seeded GSM8K problems of `split` (all if None) as {"prompt" (`GSM8K_PROMPT`),
     "answer" (the number after '####')}."""
+    from ftbook.data import load_gsm8k  # lazy: ftbook.data imports `datasets`
+    from ftbook.data import subset as subset_rows
+
     rows = subset_rows(load_gsm8k(split), n, seed)
     return [{"prompt": GSM8K_PROMPT.format(question=q), "answer": a}
             for q, a in zip(rows["question"], rows["final_answer"], strict=True)]

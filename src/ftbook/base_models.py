@@ -150,9 +150,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, folder: Path, seed: int =
 
 
 # --- chapters/00_03_base_models.py :: The pretraining mix ---
-from ftbook.data import load_sst2, load_text_corpus
-
-
 @dataclass(frozen=True)
 class BaseLMConfig:
     """Tokenizer, architecture and pretraining budget of the book's base LM (one per profile)."""
@@ -215,6 +212,8 @@ def build_pretraining_corpus(
     config: BaseLMConfig,
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(train, heldout): texts per corpus name, from `ftbook.data` and `arithmetic_lines`."""
+    from ftbook.data import load_sst2, load_text_corpus  # lazy: ftbook.data imports `datasets`
+
     rng = random.Random(config.seed)
     sst2 = list(load_sst2("train")["sentence"])
     if config.max_sst2_sentences is not None:

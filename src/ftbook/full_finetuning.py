@@ -279,7 +279,6 @@ import pandas as pd
 from safetensors.torch import load_file, save_file
 
 from ftbook.base_models import build_once, encoder_name, load_encoder_classifier  # Appendix C
-from ftbook.data import load_sst2, subset  # Appendix B
 from ftbook.workbench import (
     Timer,
     cache_dir,
@@ -296,6 +295,8 @@ ENCODER_RUNS_FORMAT = 1  # bump to invalidate the cached encoder runs
 def encoder_data(profile: str, seed: int = 0) -> tuple[Any, Any]:
     """(train, dev): the SST-2 rows of the encoder runs, stratified subsets of `n_train` and
     `n_dev` rows (`FT_CONFIGS`) drawn with `seed`."""
+    from ftbook.data import load_sst2, subset  # lazy: ftbook.data imports `datasets`
+
     cfg = pick(profile, FT_CONFIGS)
     train = subset(load_sst2("train"), cfg.n_train, seed=seed, stratify_by="label")
     dev = subset(load_sst2("validation"), cfg.n_dev, seed=seed, stratify_by="label")
