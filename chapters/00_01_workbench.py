@@ -19,8 +19,9 @@
 # **Prerequisites:** Python, PyTorch tensors and modules. **Reading time:** ~10 min.
 # **You will build** `ftbook.workbench`: the profile switch that lets every chapter run in seconds,
 # on a laptop CPU or on a GPU; seeding; device choice; where files live; a figure and table helper;
-# a timer and a peak-memory meter; the measured matmul peak of this machine; and the model-FLOPs
-# counter with which later chapters report utilization.
+# a timer and a peak-memory meter; the measured matmul peak of this machine; the model-FLOPs
+# counter with which later chapters report utilization; and the meter that keeps a training
+# loop's books.
 # ```
 #
 # Every chapter of this book is a program. It trains models, measures them and draws what it
@@ -60,7 +61,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -668,6 +669,92 @@ def device_cell(profile: str, seed: int, device: torch.device | None = None) -> 
 
 
 # %% [markdown]
+# ## A training loop's bookkeeping
+#
+# Every training loop of the book keeps the same books around its algorithm: a progress bar, the
+# wall time of each step and of the whole run, the model FLOPs of the passes it makes (A.1–A.3),
+# one log row per step, a check that the loss is still a number, and an optional callback that
+# adds an evaluation to the row. `StepMeter` keeps all of them, so that a loop body reads as the
+# algorithm's numbered steps, as in CleanRL's single-file PPO (Huang et al. 2022), with the
+# bookkeeping in three places: `for step in meter.steps(n)` starts each step's clock,
+# `meter.flops += transformer_flops(...)` counts a pass where it is made, and
+# `meter.record(step, row, model)` ends the step: it stamps the step's seconds into the row,
+# checks its loss, adds the callback's entries and appends it to `meter.history`. The meter
+# only reads the clock and adds numbers the loop hands it: the algorithm's arithmetic and random
+# draws are the same with it as without it.
+
+# %%
+#| export
+class StepMeter:
+    """The bookkeeping of a training loop (Appendix A, "A training loop's bookkeeping"): its
+    steps behind a progress bar (`steps`), the wall time of each step (`row["seconds"]`, unless
+    `step_seconds` is False) and of the run (`seconds`), the model FLOPs the loop adds to
+    `flops` (eqs. A.1-A.3), and one row per step in `history` (`record`), whose `loss_key`
+    entry must be finite (`check_finite`; None: not checked) and to which
+    `callback(step + 1, model)` adds its entries."""
+
+    def __init__(self, desc: str, callback: Callable[[int, Any], dict] | None = None, *,
+                 loss_key: str | None = "loss", step_seconds: bool = True) -> None:
+        self.desc, self.callback = desc, callback
+        self.loss_key, self.step_seconds = loss_key, step_seconds
+        self.history: list[dict] = []
+        self.flops = 0.0
+        self._start = self._step_start = time.perf_counter()
+
+    def steps(self, n: int, bar: bool = True) -> Iterator[int]:
+        """0, 1, ..., n - 1, behind a progress bar unless `bar` is False; each step's clock starts
+        when it is handed out."""
+        for step in progress(range(n), desc=self.desc) if bar else range(n):
+            self._step_start = time.perf_counter()
+            yield step
+
+    def record(self, step: int, row: dict, model: Any = None) -> dict:
+        """End step `step` (0-based): put its wall time in `row` as "seconds", check the loss,
+        add `callback(step + 1, model)`'s entries, append the row to `history`, return it."""
+        if self.step_seconds:
+            row["seconds"] = time.perf_counter() - self._step_start
+        if self.loss_key is not None:
+            check_finite(row[self.loss_key], f"{self.desc} {self.loss_key}", step)
+        if self.callback is not None:
+            row.update(self.callback(step + 1, model))
+        self.history.append(row)
+        return row
+
+    @property
+    def seconds(self) -> float:
+        """Wall time since the meter was made."""
+        return time.perf_counter() - self._start
+
+    def column(self, key: str) -> list:
+        """`row[key]` of every recorded row, in step order."""
+        return [row[key] for row in self.history]
+
+
+# %% [markdown]
+# A quick check on a loop without a model: three steps of 10 ms each, a pass of 1000 FLOPs per
+# step, a callback that adds the step number; then a loss that turns into NaN at the third step,
+# which stops the loop with an error that names the step.
+
+# %%
+toy_meter = StepMeter("toy", callback=lambda k, model: {"callback_step": k})
+for step in toy_meter.steps(3, bar=False):
+    time.sleep(0.01)
+    toy_meter.flops += 1000.0
+    toy_meter.record(step, {"step": step + 1, "loss": 1.0 / (step + 1)})
+print(f"rows: {[{k: v for k, v in row.items() if k != 'seconds'} for row in toy_meter.history]}")
+print(f"FLOPs {toy_meter.flops:.0f}; losses {toy_meter.column('loss')}")
+assert toy_meter.flops == 3000.0 and toy_meter.column("callback_step") == [1, 2, 3]
+assert all(s >= 0.01 for s in toy_meter.column("seconds"))  # sleep never returns early
+assert toy_meter.seconds >= sum(toy_meter.column("seconds"))
+nan_meter = StepMeter("toy")
+try:
+    for step in nan_meter.steps(5, bar=False):
+        nan_meter.record(step, {"loss": float("nan") if step == 2 else 0.5})
+except FloatingPointError as error:
+    print(f"FloatingPointError: {error}")
+assert len(nan_meter.history) == 2
+
+# %% [markdown]
 # ## Tolerances from the arithmetic
 #
 # The book's checks compare two computations of the same quantity: a from-scratch
@@ -855,6 +942,8 @@ show_table(peaks, "matmul_peak", "00_01_workbench")
 #   on the working directory.
 # - `Timer`, `PeakMemory`, `transformer_flops` and `measure_matmul_peak` turn "fast" and "small"
 #   into numbers; (A.3) matches PyTorch's operator-level count exactly.
+# - `StepMeter` keeps a training loop's books (progress, step and run time, FLOPs, log rows,
+#   the finite-loss check, the callback), so the loop body shows only the algorithm.
 # - `rounding_bound` turns (A.5) into the tolerance of a check that must hold on every machine,
 #   whatever order its BLAS adds in; `binomial_interval` (A.6) and `mean_interval` give every
 #   measured number its uncertainty.
@@ -878,3 +967,5 @@ show_table(peaks, "matmul_peak", "00_01_workbench")
 # - Hoffmann et al. (2022), *Training Compute-Optimal Large Language Models*, arXiv:2203.15556,
 #   Appendix F.
 # - Chowdhery et al. (2022), *PaLM*, arXiv:2204.02311, Appendix B (model FLOPs utilization).
+# - Huang et al. (2022), *CleanRL: High-quality Single-file Implementations of Deep
+#   Reinforcement Learning Algorithms*, JMLR 23(274), arXiv:2111.08819.

@@ -1127,11 +1127,12 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: PPOBa
 # Before the first step, `norm_batches` batches of replies of the initial policy fit the reward
 # normalisation (they are not trained on). The loop logs what the literature says to watch:
 # reward, KL (the sum of $k_1$ and of $k_3$ over the reply), entropy, clip fraction, the value
-# loss, the gradient norm before clipping and the reply length.
+# loss, the gradient norm before clipping and the reply length. Appendix A's `StepMeter` keeps the
+# books (one row per step, the check that the loss is finite, the callback, the run's time).
 
 # %%
 #| export
-from ftbook.workbench import check_finite, progress
+from ftbook.workbench import StepMeter
 
 
 @dataclass
@@ -1188,7 +1189,7 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
     `config.normalize_rewards`, `normalizer` (if given) replaces the one fitted on samples."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    start = time.perf_counter()
+    meter = StepMeter(desc, callback, step_seconds=False)  # run time, one row per step (App. A)
     generator = torch.Generator().manual_seed(config.seed)  # prompt order and minibatches
     sampler = torch.Generator(query_ids.device).manual_seed(config.seed + 1)  # sampling
     batches = cycle_batches(query_ids.shape[0], config.batch_size, generator)
@@ -1212,8 +1213,7 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
             reward_fn(rollout_for(next(batches))).float().cpu()
             for _ in range(config.norm_batches)]))
     controller = KLController(config.beta, config.target_kl, config.k_beta)
-    history = []
-    for step in progress(range(steps), desc=desc):
+    for step in meter.steps(steps):
         rollout = rollout_for(next(batches))  # 1. sample with the cache
         ref_logps = reference_logprobs(ref, rollout, config.temperature)  # 2.
         raw = reward_fn(rollout).float().to(rollout.logps.device)  # 3. score ...
@@ -1238,12 +1238,9 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
                **stats}
         if monitor_fn is not None:
             row.update({k: v.float().mean().item() for k, v in monitor_fn(rollout).items()})
-        check_finite(stats["loss"], f"{desc} loss", step)
         controller.update(row["kl"])  # 6. eq. (8.13)
-        if callback is not None:
-            row.update(callback(step + 1, policy))
-        history.append(row)
-    return PPOLog(history, normalizer, time.perf_counter() - start)
+        meter.record(step, row, policy)
+    return PPOLog(meter.history, normalizer, meter.seconds)
 
 
 @torch.no_grad()
@@ -2234,7 +2231,7 @@ import pandas as pd
 from ftbook.base_models import build_once
 from ftbook.instruction_tuning import sft_model_path
 from ftbook.reward_modeling import rm_recipe
-from ftbook.workbench import cache_dir, pick, seed_everything, transformer_flops
+from ftbook.workbench import cache_dir, pick, progress, seed_everything, transformer_flops
 
 
 def policy_flops(policy: PolicyWithValue, tokens: int, reply_tokens: int, epochs: int,

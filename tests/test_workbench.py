@@ -88,6 +88,31 @@ def test_check_finite_raises_with_step():
         wb.check_finite(float("nan"), "loss", 7)
 
 
+def test_step_meter_times_counts_checks_and_records():
+    seen = []
+    meter = wb.StepMeter("toy", callback=lambda k, model: seen.append((k, model)) or {"k": k})
+    for step in meter.steps(3, bar=False):
+        time.sleep(0.01)
+        meter.flops += 10.0
+        row = meter.record(step, {"loss": float(step), "step": step + 1}, "model")
+        assert row is meter.history[-1]
+    assert [list(row) for row in meter.history] == [["loss", "step", "seconds", "k"]] * 3
+    assert meter.column("step") == [1, 2, 3] and meter.flops == 30.0
+    assert seen == [(1, "model"), (2, "model"), (3, "model")]
+    # time.sleep never returns early: each step lasted at least 10 ms, the run at least their sum
+    assert all(s >= 0.01 for s in meter.column("seconds"))
+    assert meter.seconds >= sum(meter.column("seconds"))
+    plain = wb.StepMeter("toy", loss_key=None, step_seconds=False)
+    for step in plain.steps(2):  # behind a progress bar (silenced in the tests)
+        plain.record(step, {"loss": float("nan")})  # not checked
+    assert [list(row) for row in plain.history] == [["loss"], ["loss"]]
+    checked = wb.StepMeter("toy run", loss_key="objective")
+    with pytest.raises(FloatingPointError, match="toy run objective became inf at step 1"):
+        for step in checked.steps(3, bar=False):
+            checked.record(step, {"objective": [0.5, math.inf, 0.5][step]})
+    assert len(checked.history) == 1  # the bad row is not recorded
+
+
 def test_count_parameters_counts_tied_once():
     from tiny_models import tiny_llama
 

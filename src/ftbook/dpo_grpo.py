@@ -17,7 +17,6 @@ arXiv:2402.03300) for GRPO; Liu et al. 2025 (arXiv:2503.20783) for Dr. GRPO; Ant
 import contextlib
 import math
 import re
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +42,7 @@ from ftbook.reward_modeling import (
     reward_model_text,
 )
 from ftbook.rlhf_ppo import kl_k3
-from ftbook.workbench import check_finite, progress, transformer_flops
+from ftbook.workbench import StepMeter, transformer_flops
 
 
 @dataclass(frozen=True)
@@ -324,40 +323,41 @@ def dpo_train(policy: nn.Module, examples: Sequence[tuple[Sequence[int], ...]], 
     generator = torch.Generator().manual_seed(seed)
     warmup = round(warmup_ratio * steps)
     order: list[int] = []
-    log = DPOLog()
-    for step in progress(range(steps), desc=desc):
-        start = time.perf_counter()
-        rows = draw_batch(order, len(examples), batch_size, generator)
+    meter = StepMeter(desc)  # step time, model FLOPs, one row per step (Appendix A)
+    for step in meter.steps(steps):
+        rows = draw_batch(order, len(examples), batch_size, generator)  # 1. a batch of pairs
         batch = collate_dpo([examples[i] for i in rows], pad_token_id)
         width = batch["input_ids"].shape[1]
-        if ref_logps is not None:
+        if ref_logps is not None:  # 2. the reference's log-probabilities, cached ...
             ref_chosen = ref_logps[0][rows].to(device)
             ref_rejected = ref_logps[1][rows].to(device)
-        else:
+        else:  # ... or recomputed
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 ref_chosen, ref_rejected = sequence_log_probs(ref_model, batch).float().chunk(2)
-            log.flops += transformer_flops(ref_model, 2 * batch_size, width, training=False)
+            meter.flops += transformer_flops(ref_model, 2 * batch_size, width, training=False)
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
         policy.train()
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):  # 3. the policy's too
             policy_chosen, policy_rejected = sequence_log_probs(policy, batch).float().chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected,
                                                             ref_chosen, ref_rejected, beta)
-        loss = losses.mean()
+        loss = losses.mean()  # 4. eq. (9.5); one clipped AdamW step
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        log.flops += transformer_flops(policy, 2 * batch_size, width, training=True)
-        log.losses.append(check_finite(loss, f"{desc} loss", step))
-        log.accuracies.append(pairwise_accuracy(chosen_rewards, rejected_rewards))
-        log.margins.append((chosen_rewards - rejected_rewards).mean().item())
-        log.chosen_rewards.append(chosen_rewards.mean().item())
-        log.rejected_rewards.append(rejected_rewards.mean().item())
-        log.step_seconds.append(time.perf_counter() - start)
+        meter.flops += transformer_flops(policy, 2 * batch_size, width, training=True)
+        meter.record(step, {"loss": loss.item(),
+                            "accuracy": pairwise_accuracy(chosen_rewards, rejected_rewards),
+                            "margin": (chosen_rewards - rejected_rewards).mean().item(),
+                            "chosen_reward": chosen_rewards.mean().item(),
+                            "rejected_reward": rejected_rewards.mean().item()})
     policy.eval()
-    return log
+    return DPOLog(losses=meter.column("loss"), accuracies=meter.column("accuracy"),
+                  margins=meter.column("margin"), chosen_rewards=meter.column("chosen_reward"),
+                  rejected_rewards=meter.column("rejected_reward"),
+                  step_seconds=meter.column("seconds"), flops=meter.flops)
 
 
 @torch.no_grad()
@@ -700,10 +700,8 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     constant = config.max_new_tokens if config.length_normalization == "constant" else None
     prompt_strs = [render_prompt(tokenizer, p) for p in prompts]
     order: list[int] = []
-    log = GRPOLog()
-    start = time.perf_counter()
-    for step in progress(range(config.steps), desc=desc):
-        step_start = time.perf_counter()
+    meter = StepMeter(desc, callback)  # step time, model FLOPs, one row per step (Appendix A)
+    for step in meter.steps(config.steps):
         picked = draw_batch(order, len(prompts), config.prompts_per_step, generator)
         rollout_prompts = [prompt_strs[i] for i in picked for _ in range(G)]
         truths = [ground_truths[i] for i in picked for _ in range(G)]
@@ -722,18 +720,18 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         mask = batch["response_mask"]
         width = batch["input_ids"].shape[1]
         lengths = mask.float().argmax(1) + 1 + mask.sum(1)  # prompt + reply tokens
-        log.flops += batch_flops(policy, lengths.tolist(), config.generate_batch_size,
-                                 training=False)
+        meter.flops += batch_flops(policy, lengths.tolist(), config.generate_batch_size,
+                                   training=False)
         clip = config.loss_type == "grpo_clip"
         with torch.no_grad():
             old_logps = ref_logps = None  # one pass: pi_old = pi_theta, its log-probs detached
             if clip and config.epochs_per_batch > 1:
                 old_logps = _token_log_probs(policy, batch, config.microbatch_size, config.bf16)
-                log.flops += transformer_flops(policy, rows, width, training=False)
+                meter.flops += transformer_flops(policy, rows, width, training=False)
             if config.kl_coef > 0:
                 ref_logps = _token_log_probs(ref_model, batch, config.microbatch_size,
                                              config.bf16)
-                log.flops += transformer_flops(ref_model, rows, width, training=False)
+                meter.flops += transformer_flops(ref_model, rows, width, training=False)
         advantages, raw_rewards = advantages.to(device)[:, None], raw_rewards.to(device)[:, None]
         policy.train()
         losses, clip_fractions, kls, grad_norms = [], [], [], []
@@ -765,27 +763,20 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            log.flops += transformer_flops(policy, rows, width, training=True)
+            meter.flops += transformer_flops(policy, rows, width, training=True)
         policy.eval()
-        row = {"step": step + 1, "reward": reward_meta["reward_mean"],
-               "format_reward": reward_meta["format_reward_mean"],
-               "answer_reward": reward_meta["answer_reward_mean"],
-               "zero_std_groups": reward_meta["zero_std_groups"],
-               "loss": sum(losses) / len(losses),
-               "clip_fraction": (sum(clip_fractions) / len(clip_fractions)
-                                 if clip_fractions else 0.0),
-               "kl_k3_per_token": sum(kls) / len(kls) if kls else float("nan"),
-               "grad_norm": sum(grad_norms) / len(grad_norms),
-               "length": mask.sum(1).float().mean().item(),
-               "eos_rate": sum(r["finished"] for r in replies) / rows,
-               "seconds": time.perf_counter() - step_start}
-        check_finite(row["loss"], f"{desc} loss", step)
-        if callback is not None:
-            row.update(callback(step + 1, policy))
-        log.history.append(row)
-        log.responses += rows
-    log.seconds = time.perf_counter() - start
-    return log
+        meter.record(step, {
+            "step": step + 1, "reward": reward_meta["reward_mean"],
+            "format_reward": reward_meta["format_reward_mean"],
+            "answer_reward": reward_meta["answer_reward_mean"],
+            "zero_std_groups": reward_meta["zero_std_groups"], "loss": sum(losses) / len(losses),
+            "clip_fraction": sum(clip_fractions) / len(clip_fractions) if clip_fractions else 0.0,
+            "kl_k3_per_token": sum(kls) / len(kls) if kls else float("nan"),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "length": mask.sum(1).float().mean().item(),
+            "eos_rate": sum(r["finished"] for r in replies) / rows}, policy)
+    return GRPOLog(history=meter.history, seconds=meter.seconds, flops=meter.flops,
+                   responses=config.steps * rows)
 
 
 # --- chapters/13_09_dpo_grpo.py :: RLVR: verifiable rewards and expert iteration ---
@@ -946,10 +937,8 @@ def expert_iteration(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
     generator = torch.Generator().manual_seed(seed)
     max_len = getattr(policy.config, "max_position_embeddings", None) or 1024
     order: list[int] = []
-    log = EILog()
-    start = time.perf_counter()
-    for round_index in range(rounds):
-        round_start = time.perf_counter()
+    meter = StepMeter(desc, callback, loss_key=None)  # sft_train checks its losses itself
+    for round_index in meter.steps(rounds, bar=False):  # sft_train shows a bar for each round
         picked = draw_batch(order, len(prompts), prompts_per_round, generator)
         users = [prompts[i] for i in picked for _ in range(samples_per_prompt)]
         truths = [ground_truths[i] for i in picked for _ in range(samples_per_prompt)]
@@ -957,19 +946,19 @@ def expert_iteration(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         replies = sample_replies(policy, tokenizer, prompt_strs, max_new_tokens=max_new_tokens,
                                  do_sample=True, temperature=temperature,
                                  seed=seed * 1_000_003 + round_index,
-                                 batch_size=generate_batch_size)
+                                 batch_size=generate_batch_size)  # 1. sample
         prompt_lengths = {s: len(tokenizer(s, add_special_tokens=False)["input_ids"])
                           for s in set(prompt_strs)}
-        log.flops += batch_flops(policy, [prompt_lengths[s] + len(r["ids"])
-                                          for s, r in zip(prompt_strs, replies, strict=True)],
-                                 generate_batch_size, training=False)
-        scores = [reward_fn(r["text"], t) for r, t in zip(replies, truths, strict=True)]
+        meter.flops += batch_flops(policy, [prompt_lengths[s] + len(r["ids"])
+                                            for s, r in zip(prompt_strs, replies, strict=True)],
+                                   generate_batch_size, training=False)
+        scores = [reward_fn(r["text"], t) for r, t in zip(replies, truths, strict=True)]  # 2.
         kept = sorted({(u, r["text"]) for u, r, s in zip(users, replies, scores, strict=True)
-                       if s["answer_reward"] > 0 and r["text"].strip()})
+                       if s["answer_reward"] > 0 and r["text"].strip()})  # 3. keep
         row = {"round": round_index + 1, "sampled": len(replies),
                "reward": sum(s["reward"] for s in scores) / len(scores), "kept": len(kept),
                "sft_loss": float("nan")}
-        if kept:
+        if kept:  # 4. fine-tune on the kept replies
             examples = tokenize_for_sft(tokenizer, [[{"role": "user", "content": u},
                                                      {"role": "assistant", "content": y}]
                                                     for u, y in kept], max_len)
@@ -978,14 +967,10 @@ def expert_iteration(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                                 pad_token_id=tokenizer.pad_token_id, packing=False,
                                 seed=seed + round_index, examples_per_step=rows, bf16=bf16,
                                 desc=f"{desc}, round {round_index + 1}")
-            log.flops += sum(transformer_flops(policy, rows, slots // rows, training=True)
-                             for slots in sft_log.slots)
+            meter.flops += sum(transformer_flops(policy, rows, slots // rows, training=True)
+                               for slots in sft_log.slots)
             row["sft_loss"] = sft_log.losses[-1]
         policy.eval()
-        row["seconds"] = time.perf_counter() - round_start
-        if callback is not None:
-            row.update(callback(round_index + 1, policy))
-        log.history.append(row)
-        log.responses += len(replies)
-    log.seconds = time.perf_counter() - start
-    return log
+        meter.record(round_index, row, policy)
+    return EILog(history=meter.history, seconds=meter.seconds, flops=meter.flops,
+                 responses=sum(meter.column("sampled")))

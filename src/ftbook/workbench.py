@@ -18,7 +18,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -484,6 +484,52 @@ def device_cell(profile: str, seed: int, device: torch.device | None = None) -> 
     print(f"device  : {info.device}\nprofile : {profile}\nseed    : {seed}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in info.versions.items()))
     return info
+
+
+# --- chapters/00_01_workbench.py :: A training loop's bookkeeping ---
+class StepMeter:
+    """The bookkeeping of a training loop (Appendix A, "A training loop's bookkeeping"): its
+    steps behind a progress bar (`steps`), the wall time of each step (`row["seconds"]`, unless
+    `step_seconds` is False) and of the run (`seconds`), the model FLOPs the loop adds to
+    `flops` (eqs. A.1-A.3), and one row per step in `history` (`record`), whose `loss_key`
+    entry must be finite (`check_finite`; None: not checked) and to which
+    `callback(step + 1, model)` adds its entries."""
+
+    def __init__(self, desc: str, callback: Callable[[int, Any], dict] | None = None, *,
+                 loss_key: str | None = "loss", step_seconds: bool = True) -> None:
+        self.desc, self.callback = desc, callback
+        self.loss_key, self.step_seconds = loss_key, step_seconds
+        self.history: list[dict] = []
+        self.flops = 0.0
+        self._start = self._step_start = time.perf_counter()
+
+    def steps(self, n: int, bar: bool = True) -> Iterator[int]:
+        """0, 1, ..., n - 1, behind a progress bar unless `bar` is False; each step's clock starts
+        when it is handed out."""
+        for step in progress(range(n), desc=self.desc) if bar else range(n):
+            self._step_start = time.perf_counter()
+            yield step
+
+    def record(self, step: int, row: dict, model: Any = None) -> dict:
+        """End step `step` (0-based): put its wall time in `row` as "seconds", check the loss,
+        add `callback(step + 1, model)`'s entries, append the row to `history`, return it."""
+        if self.step_seconds:
+            row["seconds"] = time.perf_counter() - self._step_start
+        if self.loss_key is not None:
+            check_finite(row[self.loss_key], f"{self.desc} {self.loss_key}", step)
+        if self.callback is not None:
+            row.update(self.callback(step + 1, model))
+        self.history.append(row)
+        return row
+
+    @property
+    def seconds(self) -> float:
+        """Wall time since the meter was made."""
+        return time.perf_counter() - self._start
+
+    def column(self, key: str) -> list:
+        """`row[key]` of every recorded row, in step order."""
+        return [row[key] for row in self.history]
 
 
 # --- chapters/00_01_workbench.py :: Tolerances from the arithmetic ---
