@@ -73,7 +73,7 @@ and sequence packing.
 Chapter 13-06. Ouyang et al. 2022 (arXiv:2203.02155) for SFT as the first stage of RLHF; the
 contracts follow Stanford CS336 (Spring 2025) Assignment 5.
 """
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 # transformers and peft are imported where used: they take seconds to import
@@ -472,6 +472,11 @@ assert gap_right <= grad_tolerance < gap_wrong
 # attention mask is block-diagonal (causal within an example, nothing across), and the label of
 # an example's first token is not predicted from the previous example. Then the logits of every
 # example equal those it would get alone, which we check.
+#
+# Training reads the examples as a stream and takes a fixed number of rows per step.
+# `packed_batches` packs the stream greedily and in order: an example that does not fit in the
+# current row opens the next row, or, when the step's rows are all open, the next step's batch.
+# No example is split across rows or steps, none is dropped, and the order is kept.
 
 # %%
 #| export
@@ -512,6 +517,32 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_l
             out["document_ids"][r, start:end] = d
             start = end
     return out
+
+
+def packed_batches(examples: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: int,
+                   rows_per_step: int, pad_token_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of packed training: a stream of (input_ids, labels) pairs read in order and
+    packed greedily (`pack_examples`) into batches of at most `rows_per_step` rows of `seq_len`
+    tokens. An example that does not fit in the current row opens the next row, or, when the
+    batch has its `rows_per_step` rows, the next batch. No example is split, dropped or
+    reordered; a finite stream ends with a last, partly filled batch."""
+    if rows_per_step < 1:
+        raise ValueError(f"rows_per_step must be positive, got {rows_per_step}")
+    chosen: list[tuple[Sequence[int], Sequence[int]]] = []
+    rows, used = 1, 0  # rows opened in this batch, tokens used in the last one
+    for i, example in enumerate(examples):
+        if used + len(example[0]) > seq_len:  # the example opens a new row ...
+            if rows == rows_per_step:  # ... in the next batch when this one is full
+                yield pack_examples(chosen, seq_len, pad_token_id)
+                chosen, rows = [], 0
+            rows, used = rows + 1, 0
+        if len(example[0]) > seq_len:
+            raise ValueError(f"example {i} of the stream has {len(example[0])} tokens, more than "
+                             f"seq_len={seq_len}")
+        chosen.append(example)
+        used += len(example[0])
+    if chosen:
+        yield pack_examples(chosen, seq_len, pad_token_id)
 
 
 def packed_attention_mask(document_ids: torch.Tensor, dtype: torch.dtype = torch.float32
@@ -559,6 +590,14 @@ assert gap <= logit_tolerance < naive_gap
 padded_rows = len(docs) * max(lengths)
 print(f"token utilization: packed {token_utilization(packed['labels'], -100):.2f}, padded "
       f"{sum(lengths) / padded_rows:.2f}")
+# the training stream in batches of two rows: every example once, whole, in order
+batches = list(packed_batches([(d, d) for d in docs], seq_len=16, rows_per_step=2,
+                              pad_token_id=0))
+streamed = [row[(document == d)].tolist() for batch in batches
+            for row, document in zip(batch["input_ids"], batch["document_ids"], strict=True)
+            for d in range(int(document.max()) + 1)]
+print("packed_batches, rows per batch:", [b["input_ids"].shape[0] for b in batches])
+assert streamed == docs and all(b["input_ids"].shape[0] <= 2 for b in batches)
 
 # %% [markdown]
 # ## From conversations to SFT examples: the chat template and EOS
@@ -1053,14 +1092,15 @@ assert lengths == sorted(lengths)
 #
 # Each conversation becomes one example: the token ids of prompt and output, and labels that are
 # the ids on the output (EOS included) and $-100$ on the prompt. A step draws the next examples
-# of a seeded shuffle and either pads them to the longest (padded mode) or packs them into rows
-# of `seq_len` tokens (packed mode). The loss is eq. (6.1): summed over response tokens,
-# divided by their number in the step. Both modes train on the same examples in the same order;
-# packing only removes the pad tokens, so it must give the same loss on the same step and
-# process more real tokens per second.
+# of a seeded shuffle and either pads them to the longest (padded mode, `padded_batches`) or packs
+# them into rows of `seq_len` tokens (packed mode, `packed_batches`). The loss is eq. (6.1):
+# summed over response tokens, divided by their number in the step. Both modes train on the same
+# examples in the same order; packing only removes the pad tokens, so it must give the same loss
+# on the same step and process more real tokens per second.
 
 # %%
 #| export
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -1114,6 +1154,19 @@ def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_to
             "attention_mask": batch["attention_mask"]}
 
 
+def padded_batches(examples: Iterable[tuple[Sequence[int], Sequence[int]]],
+                   examples_per_step: int, pad_token_id: int
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of padded training: `examples_per_step` examples of a stream at a time, in
+    order, each batch padded to its longest (`pad_examples`); a finite stream ends with a
+    last, smaller batch."""
+    if examples_per_step < 1:
+        raise ValueError(f"examples_per_step must be positive, got {examples_per_step}")
+    stream = iter(examples)
+    while chunk := list(itertools.islice(stream, examples_per_step)):
+        yield pad_examples(chunk, pad_token_id)
+
+
 @dataclass
 class SFTLog:
     """What `sft_train` measured."""
@@ -1143,12 +1196,12 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
               callback: Callable[[int, nn.Module], None] | None = None,
               desc: str = "SFT") -> SFTLog:
     """Train `model` on `examples` with AdamW and eq. (6.1), reading them in `order` (default: a
-    seeded shuffle), cycling. Padded: `examples_per_step` examples padded to the longest.
-    Packed: the stream fills `rows_per_step` rows of `seq_len` tokens; an example that does not
-    fit opens the next row, or waits for the next step. With `warmup` > 0 the learning rate
-    warms up linearly and decays on a cosine to lr / 10 over `schedule_steps` (default `steps`;
-    more makes this run the first `steps` steps of a longer one). `callback(k, model)` runs
-    after step k = 1, 2, ..."""
+    seeded shuffle), cycling. Padded: `examples_per_step` examples padded to the longest
+    (`padded_batches`). Packed: the stream fills `rows_per_step` rows of `seq_len` tokens
+    (`packed_batches`); an example that does not fit opens the next row, or waits for the next
+    step. With `warmup` > 0 the learning rate warms up linearly and decays on a cosine to
+    lr / 10 over `schedule_steps` (default `steps`; more makes this run the first `steps` steps
+    of a longer one). `callback(k, model)` runs after step k = 1, 2, ..."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     if order is None:
@@ -1156,29 +1209,17 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
                                generator=torch.Generator().manual_seed(seed)).tolist()
     elif sorted(order) != list(range(len(examples))):
         raise ValueError("order must be a permutation of the example indices")
-    stream = (examples[order[i % len(order)]] for i in range(10**12))
-    waiting = None
+    stream = (examples[i] for i in itertools.cycle(order))
+    batches = (packed_batches(stream, seq_len, rows_per_step, pad_token_id) if packing
+               else padded_batches(stream, examples_per_step, pad_token_id))
     log = SFTLog()
-    for step in progress(range(steps), desc=desc):
-        if packing:
-            chosen, rows, used = [], 1, 0
-            while True:
-                example = waiting if waiting is not None else next(stream)
-                waiting = None
-                if used + len(example[0]) > seq_len:
-                    if rows == rows_per_step:
-                        waiting = example
-                        break
-                    rows, used = rows + 1, 0
-                chosen.append(example)
-                used += len(example[0])
-            batch = pack_examples(chosen, seq_len, pad_token_id)
+    for step, batch in zip(progress(range(steps), desc=desc), batches, strict=False):  # cycles
+        if packing:  # positions restart and attention stays inside each example
             inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
                       "attention_mask": packed_attention_mask(batch["document_ids"])}
             documents = batch["document_ids"].to(device)
             real = int((batch["document_ids"] >= 0).sum())
         else:
-            batch = pad_examples([next(stream) for _ in range(examples_per_step)], pad_token_id)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             documents = None
             real = int(batch["attention_mask"].sum())

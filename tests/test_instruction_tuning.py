@@ -18,6 +18,7 @@ from ftbook.instruction_tuning import (
     masked_normalize,
     pack_examples,
     packed_attention_mask,
+    packed_batches,
     sft_microbatch_train_step,
     tokenize_prompt_and_output,
     transformer_tolerance,
@@ -241,6 +242,97 @@ def test_packed_logits_equal_each_example_alone():
     assert k == len(docs)
 
 
+def random_examples(n: int, max_len: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """`n` (input_ids, labels) pairs of 2..max_len tokens, labels -100 on the first two."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        length = int(torch.randint(2, max_len + 1, (1,), generator=generator))
+        ids = torch.randint(1, 64, (length,), generator=generator).tolist()
+        examples.append((ids, [-100, -100] + ids[2:]))
+    return examples
+
+
+def unpacked(batch: dict[str, torch.Tensor]) -> list[tuple[list[int], list[int]]]:
+    """The (input_ids, labels) pairs of a packed batch in row order, asserting that each one is
+    contiguous in its row, with positions 0, 1, ..."""
+    examples = []
+    for r in range(batch["input_ids"].shape[0]):
+        documents = batch["document_ids"][r]
+        for d in range(int(documents.max()) + 1):
+            where = (documents == d).nonzero().flatten()
+            assert (where.diff() == 1).all()  # not split
+            assert batch["position_ids"][r, where].tolist() == list(range(len(where)))
+            examples.append((batch["input_ids"][r, where].tolist(),
+                             batch["labels"][r, where].tolist()))
+    return examples
+
+
+@pytest.mark.parametrize("seq_len, rows_per_step", [(16, 1), (16, 2), (20, 3), (9, 4)])
+def test_packed_batches_fill_rows_in_order_and_split_nothing(seq_len, rows_per_step):
+    examples = random_examples(40, min(seq_len, 12), seed=seq_len + rows_per_step)
+    batches = list(packed_batches(iter(examples), seq_len, rows_per_step, pad_token_id=0))
+    assert [e for batch in batches for e in unpacked(batch)] == examples  # once, whole, in order
+    lengths, k = [len(ids) for ids, _ in examples], 0
+    for i, batch in enumerate(batches):
+        assert batch["input_ids"].shape[1] == seq_len
+        # a batch is closed only when all its rows are open (the last one: the stream ended)
+        assert batch["input_ids"].shape[0] == rows_per_step or i == len(batches) - 1
+        for documents in batch["document_ids"]:
+            k += int(documents.max()) + 1
+            if k < len(examples):  # a row is closed only when the next example does not fit
+                assert int((documents >= 0).sum()) + lengths[k] > seq_len
+    assert k == len(examples)
+
+
+def test_packed_batches_errors_and_the_padded_stream():
+    from ftbook.instruction_tuning import pad_examples, padded_batches
+
+    with pytest.raises(ValueError, match="example 1 of the stream has 5 tokens"):
+        list(packed_batches([([1], [1]), ([1] * 5, [1] * 5)], seq_len=4, rows_per_step=2,
+                            pad_token_id=0))
+    with pytest.raises(ValueError, match="rows_per_step"):
+        next(packed_batches([([1], [1])], seq_len=4, rows_per_step=0, pad_token_id=0))
+    examples = random_examples(10, 8, seed=0)
+    batches = list(padded_batches(iter(examples), 4, pad_token_id=0))
+    assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 2]  # in order, the last smaller
+    for batch, start in zip(batches, (0, 4, 8), strict=True):
+        want = pad_examples(examples[start:start + 4], pad_token_id=0)
+        assert all(torch.equal(batch[k], want[k]) for k in want)
+
+
+def old_inline_packing(stream, seq_len: int, rows_per_step: int, pad_token_id: int, steps: int):
+    """The packing state machine that `sft_train` ran inside its loop before `packed_batches`
+    (commit 74a3718), kept verbatim as the reference."""
+    waiting = None
+    for _ in range(steps):
+        chosen, rows, used = [], 1, 0
+        while True:
+            example = waiting if waiting is not None else next(stream)
+            waiting = None
+            if used + len(example[0]) > seq_len:
+                if rows == rows_per_step:
+                    waiting = example
+                    break
+                rows, used = rows + 1, 0
+            chosen.append(example)
+            used += len(example[0])
+        yield pack_examples(chosen, seq_len, pad_token_id)
+
+
+@pytest.mark.parametrize("seq_len, rows_per_step", [(16, 1), (16, 2), (17, 3), (12, 4)])
+def test_packed_batches_equal_the_old_inline_packing(seq_len, rows_per_step):
+    examples = random_examples(23, 12, seed=rows_per_step)
+
+    def stream():  # sft_train's: the examples in order, cycling
+        return (examples[i % len(examples)] for i in range(10**12))
+
+    old = old_inline_packing(stream(), seq_len, rows_per_step, 0, steps=30)
+    new = packed_batches(stream(), seq_len, rows_per_step, 0)
+    for a, b in zip(old, new, strict=False):
+        assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # --- chat template and EOS ---------------------------------------------------------------------
 
 def test_conversation_to_prompt_and_output_keeps_eos_in_the_loss(real_env):
@@ -432,6 +524,64 @@ def test_sft_train_packs_rows_full_and_learns():
     padded = sft_train(toy_lm(), examples, steps=2, lr=0.0, seq_len=16, pad_token_id=0,
                        packing=False, seed=0, examples_per_step=4)
     assert padded.utilization < 1 and len(padded.losses) == 2
+
+
+def old_sft_train(model, examples, *, steps, lr, seq_len, pad_token_id, packing, seed,
+                  examples_per_step=16, rows_per_step=4, warmup=0):
+    """`sft_train` as it was before `packed_batches` and `padded_batches` (commit 74a3718),
+    packing inline, without the progress bar and the clock: the reference for the same losses."""
+    from ftbook.base_models import cosine_lr
+    from ftbook.instruction_tuning import pad_examples, sft_loss
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    stream = (examples[order[i % len(order)]] for i in range(10**12))
+    packed = old_inline_packing(stream, seq_len, rows_per_step, pad_token_id, steps)
+    log = {"losses": [], "response_tokens": [], "real_tokens": [], "slots": []}
+    for step in range(steps):
+        if packing:
+            batch = next(packed)
+            inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
+                      "attention_mask": packed_attention_mask(batch["document_ids"])}
+            documents = batch["document_ids"]
+            real = int((batch["document_ids"] >= 0).sum())
+        else:
+            batch = pad_examples([next(stream) for _ in range(examples_per_step)], pad_token_id)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            documents = None
+            real = int(batch["attention_mask"].sum())
+        model.train()
+        if warmup > 0:
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, steps, warmup, lr)
+        loss, n_tokens = sft_loss(model(**inputs).logits, batch["labels"], documents)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        for key, value in zip(log, (loss.item(), n_tokens, real, batch["input_ids"].numel()),
+                              strict=True):
+            log[key].append(value)
+    return log
+
+
+@pytest.mark.parametrize("packing, rows_per_step, warmup", [(True, 1, 0), (True, 2, 2),
+                                                            (True, 3, 0), (False, 2, 2)])
+def test_sft_train_equals_the_old_inline_loop(packing, rows_per_step, warmup):
+    """`sft_train` on `packed_batches` (and `padded_batches`) trains on the same batches in the
+    same order as the loop that packed inline: the same ops in the same order, so the same
+    losses and weights bit for bit."""
+    from ftbook.instruction_tuning import sft_train
+
+    examples = random_examples(30, 12, seed=3)
+    kwargs = dict(steps=6, lr=1e-2, seq_len=16, pad_token_id=0, packing=packing, seed=1,
+                  examples_per_step=3, rows_per_step=rows_per_step, warmup=warmup)
+    new_model, old_model = toy_lm(), toy_lm()
+    new = sft_train(new_model, examples, **kwargs)
+    old = old_sft_train(old_model, examples, **kwargs)
+    assert {k: getattr(new, k) for k in old} == old
+    for (name, a), b in zip(new_model.named_parameters(), old_model.parameters(), strict=True):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("loader", ["load_causal_lm", "load_chat_lm"])  # book's template, ChatML

@@ -10,7 +10,7 @@ contracts follow Stanford CS336 (Spring 2025) Assignment 5.
 
 
 # --- chapters/13_06_instruction_tuning.py :: One conversation schema ---
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 # transformers and peft are imported where used: they take seconds to import
@@ -266,6 +266,32 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_l
             out["document_ids"][r, start:end] = d
             start = end
     return out
+
+
+def packed_batches(examples: Iterable[tuple[Sequence[int], Sequence[int]]], seq_len: int,
+                   rows_per_step: int, pad_token_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of packed training: a stream of (input_ids, labels) pairs read in order and
+    packed greedily (`pack_examples`) into batches of at most `rows_per_step` rows of `seq_len`
+    tokens. An example that does not fit in the current row opens the next row, or, when the
+    batch has its `rows_per_step` rows, the next batch. No example is split, dropped or
+    reordered; a finite stream ends with a last, partly filled batch."""
+    if rows_per_step < 1:
+        raise ValueError(f"rows_per_step must be positive, got {rows_per_step}")
+    chosen: list[tuple[Sequence[int], Sequence[int]]] = []
+    rows, used = 1, 0  # rows opened in this batch, tokens used in the last one
+    for i, example in enumerate(examples):
+        if used + len(example[0]) > seq_len:  # the example opens a new row ...
+            if rows == rows_per_step:  # ... in the next batch when this one is full
+                yield pack_examples(chosen, seq_len, pad_token_id)
+                chosen, rows = [], 0
+            rows, used = rows + 1, 0
+        if len(example[0]) > seq_len:
+            raise ValueError(f"example {i} of the stream has {len(example[0])} tokens, more than "
+                             f"seq_len={seq_len}")
+        chosen.append(example)
+        used += len(example[0])
+    if chosen:
+        yield pack_examples(chosen, seq_len, pad_token_id)
 
 
 def packed_attention_mask(document_ids: torch.Tensor, dtype: torch.dtype = torch.float32
@@ -563,6 +589,7 @@ def curriculum_order(difficulty: Sequence[float], seed: int) -> list[int]:
 
 
 # --- chapters/13_06_instruction_tuning.py :: The SFT loop, packed and padded ---
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -616,6 +643,19 @@ def pad_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], pad_to
             "attention_mask": batch["attention_mask"]}
 
 
+def padded_batches(examples: Iterable[tuple[Sequence[int], Sequence[int]]],
+                   examples_per_step: int, pad_token_id: int
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches of padded training: `examples_per_step` examples of a stream at a time, in
+    order, each batch padded to its longest (`pad_examples`); a finite stream ends with a
+    last, smaller batch."""
+    if examples_per_step < 1:
+        raise ValueError(f"examples_per_step must be positive, got {examples_per_step}")
+    stream = iter(examples)
+    while chunk := list(itertools.islice(stream, examples_per_step)):
+        yield pad_examples(chunk, pad_token_id)
+
+
 @dataclass
 class SFTLog:
     """What `sft_train` measured."""
@@ -645,12 +685,12 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
               callback: Callable[[int, nn.Module], None] | None = None,
               desc: str = "SFT") -> SFTLog:
     """Train `model` on `examples` with AdamW and eq. (6.1), reading them in `order` (default: a
-    seeded shuffle), cycling. Padded: `examples_per_step` examples padded to the longest.
-    Packed: the stream fills `rows_per_step` rows of `seq_len` tokens; an example that does not
-    fit opens the next row, or waits for the next step. With `warmup` > 0 the learning rate
-    warms up linearly and decays on a cosine to lr / 10 over `schedule_steps` (default `steps`;
-    more makes this run the first `steps` steps of a longer one). `callback(k, model)` runs
-    after step k = 1, 2, ..."""
+    seeded shuffle), cycling. Padded: `examples_per_step` examples padded to the longest
+    (`padded_batches`). Packed: the stream fills `rows_per_step` rows of `seq_len` tokens
+    (`packed_batches`); an example that does not fit opens the next row, or waits for the next
+    step. With `warmup` > 0 the learning rate warms up linearly and decays on a cosine to
+    lr / 10 over `schedule_steps` (default `steps`; more makes this run the first `steps` steps
+    of a longer one). `callback(k, model)` runs after step k = 1, 2, ..."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     if order is None:
@@ -658,29 +698,17 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
                                generator=torch.Generator().manual_seed(seed)).tolist()
     elif sorted(order) != list(range(len(examples))):
         raise ValueError("order must be a permutation of the example indices")
-    stream = (examples[order[i % len(order)]] for i in range(10**12))
-    waiting = None
+    stream = (examples[i] for i in itertools.cycle(order))
+    batches = (packed_batches(stream, seq_len, rows_per_step, pad_token_id) if packing
+               else padded_batches(stream, examples_per_step, pad_token_id))
     log = SFTLog()
-    for step in progress(range(steps), desc=desc):
-        if packing:
-            chosen, rows, used = [], 1, 0
-            while True:
-                example = waiting if waiting is not None else next(stream)
-                waiting = None
-                if used + len(example[0]) > seq_len:
-                    if rows == rows_per_step:
-                        waiting = example
-                        break
-                    rows, used = rows + 1, 0
-                chosen.append(example)
-                used += len(example[0])
-            batch = pack_examples(chosen, seq_len, pad_token_id)
+    for step, batch in zip(progress(range(steps), desc=desc), batches, strict=False):  # cycles
+        if packing:  # positions restart and attention stays inside each example
             inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
                       "attention_mask": packed_attention_mask(batch["document_ids"])}
             documents = batch["document_ids"].to(device)
             real = int((batch["document_ids"] >= 0).sum())
         else:
-            batch = pad_examples([next(stream) for _ in range(examples_per_step)], pad_token_id)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             documents = None
             real = int(batch["attention_mask"].sum())
