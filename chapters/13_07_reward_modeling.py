@@ -644,13 +644,13 @@ assert padding_check.loc["GPT-2 (absolute)", "left, positions 0..T-1"] > toleran
 # layout of TRL's `DataCollatorForPreference`, so that one forward pass scores both sides.
 #
 # The loop samples pairs in seeded, reshuffled epochs, warms the learning rate up and decays it
-# linearly (13-01's `schedule_factor`), clips the gradient norm at 1, and stops with a clear
+# linearly (Appendix C's `schedule_factor`), clips the gradient norm at 1, and stops with a clear
 # error when the loss stops being finite. The metric is the held-out pairwise accuracy, the
 # fraction of pairs the reward model ranks as the labeller did.
 
 # %%
 #| export
-from ftbook.full_finetuning import schedule_factor
+from ftbook.base_models import schedule_factor  # Appendix C
 from ftbook.instruction_tuning import (
     REVIEW_PROMPT,
     conversation_to_prompt_and_output,

@@ -566,7 +566,7 @@ def curriculum_order(difficulty: Sequence[float], seed: int) -> list[int]:
 import time
 from dataclasses import dataclass, field
 
-from ftbook.base_models import cosine_lr
+from ftbook.base_models import schedule_factor  # Appendix C
 from ftbook.workbench import check_finite, progress
 
 
@@ -688,7 +688,8 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
         model.train()
         if warmup > 0:
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, schedule_steps or steps, warmup, lr)
+                group["lr"] = schedule_factor("cosine", step, schedule_steps or steps, warmup,
+                                              min_ratio=0.1, scale=lr)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(**inputs).logits  # (rows, seq, vocab)

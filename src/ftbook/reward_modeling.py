@@ -281,7 +281,7 @@ class RewardModel(nn.Module):
 
 
 # --- chapters/13_07_reward_modeling.py :: Batches and the training loop ---
-from ftbook.full_finetuning import schedule_factor
+from ftbook.base_models import schedule_factor  # Appendix C
 from ftbook.instruction_tuning import (
     REVIEW_PROMPT,
     conversation_to_prompt_and_output,
