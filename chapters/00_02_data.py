@@ -158,15 +158,18 @@ MAX_REPORTED_PROBLEMS = 10
 # `DataFormatError` is a `ValueError`: the file is there but a row is wrong. A parser collects the
 # problems of *all* rows, reports the first ten with the total count, and then raises; it never
 # returns a dataset with a bad row quietly removed. Lines are counted from 1 as in an editor (the
-# TSV header is line 1), records of a JSON array from 0 as in Python (`record [17]`).
+# TSV header is line 1), records of a JSON array from 0 as in Python (`record [17]`). The later
+# chapters raise the same error for the records they check themselves: 13-06's instruction formats
+# and 13-07's preference pairs.
 
 # %%
 #| export
 class DataFormatError(ValueError):
-    """A data file (or hub copy) has malformed rows; the message names file, line/record, field.
+    """Malformed records; the message names where (file and line, or record) and the field.
 
-    Raised after validating every row: it lists the first `MAX_REPORTED_PROBLEMS` problems and
-    the total count (Appendix B, "Errors that say what to fix").
+    The loaders raise it after validating every row: it lists the first `MAX_REPORTED_PROBLEMS`
+    problems and the total count (Appendix B, "Errors that say what to fix"). 13-06's format
+    converters raise it for one record, 13-07's `validate_preference_records` for a list.
     """
 
 

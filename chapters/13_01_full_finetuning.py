@@ -104,7 +104,6 @@ Defined in chapter 13-01 (`chapters/13_01_full_finetuning.py`). References: Howa
 (ULMFiT, arXiv:1801.06146) for warmup and discriminative learning rates; Kirkpatrick et al. 2017
 (arXiv:1612.00796) for catastrophic forgetting.
 """
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -240,27 +239,18 @@ def freeze_backbone(model: nn.Module, head_modules: tuple[str, ...] = HEAD_MODUL
 # %% [markdown]
 # ### Schedules and layer-wise learning rates
 #
-# A schedule is a multiplier $s(t) \in [0, 1]$ on the base learning rate. `linear` and `cosine`
-# warm up linearly over the first `warmup_steps` and then decay to zero; `constant` keeps the rate
-# fixed (no warmup). `layerwise_param_groups` implements (1.2): it finds each parameter's depth from
-# its name (`embeddings`/`embed_tokens` at 0, `layer.<i>`/`layers.<i>` at $i + 1$, everything else,
-# the head and the final norm, at $L + 1$) and gives every depth its own optimizer group.
+# A schedule is a multiplier $s(t) \in [0, 1]$ on the base learning rate, `schedule_factor`
+# (defined in Appendix C, whose pretraining used it first). `linear` and `cosine` warm up linearly
+# over the first `warmup_steps` and then decay to zero (or to `min_ratio`, as in pretraining and
+# 13-06's SFT); `constant` keeps the rate fixed (no warmup). In this chapter each optimizer group
+# gets its base rate times $s(t)$. `layerwise_param_groups` implements (1.2): it finds each
+# parameter's depth from its name (`embeddings`/`embed_tokens` at 0, `layer.<i>`/`layers.<i>` at
+# $i + 1$, everything else, the head and the final norm, at $L + 1$) and gives every depth its own
+# optimizer group.
 
 # %%
 #| export
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-def schedule_factor(kind: str, step: int, total: int, warmup: int) -> float:
-    """Learning-rate multiplier at `step` (0-based) for schedule `kind` (see `SCHEDULES`)."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"unknown schedule {kind!r}; choose one of {SCHEDULES}")
-    if kind == "constant":
-        return 1.0
-    if step < warmup:
-        return (step + 1) / warmup
-    progress_ = (step - warmup) / max(1, total - warmup)
-    return 1.0 - progress_ if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress_))
+from ftbook.base_models import schedule_factor  # Appendix C
 
 
 def layer_depth(name: str, num_layers: int) -> int:
@@ -416,7 +406,7 @@ def linear_weight_deltas(before: dict[str, torch.Tensor], after: nn.Module
 import matplotlib.pyplot as plt
 import torch
 
-from ftbook.base_models import load_encoder_classifier
+from ftbook.base_models import SCHEDULES, load_encoder_classifier
 from ftbook.workbench import count_parameters, show_figure, show_table
 
 cfg = pick(PROFILE, FT_CONFIGS)
@@ -680,6 +670,8 @@ del probe
 # interval (Appendix A, "Measurements and their uncertainty").
 
 # %%
+import math
+
 from transformers import AutoModelForSequenceClassification
 
 from ftbook.base_models import (

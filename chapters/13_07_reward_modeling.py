@@ -159,17 +159,14 @@ print(cfg)
 # empty, and the two replies different. A pair of identical replies carries no preference: its
 # two rewards are always equal, so it adds a constant $\ln 2$ to the loss, no gradient, and a tie
 # to the accuracy, and it usually means a bug upstream (a sampler that returned the same text
-# twice, a join on the wrong key).
+# twice, a join on the wrong key). `validate_preference_records` raises Appendix B's
+# `DataFormatError`, naming the record and field of each problem (the first five, and the count).
 
 # %%
 #| export
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 GOLD_FIELDS = ("gold_chosen", "gold_rejected")  # optional, numbers
 MAX_REPORTED = 5
-
-
-class PreferenceDataError(ValueError):
-    """Malformed preference records; the message names each record index and field."""
 
 
 def preference_problems(records: Sequence[Any]) -> list[tuple[int, str, str]]:
@@ -205,17 +202,19 @@ def preference_problems(records: Sequence[Any]) -> list[tuple[int, str, str]]:
 
 def validate_preference_records(records: Sequence[Any], what: str = "preference records"
                                 ) -> list[dict]:
-    """`records` as a list if every record is well formed, else `PreferenceDataError` listing
-    the first problems as "record i, field 'name': problem"."""
+    """`records` as a list if every record is well formed, else Appendix B's `DataFormatError`
+    listing the first problems as "record i, field 'name': problem"."""
+    from ftbook.data import DataFormatError  # lazy: ftbook.data imports `datasets`
+
     records = list(records)
     if not records:
-        raise PreferenceDataError(f"{what}: no records")
+        raise DataFormatError(f"{what}: no records")
     problems = preference_problems(records)
     if problems:
         shown = "; ".join(f"record {i}, field {name!r}: {why}"
                           for i, name, why in problems[:MAX_REPORTED])
         more = f" (and {len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
-        raise PreferenceDataError(f"{what}: {len(problems)} problem(s): {shown}{more}")
+        raise DataFormatError(f"{what}: {len(problems)} problem(s): {shown}{more}")
     return records
 
 
@@ -229,7 +228,7 @@ def validate_preference_records(records: Sequence[Any], what: str = "preference 
 # %%
 import pandas as pd
 
-from ftbook.data import DATA_SIZES, load_hh_rlhf, subset
+from ftbook.data import DATA_SIZES, DataFormatError, load_hh_rlhf, subset
 from ftbook.workbench import show_table
 
 hh = subset(load_hh_rlhf(), pick(PROFILE, DATA_SIZES).hh_rlhf, seed=SEED)
@@ -240,7 +239,7 @@ for i, name, why in hh_problems[:3]:
     print(f"HH-RLHF record {i}, field {name!r}: {why}")
 try:
     validate_preference_records(hh_records, "HH-RLHF harmless-base")
-except PreferenceDataError as error:
+except DataFormatError as error:
     print("rejected:", str(error)[:300])
 bad = {i for i, _, _ in hh_problems}
 hh_clean = [r for i, r in enumerate(hh_records) if i not in bad]
@@ -644,13 +643,13 @@ assert padding_check.loc["GPT-2 (absolute)", "left, positions 0..T-1"] > toleran
 # layout of TRL's `DataCollatorForPreference`, so that one forward pass scores both sides.
 #
 # The loop samples pairs in seeded, reshuffled epochs, warms the learning rate up and decays it
-# linearly (13-01's `schedule_factor`), clips the gradient norm at 1, and stops with a clear
+# linearly (Appendix C's `schedule_factor`), clips the gradient norm at 1, and stops with a clear
 # error when the loss stops being finite. The metric is the held-out pairwise accuracy, the
 # fraction of pairs the reward model ranks as the labeller did.
 
 # %%
 #| export
-from ftbook.full_finetuning import schedule_factor
+from ftbook.base_models import schedule_factor  # Appendix C
 from ftbook.instruction_tuning import (
     REVIEW_PROMPT,
     conversation_to_prompt_and_output,

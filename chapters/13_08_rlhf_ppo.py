@@ -1132,6 +1132,7 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: PPOBa
 
 # %%
 #| export
+from ftbook.base_models import schedule_factor  # Appendix C
 from ftbook.workbench import StepMeter
 
 
@@ -1198,8 +1199,8 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
     total_updates = steps * config.ppo_epochs * config.num_minibatches
     scheduler = None
     if config.lr_schedule == "linear":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda update: max(0.0, 1.0 - update / total_updates))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear decay over the updates
+            optimizer, lambda update: schedule_factor("linear", update, total_updates, 0))
 
     def rollout_for(index: torch.Tensor) -> Rollout:
         return sample_rollout(policy, query_ids, query_mask, index, config,

@@ -623,7 +623,7 @@ for margin in (-1e4, 1e4):
 
 # %%
 #| export
-from ftbook.full_finetuning import schedule_factor
+from ftbook.base_models import schedule_factor  # Appendix C
 
 
 @dataclass

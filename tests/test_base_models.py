@@ -95,11 +95,52 @@ def test_pack_stream_keeps_every_document():
     assert bm.pack_stream(docs, seq_len=3, bos_id=1, eos_id=2, seed=0).shape == (4, 4)
 
 
-def test_cosine_lr_schedule():
-    lrs = [bm.cosine_lr(s, total=100, warmup=10, lr=1.0) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+def test_constant_schedule_is_one_everywhere():
+    assert [bm.schedule_factor("constant", s, 20, 5) for s in range(20)] == [1.0] * 20
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_warmup_is_linear_and_reaches_one_at_the_boundary(kind):
+    total, warmup = 20, 4
+    factors = [bm.schedule_factor(kind, s, total, warmup) for s in range(total)]
+    assert factors[:warmup] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[warmup] == pytest.approx(1.0)  # first decay step: progress 0
+    decay = factors[warmup:]
+    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))  # strictly decreasing
+    assert 0.0 < factors[-1] < 0.1  # ends near zero, never negative
+    assert all(0.0 < f <= 1.0 for f in factors)
+
+
+def test_linear_and_cosine_decay_values():
+    # float64 formulas of a few operations: approx's rel=1e-6 is ~1e10 roundings away
+    total, warmup = 14, 4  # 10 decay steps: progress p = (step - 4) / 10
+    for step, p in [(4, 0.0), (6, 0.2), (9, 0.5), (13, 0.9)]:
+        assert bm.schedule_factor("linear", step, total, warmup) == pytest.approx(1.0 - p)
+        assert bm.schedule_factor("cosine", step, total, warmup) == pytest.approx(
+            (1.0 + math.cos(math.pi * p)) / 2)
+    assert bm.schedule_factor("cosine", 9, total, warmup) == pytest.approx(0.5)
+
+
+def test_schedule_without_warmup_starts_at_one():
+    assert bm.schedule_factor("linear", 0, 10, 0) == 1.0
+    assert bm.schedule_factor("cosine", 0, 10, 0) == 1.0
+    assert bm.schedule_factor("linear", 9, 10, 0) == pytest.approx(0.1)
+
+
+def test_unknown_schedule_names_the_choices():
+    with pytest.raises(ValueError, match=r"'cosin'.*constant.*linear.*cosine"):
+        bm.schedule_factor("cosin", 0, 10, 1)
+
+
+def test_pretraining_schedule_decays_to_a_tenth_of_the_rate():
+    lrs = [bm.schedule_factor("cosine", s, 100, 10, min_ratio=0.1, scale=3e-3) for s in range(100)]
+    assert lrs[0] == pytest.approx(3e-4) and lrs[9] == pytest.approx(3e-3)
     assert all(a >= b for a, b in zip(lrs[10:-1], lrs[11:], strict=True))
-    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert lrs[-1] == pytest.approx(3e-4, rel=1e-2)  # 0.1 + 0.9 (1 - cos(pi / 90)) / 2 = 0.10027
+    # the rate multiplies inside the warmup ratio: scale * (step + 1) / warmup
+    assert [bm.schedule_factor("linear", s, 20, 7, scale=0.1) for s in range(7)] == [
+        0.1 * (s + 1) / 7 for s in range(7)]
+    assert bm.schedule_factor("linear", 19, 20, 0, min_ratio=0.5) == pytest.approx(0.525)
 
 
 def test_config_key_changes_with_every_field():

@@ -1,4 +1,4 @@
-"""Tests of ftbook.full_finetuning (chapter 13-01): schedules, layer-wise rates (eq. 1.2), the head,
+"""Tests of ftbook.full_finetuning (chapter 13-01): layer-wise rates (eq. 1.2), the head,
 the training loop, accuracy, forgetting (backbone perplexity) and weight deltas.
 
 Every model is a random tiny BERT or Llama built here; nothing is downloaded.
@@ -75,47 +75,10 @@ def quiet(monkeypatch):
     monkeypatch.setenv("FTBOOK_NO_PROGRESS", "1")
 
 
-# --- schedules -----------------------------------------------------------------------------------
+# --- data ----------------------------------------------------------------------------------------
 
 def test_sentiment_labels_follow_the_word_good(sentiment):
     assert sum(sentiment["label"]) == len(POSITIVE) and len(sentiment) == 16
-
-
-def test_constant_schedule_is_one_everywhere():
-    assert [ff.schedule_factor("constant", s, 20, 5) for s in range(20)] == [1.0] * 20
-
-
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
-def test_warmup_is_linear_and_reaches_one_at_the_boundary(kind):
-    total, warmup = 20, 4
-    factors = [ff.schedule_factor(kind, s, total, warmup) for s in range(total)]
-    assert factors[:warmup] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert factors[warmup] == pytest.approx(1.0)  # first decay step: progress 0
-    decay = factors[warmup:]
-    assert all(a > b for a, b in zip(decay, decay[1:], strict=False))  # strictly decreasing
-    assert 0.0 < factors[-1] < 0.1  # ends near zero, never negative
-    assert all(0.0 < f <= 1.0 for f in factors)
-
-
-def test_linear_and_cosine_decay_values():
-    # float64 formulas of a few operations: approx's rel=1e-6 is ~1e10 roundings away
-    total, warmup = 14, 4  # 10 decay steps: progress p = (step - 4) / 10
-    for step, p in [(4, 0.0), (6, 0.2), (9, 0.5), (13, 0.9)]:
-        assert ff.schedule_factor("linear", step, total, warmup) == pytest.approx(1.0 - p)
-        assert ff.schedule_factor("cosine", step, total, warmup) == pytest.approx(
-            (1.0 + math.cos(math.pi * p)) / 2)
-    assert ff.schedule_factor("cosine", 9, total, warmup) == pytest.approx(0.5)
-
-
-def test_schedule_without_warmup_starts_at_one():
-    assert ff.schedule_factor("linear", 0, 10, 0) == 1.0
-    assert ff.schedule_factor("cosine", 0, 10, 0) == 1.0
-    assert ff.schedule_factor("linear", 9, 10, 0) == pytest.approx(0.1)
-
-
-def test_unknown_schedule_names_the_choices():
-    with pytest.raises(ValueError, match=r"'cosin'.*constant.*linear.*cosine"):
-        ff.schedule_factor("cosin", 0, 10, 1)
 
 
 # --- layer depths and layer-wise groups, eq. (1.2) -----------------------------------------------

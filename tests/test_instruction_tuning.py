@@ -7,8 +7,8 @@ import torch
 from tiny_models import tiny_llama
 from transformers import LlamaForCausalLM
 
+from ftbook.data import DataFormatError
 from ftbook.instruction_tuning import (
-    FormatError,
     compute_entropy,
     from_alpaca,
     from_dolly,
@@ -53,7 +53,7 @@ def test_alpaca_puts_the_input_after_the_instruction():
     ({"instruction": 3, "input": "", "output": "y"}, "instruction"),
 ])
 def test_alpaca_errors_name_record_and_field(record, field):
-    with pytest.raises(FormatError, match=rf"alpaca record 12: .*{field}"):
+    with pytest.raises(DataFormatError, match=rf"alpaca record 12: .*{field}"):
         from_alpaca(record, 12)
 
 
@@ -61,7 +61,7 @@ def test_dolly_requires_category_and_uses_context():
     conv = from_dolly({"instruction": "Q?", "context": "ctx", "response": "A",
                        "category": "closed_qa"})
     assert conv[0]["content"] == "Q?\n\nctx"
-    with pytest.raises(FormatError, match="category"):
+    with pytest.raises(DataFormatError, match="category"):
         from_dolly({"instruction": "Q?", "context": "", "response": "A"}, 3)
 
 
@@ -87,9 +87,9 @@ def test_oasst_skips_deleted_and_unranked_go_last():
 
 
 def test_oasst_errors():
-    with pytest.raises(FormatError, match="one root"):
+    with pytest.raises(DataFormatError, match="one root"):
         from_oasst(oasst(("a", "x", "assistant", "hi", 0)), "tree 5")
-    with pytest.raises(FormatError, match="role"):
+    with pytest.raises(DataFormatError, match="role"):
         from_oasst(oasst(("r", None, "bot", "hi", None)))
 
 
@@ -97,11 +97,11 @@ def test_validate_conversation_rules():
     ok = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
           {"role": "assistant", "content": "hello"}]
     assert validate_conversation(ok) == ok
-    with pytest.raises(FormatError, match="alternate"):
+    with pytest.raises(DataFormatError, match="alternate"):
         validate_conversation([{"role": "assistant", "content": "x"}])
-    with pytest.raises(FormatError, match="last message"):
+    with pytest.raises(DataFormatError, match="last message"):
         validate_conversation([{"role": "user", "content": "x"}])
-    with pytest.raises(FormatError, match="empty"):
+    with pytest.raises(DataFormatError, match="empty"):
         validate_conversation([{"role": "user", "content": "x"},
                                {"role": "assistant", "content": ""}])
 

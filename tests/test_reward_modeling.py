@@ -10,10 +10,10 @@ import tiny_models
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
+from ftbook.data import DataFormatError
 from ftbook.instruction_tuning import transformer_tolerance
 from ftbook.reward_modeling import (
     GoldReward,
-    PreferenceDataError,
     RewardModel,
     best_of_n_distribution,
     best_of_n_estimate,
@@ -378,16 +378,16 @@ def test_calibration_of_a_calibrated_predictor_is_near_zero():
 def test_validation_names_record_and_field(bad, field, why):
     records = [record(), record(), bad]
     assert preference_problems(records)[0][:2] == (2, field)
-    with pytest.raises(PreferenceDataError, match=rf"record 2, field '{field}': {why}"):
+    with pytest.raises(DataFormatError, match=rf"record 2, field '{field}': {why}"):
         validate_preference_records(records)
 
 
 def test_validation_accepts_good_records_and_rejects_non_dicts_and_empty():
     assert validate_preference_records([record(gold_chosen=1.0, gold_rejected=-2)]) == [
         record(gold_chosen=1.0, gold_rejected=-2)]
-    with pytest.raises(PreferenceDataError, match="record 0, field '-': is a list"):
+    with pytest.raises(DataFormatError, match="record 0, field '-': is a list"):
         validate_preference_records([["p", "c", "r"]])
-    with pytest.raises(PreferenceDataError, match="no records"):
+    with pytest.raises(DataFormatError, match="no records"):
         validate_preference_records([])
 
 

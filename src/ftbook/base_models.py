@@ -269,12 +269,30 @@ def llama_config(config: BaseLMConfig, tokenizer: Any) -> Any:
     )
 
 
-def cosine_lr(step: int, total: int, warmup: int, lr: float, min_ratio: float = 0.1) -> float:
-    """Linear warmup to `lr` over `warmup` steps, then cosine decay to `min_ratio * lr`."""
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def schedule_factor(kind: str, step: int, total: int, warmup: int, *, min_ratio: float = 0.0,
+                    scale: float = 1.0) -> float:
+    """Learning-rate multiplier s(step) at `step` (0-based) of `total` for schedule `kind` (see
+    `SCHEDULES`, discussed in 13-01), times `scale`: `constant` is 1; `linear` and `cosine`
+    (Loshchilov & Hutter 2017, arXiv:1608.03983) warm up linearly over `warmup` steps, then
+    decay to `min_ratio`.
+
+    A run with a single rate passes it as `scale` (pretraining here, 13-06's SFT); 13-01's loop
+    multiplies each group's rate by the factor instead. In the warmup the two round differently,
+    scale * (step + 1) / warmup against rate * ((step + 1) / warmup), so each loop keeps its form.
+    """
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; choose one of {SCHEDULES}")
+    if kind == "constant":
+        return scale
     if step < warmup:
-        return lr * (step + 1) / warmup
+        return scale * (step + 1) / warmup
     progress_ = (step - warmup) / max(1, total - warmup)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_)))
+    if kind == "linear":
+        return scale * (min_ratio + (1 - min_ratio) * (1.0 - progress_))
+    return scale * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_)))
 
 
 def pad_sequences(rows: Sequence[Sequence[int]], pad_token_id: int, padding_side: str = "right"
@@ -338,7 +356,8 @@ def pretrain(model: Any, rows: torch.Tensor, config: BaseLMConfig, device: torch
         for step in bar:
             index = torch.randint(0, rows.size(0), (config.batch_size,), generator=generator)
             batch = rows[index].to(device)  # (batch, seq_len + 1)
-            lr = cosine_lr(step, config.steps, config.warmup_steps, config.lr)
+            lr = schedule_factor("cosine", step, config.steps, config.warmup_steps,
+                                 min_ratio=0.1, scale=config.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):

@@ -78,10 +78,11 @@ MAX_REPORTED_PROBLEMS = 10
 
 # --- chapters/00_02_data.py :: Errors that say what to fix ---
 class DataFormatError(ValueError):
-    """A data file (or hub copy) has malformed rows; the message names file, line/record, field.
+    """Malformed records; the message names where (file and line, or record) and the field.
 
-    Raised after validating every row: it lists the first `MAX_REPORTED_PROBLEMS` problems and
-    the total count (Appendix B, "Errors that say what to fix").
+    The loaders raise it after validating every row: it lists the first `MAX_REPORTED_PROBLEMS`
+    problems and the total count (Appendix B, "Errors that say what to fix"). 13-06's format
+    converters raise it for one record, 13-07's `validate_preference_records` for a list.
     """
 
 

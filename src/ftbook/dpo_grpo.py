@@ -282,7 +282,7 @@ def precompute_reference_logps(ref_model: nn.Module,
 
 
 # --- chapters/13_09_dpo_grpo.py :: The training loop ---
-from ftbook.full_finetuning import schedule_factor
+from ftbook.base_models import schedule_factor  # Appendix C
 
 
 @dataclass

@@ -11,7 +11,6 @@ Defined in chapter 13-01 (`chapters/13_01_full_finetuning.py`). References: Howa
 
 
 # --- chapters/13_01_full_finetuning.py :: Configuration ---
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -125,19 +124,7 @@ def freeze_backbone(model: nn.Module, head_modules: tuple[str, ...] = HEAD_MODUL
 
 
 # --- chapters/13_01_full_finetuning.py :: Schedules and layer-wise learning rates ---
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-def schedule_factor(kind: str, step: int, total: int, warmup: int) -> float:
-    """Learning-rate multiplier at `step` (0-based) for schedule `kind` (see `SCHEDULES`)."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"unknown schedule {kind!r}; choose one of {SCHEDULES}")
-    if kind == "constant":
-        return 1.0
-    if step < warmup:
-        return (step + 1) / warmup
-    progress_ = (step - warmup) / max(1, total - warmup)
-    return 1.0 - progress_ if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress_))
+from ftbook.base_models import schedule_factor  # Appendix C
 
 
 def layer_depth(name: str, num_layers: int) -> int:

@@ -22,41 +22,46 @@ from ftbook.base_models import pad_sequences  # Appendix C
 ROLES = ("system", "user", "assistant")
 
 
-class FormatError(ValueError):
-    """A malformed instruction record; the message names the record and the field."""
-
-
 def _text(record: dict, field: str, where: str, required: bool = True) -> str:
+    """`record[field]`, stripped; Appendix B's `DataFormatError`, naming `where` and the field,
+    if it is missing (when `required`), not a string, or blank (when `required`)."""
+    from ftbook.data import DataFormatError  # lazy: ftbook.data imports `datasets`
+
     value = record.get(field, "" if not required else None)
     if value is None:
-        raise FormatError(f"{where}: missing field {field!r}")
+        raise DataFormatError(f"{where}: missing field {field!r}")
     if not isinstance(value, str):
-        raise FormatError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+        raise DataFormatError(f"{where}: field {field!r} must be a string, got "
+                              f"{type(value).__name__}")
     if required and not value.strip():
-        raise FormatError(f"{where}: field {field!r} is empty")
+        raise DataFormatError(f"{where}: field {field!r} is empty")
     return value.strip()
 
 
 def validate_conversation(messages: Sequence[dict], where: str = "conversation") -> list[dict]:
     """Check a list of messages: known roles, non-empty string content, an optional system
-    message first, then user and assistant turns alternating, ending with the assistant."""
+    message first, then user and assistant turns alternating, ending with the assistant;
+    Appendix B's `DataFormatError` names `where` and what is wrong."""
+    from ftbook.data import DataFormatError  # lazy: ftbook.data imports `datasets`
+
     if not messages:
-        raise FormatError(f"{where}: no messages")
+        raise DataFormatError(f"{where}: no messages")
     turns = list(messages)
     if turns[0].get("role") == "system":
         turns = turns[1:]
     for i, message in enumerate(messages):
         if message.get("role") not in ROLES:
-            raise FormatError(f"{where}, message {i}: role {message.get('role')!r} is not one "
-                              f"of {ROLES}")
+            raise DataFormatError(f"{where}, message {i}: role {message.get('role')!r} is not "
+                                  f"one of {ROLES}")
         _text(message, "content", f"{where}, message {i}")
     for i, message in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
-            raise FormatError(f"{where}: turn {i} is {message['role']!r}, expected {expected!r}"
-                              " (user and assistant must alternate, starting with the user)")
+            raise DataFormatError(f"{where}: turn {i} is {message['role']!r}, expected "
+                                  f"{expected!r} (user and assistant must alternate, starting "
+                                  "with the user)")
     if not turns or turns[-1]["role"] != "assistant":
-        raise FormatError(f"{where}: the last message must be the assistant's")
+        raise DataFormatError(f"{where}: the last message must be the assistant's")
     return [{"role": m["role"], "content": m["content"].strip()} for m in messages]
 
 
@@ -87,19 +92,23 @@ def from_oasst(messages: Sequence[dict], tree: str = "tree") -> list[dict]:
     """The best-ranked conversation of one OpenAssistant message tree: from the root prompt,
     follow at every branch the reply of lowest `rank` (unranked replies last, deleted ones
     skipped) until a message has no replies."""
+    from ftbook.data import DataFormatError  # lazy: ftbook.data imports `datasets`
+
     by_parent: dict[Any, list[dict]] = {}
     for i, m in enumerate(messages):
         where = f"{tree}, message {i}"
         for key in ("message_id", "role", "text"):
             if key not in m:
-                raise FormatError(f"{where}: missing field {key!r}")
+                raise DataFormatError(f"{where}: missing field {key!r}")
         if m["role"] not in ("prompter", "assistant"):
-            raise FormatError(f"{where}: role {m['role']!r} is not 'prompter' or 'assistant'")
+            raise DataFormatError(f"{where}: role {m['role']!r} is not 'prompter' or "
+                                  "'assistant'")
         if not m.get("deleted", False):
             by_parent.setdefault(m.get("parent_id"), []).append(m)
     roots = by_parent.get(None, [])
     if len(roots) != 1:
-        raise FormatError(f"{tree}: expected one root message (parent_id None), found {len(roots)}")
+        raise DataFormatError(f"{tree}: expected one root message (parent_id None), found "
+                              f"{len(roots)}")
     path, node = [], roots[0]
     while node is not None:
         path.append(node)
@@ -593,7 +602,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from ftbook.base_models import cosine_lr
+from ftbook.base_models import schedule_factor  # Appendix C
 from ftbook.workbench import check_finite, progress
 
 
@@ -716,7 +725,8 @@ def sft_train(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]],
         model.train()
         if warmup > 0:
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, schedule_steps or steps, warmup, lr)
+                group["lr"] = schedule_factor("cosine", step, schedule_steps or steps, warmup,
+                                              min_ratio=0.1, scale=lr)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(**inputs).logits  # (rows, seq, vocab)
@@ -922,7 +932,11 @@ def build_sft_data(recipe: SFTRecipe, seed: int = 0) -> dict[str, Any]:
     """The profile's SFT data: `synthetic_train` / `synthetic_heldout` (dicts of
     `synthetic_instructions`), `alpaca_train` / `alpaca_heldout` (conversations that passed every
     filter), and `alpaca_removed` (what each filter removed) and `alpaca_malformed` (count)."""
-    from ftbook.data import load_alpaca, load_sst2  # lazy: ftbook.data imports `datasets`
+    from ftbook.data import (  # lazy: ftbook.data imports `datasets`
+        DataFormatError,
+        load_alpaca,
+        load_sst2,
+    )
 
     train, dev = load_sst2("train"), load_sst2("validation")
     synthetic_train = synthetic_instructions(train["sentence"], train["label"], recipe.n_per_task,
@@ -935,7 +949,7 @@ def build_sft_data(recipe: SFTRecipe, seed: int = 0) -> dict[str, Any]:
     for i, record in enumerate(load_alpaca()):
         try:
             conversations.append(from_alpaca(record, i))
-        except FormatError:
+        except DataFormatError:
             malformed += 1
     kept, removed = filter_conversations(conversations, seed=seed)
     random.Random(seed).shuffle(kept)

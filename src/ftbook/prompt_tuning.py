@@ -418,6 +418,8 @@ def train_verbalizer(model: nn.Module, tokenizer: Any, train: Any, template: Tem
         raise ValueError("no parameter requires grad: nothing to train")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, round(warmup_ratio * steps))
+    # Appendix C's schedule_factor("linear", ...) with the decay written (steps - s) / (steps -
+    # warmup), which rounds differently from its 1 - progress at about a third of the steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
     label_ids = verbalizer_ids(tokenizer, template)

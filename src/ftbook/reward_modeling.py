@@ -84,10 +84,6 @@ GOLD_FIELDS = ("gold_chosen", "gold_rejected")  # optional, numbers
 MAX_REPORTED = 5
 
 
-class PreferenceDataError(ValueError):
-    """Malformed preference records; the message names each record index and field."""
-
-
 def preference_problems(records: Sequence[Any]) -> list[tuple[int, str, str]]:
     """(record index, field, what is wrong) for every problem in `records`: a record that is not
     a dict, a missing, non-string or empty `prompt`/`chosen`/`rejected`, chosen equal to
@@ -121,17 +117,19 @@ def preference_problems(records: Sequence[Any]) -> list[tuple[int, str, str]]:
 
 def validate_preference_records(records: Sequence[Any], what: str = "preference records"
                                 ) -> list[dict]:
-    """`records` as a list if every record is well formed, else `PreferenceDataError` listing
-    the first problems as "record i, field 'name': problem"."""
+    """`records` as a list if every record is well formed, else Appendix B's `DataFormatError`
+    listing the first problems as "record i, field 'name': problem"."""
+    from ftbook.data import DataFormatError  # lazy: ftbook.data imports `datasets`
+
     records = list(records)
     if not records:
-        raise PreferenceDataError(f"{what}: no records")
+        raise DataFormatError(f"{what}: no records")
     problems = preference_problems(records)
     if problems:
         shown = "; ".join(f"record {i}, field {name!r}: {why}"
                           for i, name, why in problems[:MAX_REPORTED])
         more = f" (and {len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
-        raise PreferenceDataError(f"{what}: {len(problems)} problem(s): {shown}{more}")
+        raise DataFormatError(f"{what}: {len(problems)} problem(s): {shown}{more}")
     return records
 
 
@@ -281,7 +279,7 @@ class RewardModel(nn.Module):
 
 
 # --- chapters/13_07_reward_modeling.py :: Batches and the training loop ---
-from ftbook.full_finetuning import schedule_factor
+from ftbook.base_models import schedule_factor  # Appendix C
 from ftbook.instruction_tuning import (
     REVIEW_PROMPT,
     conversation_to_prompt_and_output,
