@@ -530,7 +530,7 @@ def old_sft_train(model, examples, *, steps, lr, seq_len, pad_token_id, packing,
                   examples_per_step=16, rows_per_step=4, warmup=0):
     """`sft_train` as it was before `packed_batches` and `padded_batches` (commit 74a3718),
     packing inline, without the progress bar and the clock: the reference for the same losses."""
-    from ftbook.base_models import cosine_lr
+    from ftbook.base_models import schedule_factor
     from ftbook.instruction_tuning import pad_examples, sft_loss
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -553,7 +553,8 @@ def old_sft_train(model, examples, *, steps, lr, seq_len, pad_token_id, packing,
         model.train()
         if warmup > 0:
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, steps, warmup, lr)
+                group["lr"] = schedule_factor("cosine", step, steps, warmup, min_ratio=0.1,
+                                                scale=lr)  # = the old cosine_lr, bit for bit
         loss, n_tokens = sft_loss(model(**inputs).logits, batch["labels"], documents)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
