@@ -254,15 +254,29 @@ hh_summary = pd.DataFrame({
     "equal length": [(words["chosen"] == words["rejected"]).float().mean().item()],
 }, index=["HH-RLHF harmless-base"])
 show_table(hh_summary, "hh_rlhf", CHAPTER)
+from ftbook.workbench import binomial_interval
+
+n_longer = int((words["chosen"] > words["rejected"]).sum())
+longer_low, longer_high = binomial_interval(n_longer, len(hh_clean))
+longer_verdict = ("less often than not" if longer_high < 0.5 else
+                  "more often than not" if longer_low > 0.5 else
+                  "about as often as not (the interval contains one half)")
+print(f"{len(bad)} of {len(hh_records)} pairs fail the checks; in the {len(hh_clean)} valid ones "
+      f"the longer reply is chosen in {n_longer / len(hh_clean):.1%} (95% Wilson interval "
+      f"{longer_low:.1%} to {longer_high:.1%}), so {longer_verdict}; "
+      f"{hh_summary['equal length'].item():.1%} of the pairs have replies of equal length")
+print(f"median words: prompt {words['prompt'].median():.0f}, chosen "
+      f"{words['chosen'].median():.0f}, rejected {words['rejected'].median():.0f}")
 
 # %% [markdown]
-# On the whole harmless-base split (2,312 pairs; the table shows this profile's subset), four
-# pairs have an empty reply, which the checks reject, and the longer reply is chosen in only 43%
-# of the pairs (995): the preferred answer to a harmful request is often a short refusal. Length
-# is a feature the labels correlate with, in either direction, and a reward model is free to
-# learn it instead of what the labeller meant. The multi-turn HH dialogues are also many times
-# longer than the running task's replies, which is one reason this book trains its reward model
-# on the synthetic task below and keeps HH-RLHF for inspection.
+# The printed lines read the table for this profile's subset. A few pairs have an empty reply,
+# which the checks reject. Whether the longer reply is chosen more or less often than not is
+# the second line's verdict, decided by its interval; on harmless-base data the preferred answer
+# to a harmful request is often a short refusal, which pulls the share down. Length is a feature
+# the labels correlate with, in either direction, and a reward model is free to learn it
+# instead of what the labeller meant. The multi-turn HH dialogues (the median prompt length is
+# printed) are also much longer than the running task's replies, which is one reason this book
+# trains its reward model on the synthetic task below and keeps HH-RLHF for inspection.
 #
 # ## The Bradley-Terry model
 #
@@ -996,9 +1010,10 @@ assert toy_eval["accuracy"] == 1.0
 # repetition loops); $g_\text{func} = \min(1, f / 0.2)$ with $f$ the share of function words
 # such as "the", "of", "is" (running text rather than a list of adjectives; they make up about
 # half of English text); and $g_\text{end} = 1$ if the reply ends a sentence (., ! or ?), else
-# $1/2$ (cut off mid-sentence). A reply with $g = 0$ gets $r_\text{floor} = -4$, about the
-# sentiment log-odds of a clearly negative review: to the reader, a non-answer is as bad as a
-# bad review. The cell after the code measures $g$ on real reviews and on degenerate replies.
+# $1/2$ (cut off mid-sentence). A reply with $g = 0$ gets $r_\text{floor} = -4$, a value on the
+# scale of the sentiment log-odds of a clearly negative review: to the reader, a non-answer is
+# as bad as a bad review (the cell after the code prints where a fluent negative review lands).
+# That cell measures $g$ on real reviews and on degenerate replies.
 #
 # **Preference pairs.** For each prompt the SFT policy samples two replies $a, b$; a simulated
 # labeller prefers $a$ with probability $\sigma(r^\star(a) - r^\star(b))$, eq. (7.1) with the gold
@@ -1304,6 +1319,19 @@ print(f"SST-2 validation sentences of >= 8 words ({len(reviews)}): mean g {revie
       f"g = 1 for {(review_g == 1).float().mean():.1%}")
 # by construction: one word, two words and the empty reply are far from reviews
 assert gold_table.loc[["one word", "two words", "empty"], "g(y)"].max() <= 2 / GOLD_MIN_WORDS
+floored = [name for name, row in gold_table.iterrows() if row["g(y)"] == 0 and name != "empty"]
+degenerate_s = gold_table.loc[floored, "s(y)"]
+negative_gold = gold_table.loc["fluent, negative", "gold r*(y)"]
+positive_s = gold_table.loc["fluent, positive", "s(y)"]
+print(f"the classifier alone: s(y) {degenerate_s.min():+.2f} to {degenerate_s.max():+.2f} for "
+      f"{', '.join(repr(n) for n in floored)}, against {positive_s:+.2f} for the fluent positive "
+      f"review: {'all of them' if degenerate_s.min() >= positive_s else 'not all of them'} "
+      f"at least as positive")
+print(f"the gate gives them g = 0, so r* = {GOLD_FLOOR:+.1f}, "
+      f"{'below' if GOLD_FLOOR < negative_gold else 'not below'} the fluent negative review "
+      f"({negative_gold:+.2f}); the fragment keeps g = "
+      f"{gold_table.loc['a fragment', 'g(y)']:.2f} of its sentiment, the reply cut off "
+      f"mid-sentence g = {gold_table.loc['cut off mid-sentence', 'g(y)']:.2f}")
 with Timer(DEVICE) as timer:
     policy, tokenizer = load_sft_model(PROFILE, DEVICE)  # 13-06; trained first if not cached
 timings["SFT policy (load or train)"] = timer.seconds
@@ -1522,9 +1550,10 @@ del rm_init, classifier, trainer
 # profile trains the head alone (`train_reward_head`): with the transformer frozen, the feature
 # $h_{T^\star}$ of each sequence never changes, so it is computed once, and (7.2) becomes a
 # logistic regression on feature differences, $r_\phi(a) - r_\phi(b) = w^\top(h_a - h_b)$,
-# with the same batches, schedule and clipping. With a few hundred pairs and $d = 576$ weights
-# it can fit the training labels almost perfectly, so weight decay carries the regularisation.
-# The held-out pairs are scored along the way.
+# with the same batches, schedule and clipping. The head has $d$ weights, about as many as
+# there are training pairs in the tiny profile (both printed below), enough to fit the training
+# labels closely, so weight decay carries the regularisation. The held-out pairs are scored along
+# the way.
 
 # %%
 seed_everything(SEED)
@@ -1536,6 +1565,20 @@ timings["train reward model"] = timer.seconds
 print(f"{cfg.steps} steps in {timer.seconds:.1f} s; training loss {rm_log.losses[0]:.3f} -> "
       f"{sum(rm_log.losses[-5:]) / len(rm_log.losses[-5:]):.3f} (mean of the last 5 steps)")
 print(pd.DataFrame(rm_log.evals).to_string(index=False))
+print(f"{reward_model.head.weight.numel()} head weights (d), {len(train_pairs)} training pairs")
+best_eval = min(rm_log.evals, key=lambda e: e["loss"])
+final_eval = rm_log.evals[-1]
+if best_eval["step"] < final_eval["step"]:
+    print(f"held-out loss is lowest at step {best_eval['step']} ({best_eval['loss']:.3f}, "
+          f"accuracy {best_eval['accuracy']:.3f}) and ends "
+          f"{final_eval['loss'] - best_eval['loss']:.3f} above it at step {final_eval['step']} "
+          f"(accuracy {final_eval['accuracy']:.3f}), while "
+          f"the training loss falls to the end: the held-out loss stops improving before training "
+          f"ends")
+else:
+    print(f"held-out loss is lowest at the last step, {final_eval['step']} "
+          f"({final_eval['loss']:.3f}, accuracy {final_eval['accuracy']:.3f}): it improves "
+          f"until training ends")
 
 # %% [markdown]
 # ### Held-out accuracy against its ceiling
@@ -1587,6 +1630,40 @@ accuracy = pd.DataFrame({
         "longer reply wins": agreement(words_chosen, words_rejected),
         "constant reward": 0.5}})
 show_table(accuracy, "rm_accuracy", CHAPTER, floatfmt="{:.3f}")
+
+
+def wilson(accuracy: float) -> tuple[float, float]:
+    return binomial_interval(round(accuracy * n_eval), n_eval)
+
+
+rm_low, rm_high = wilson(accuracy.loc["reward model", "held-out accuracy"])
+ceiling_low, ceiling_high = wilson(accuracy.loc["gold reward (ceiling)", "held-out accuracy"])
+if rm_high < ceiling_low:
+    print("the reward model's interval lies below the ceiling's: it is measurably worse than the "
+          "gold reward on these labels")
+else:
+    print(f"the two intervals overlap ({rm_low:.3f} to {rm_high:.3f} and {ceiling_low:.3f} to "
+          f"{ceiling_high:.3f}): this run does not resolve how far below the ceiling the reward "
+          f"model is")
+if rm_low > 0.5:
+    print(f"the reward model is above chance: its interval starts {rm_low - 0.5:.3f} above 0.5")
+else:
+    print("the reward model's interval contains 0.5: this run does not show it above chance")
+rm_agree = accuracy.loc["reward model", "agreement with the gold ranking"]
+length_agree = accuracy.loc["longer reply wins", "agreement with the gold ranking"]
+print(f"agreement with the gold ranking (95% Wilson intervals): reward model "
+      f"{with_interval(rm_agree)}, longer reply wins {with_interval(length_agree)}")
+(rm_agree_low, rm_agree_high), (length_low, length_high) = wilson(rm_agree), wilson(length_agree)
+if rm_agree_high < length_low:
+    print("'the longer reply wins' agrees with the gold ranking more often than the reward model, "
+          "beyond both intervals: the reward model has not learned even length")
+elif length_high < rm_agree_low:
+    print("the reward model agrees with the gold ranking more often than 'the longer reply wins',"
+          " beyond both intervals: it has learned more than length")
+else:
+    print(f"the reward model agrees with the gold ranking "
+          f"{'less' if rm_agree < length_agree else 'more'} often than 'the longer reply wins' in "
+          f"this run, but the intervals overlap: the difference is not resolved")
 
 # %% [markdown]
 # ### Calibration
@@ -1656,6 +1733,20 @@ ece = {"vs empirical frequency": expected_calibration_error(calibration),
        "vs true probability": expected_calibration_error(calibration, "true")}
 print(f"ECE: {ece['vs empirical frequency']:.3f} against the empirical frequency, "
       f"{ece['vs true probability']:.3f} against the true BT probability")
+# the diagram is symmetric about (0.5, 0.5): the bins above 0.5 tell the whole story
+upper = calibration[calibration["predicted"] > 0.5]
+if len(upper):
+    upper_weights = upper["count"] / upper["count"].sum()
+    mean_predicted = float((upper_weights * upper["predicted"]).sum())
+    mean_true = float((upper_weights * upper["true"]).sum())
+    confidence = ("overconfident: its confident predictions are too confident, the usual shape "
+                  "of an overfitted scorer" if mean_predicted > mean_true else
+                  "not overconfident: its predictions are no more extreme than the truth")
+    print(f"on the pairs where it predicts more than 0.5, the reward model predicts "
+          f"{mean_predicted:.3f} on average, the true BT probability is {mean_true:.3f}: "
+          f"{confidence}")
+else:
+    print("the reward model predicts 0.5 for every pair: no confidence to calibrate")
 
 fig, ax = plt.subplots(figsize=(4.8, 4.2))
 ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="perfect calibration")
@@ -1760,8 +1851,8 @@ del loaded_rm
 # %% [markdown]
 # ## Reward hacking and over-optimisation
 #
-# The reward model is a proxy for the gold reward, fitted on a few hundred noisy labels of
-# replies the SFT policy writes. Optimising against it moves the policy to replies where the two
+# The reward model is a proxy for the gold reward, fitted on noisy labels of replies the SFT
+# policy writes. Optimising against it moves the policy to replies where the two
 # may disagree. The simplest optimiser is **best-of-$n$**: sample $n$ replies from the SFT policy
 # and keep the one with the highest proxy reward. Its strength is set by $n$ alone, and its
 # distance from the SFT policy has a formula.
@@ -1857,7 +1948,8 @@ def best_of_n_estimate(selector: torch.Tensor, values: torch.Tensor, n: int) -> 
 
 # %% [markdown]
 # Numerical checks of (7.7)-(7.9). On a discrete distribution with many outcomes the exact KL of
-# (7.8) approaches the formula; with four outcomes it stays well below it (the upper bound).
+# (7.8) approaches the formula; with four outcomes it stays below it (the upper bound), by the
+# printed shares.
 # A simulation of best-of-$n$ reproduces the distribution (7.8), and (7.9) agrees with averaging
 # over random subsets, both within their sampling error.
 
@@ -1874,6 +1966,9 @@ for support in (4, 100, 20_000):
                      "formula (7.7)": best_of_n_kl(n)})
 kl_check = pd.DataFrame(rows).set_index(["outcomes", "n"])
 show_table(kl_check, "bon_kl_check", CHAPTER)
+for support in (4, 20_000):
+    ratio = kl_check.loc[support, "exact KL (7.8)"] / kl_check.loc[support, "formula (7.7)"]
+    print(f"{support} outcomes: the exact KL is {ratio.min():.1%} to {ratio.max():.1%} of (7.7)")
 for (support, n), row in kl_check.iterrows():
     # (7.7) is an upper bound; the exact KL is a float64 sum over `support` outcomes of terms
     # whose n-th powers carry a relative error of about n u and whose logs are at most ln n + 1
@@ -1972,6 +2067,41 @@ ax.set(xlabel=r"KL$(\pi_n \| \pi_\mathrm{SFT})$ = log n - (n-1)/n  (nats)",
 ax.legend(fontsize=8)
 show_figure(fig, "best_of_n", CHAPTER)
 
+sample_g = torch.tensor([well_formedness(t) for t in bon_replies])
+below_zero = (gold_scores < 0).float().mean().item()
+sample_pass, review_pass = (sample_g == 1).float().mean().item(), (review_g == 1).float().mean()
+print(f"the SFT policy's {gold_scores.numel()} samples: g = 1 for {sample_pass:.1%} (mean g "
+      f"{sample_g.mean():.3f}), {'less' if sample_pass < review_pass else 'not less'} often than "
+      f"the SST-2 reviews ({review_pass:.1%}); {below_zero:.1%} have a gold reward below zero "
+      f"({'a majority' if below_zero > 0.5 else 'not a majority'})")
+last = bon.loc[N]
+gold_gain, gold_pm = last["gold reward gain"], last["gold reward gain +-"]
+frontier_gain = last["gold reward, selected by gold gain"]
+print(f"at n = {N} (KL {last['KL (7.7)']:.2f} nats): proxy gain {last['proxy reward gain']:.2f} "
+      f"± {last['proxy reward gain +-']:.2f}, gold gain {gold_gain:.2f} ± {gold_pm:.2f}, gold "
+      f"gain selecting by gold {frontier_gain:.2f} ± "
+      f"{last['gold reward, selected by gold gain +-']:.2f}")
+if gold_gain - gold_pm > 0:
+    print(f"the gold gain's interval excludes zero: optimising the proxy still helps at this KL, "
+          f"and it captures {gold_gain / frontier_gain:.0%} of the gold-selected gain")
+elif gold_gain + gold_pm < 0:
+    print("the gold gain's interval lies below zero: optimising the proxy hurts the gold reward")
+else:
+    print("the gold gain's interval contains zero: this run does not show that optimising the "
+          "proxy helps the gold reward")
+gold_curve = bon["gold reward gain"]
+# a dip smaller than the float64 rounding of (7.9) (as for the proxy above) is no dip
+gold_rounding = bon_rounding * gold_scores.abs().max().item() / max(proxy.abs().max().item(),
+                                                                   1e-30)
+drops = [(n_a, n_b) for n_a, n_b in zip(ns, ns[1:], strict=False)
+         if gold_curve[n_b] < gold_curve[n_a] - gold_rounding]
+if drops:
+    n_a, n_b = drops[0]
+    print(f"the gold gain is lower at n = {n_b} than at n = {n_a} ({gold_curve[n_a]:.2f} -> "
+          f"{gold_curve[n_b]:.2f}): a turn down, beyond noise only if the table's intervals say so")
+else:
+    print(f"the gold gain does not turn down at any n <= {N}: no over-optimisation is visible")
+
 # %% [markdown]
 # **What does the proxy pay for?** Reward hacking shows in *which* replies the proxy ranks first.
 # Three diagnostics on the $N$ samples per prompt: the correlation of each reward with the
@@ -1993,6 +2123,34 @@ hacking = pd.DataFrame({"Pearson correlation": {
     "proxy reward vs reply length (words)": correlation(proxy, lengths),
     "gold reward vs reply length (words)": correlation(gold_scores, lengths)}})
 show_table(hacking, "hacking", CHAPTER, floatfmt="{:.3f}")
+
+
+def fisher_interval(r: float, n: int) -> tuple[float, float]:
+    """95% interval of a Pearson correlation by Fisher's z, for n independent samples."""
+    z, half = math.atanh(max(min(r, 1 - 1e-12), -1 + 1e-12)), 1.96 / math.sqrt(n - 3)
+    return math.tanh(z - half), math.tanh(z + half)
+
+
+def compare(a: float, b: float) -> str:
+    """How correlation a compares with b, beyond their intervals or not."""
+    (a_low, a_high), (b_low, b_high) = (fisher_interval(x, proxy.numel()) for x in (a, b))
+    return ("more strongly than" if a_low > b_high else "less strongly than" if a_high < b_low
+            else "about as strongly as (the intervals overlap)")
+
+
+r_gold, r_proxy_len, r_gold_len = hacking["Pearson correlation"].tolist()
+for name, r in hacking["Pearson correlation"].items():
+    low, high = fisher_interval(r, proxy.numel())
+    print(f"{name}: {r:.3f} [{low:.3f}, {high:.3f}]")
+print(f"(95% Fisher intervals over {proxy.numel()} samples, taken as independent; replies to the "
+      f"same prompt are not, so the intervals are if anything too narrow)")
+if all(math.isfinite(r) for r in (r_gold, r_proxy_len, r_gold_len)) and r_proxy_len:
+    print(f"the proxy correlates with length {compare(r_proxy_len, r_gold)} with the gold "
+          f"reward; the gold reward correlates with length {compare(r_gold_len, r_proxy_len)} "
+          f"the proxy ({r_gold_len / r_proxy_len:.2f} times)")
+else:
+    print("the correlations are undefined or zero (a reward or the length is constant): no "
+          "comparison")
 top_proxy, top_gold = proxy.argmax(1), gold_scores.argmax(1)
 for j in range(min(3, len(bon_prompts))):
     i, k = top_proxy[j].item(), top_gold[j].item()
@@ -2005,6 +2163,40 @@ degenerate_rewards = score_replies(reward_model, tokenizer, [bon_prompts[0]] * l
 gold_table["reward model"] = degenerate_rewards.tolist()
 print(f"the by-hand replies as answers to {bon_prompts[0]!r}:")
 show_table(gold_table, "rm_on_degenerate", CHAPTER, floatfmt="{:.2f}")
+rm_order = gold_table["reward model"].sort_values(ascending=False)
+print("the reward model's order, best first:", " > ".join(rm_order.index))
+# how far each scorer separates the two fluent reviews (sentiment) and the fluent positive
+# review from the replies with g = 0 (form), as a share of its own range over these replies
+shares = {}
+for column in ("gold r*(y)", "reward model"):
+    scores_by_hand = gold_table[column]
+    spread = scores_by_hand.max() - scores_by_hand.min()
+    shares[column] = ((scores_by_hand["fluent, positive"]
+                       - scores_by_hand["fluent, negative"]) / spread,
+                      (scores_by_hand["fluent, positive"]
+                       - scores_by_hand[gold_table["g(y)"] == 0].mean()) / spread)
+    print(f"{column}: fluent positive - fluent negative = {shares[column][0]:.0%} of its range, "
+          f"fluent positive - mean of the g = 0 replies = {shares[column][1]:.0%}")
+# each separation of the reward model relative to the gold reward's
+if min(shares["gold r*(y)"]) > 0.05:  # the gold reward separates both, by 5% of its range
+    sentiment_kept, form_kept = (shares["reward model"][k] / shares["gold r*(y)"][k]
+                                 for k in (0, 1))
+    learned_better = ("form better than sentiment" if form_kept > sentiment_kept
+                      else "sentiment at least as well as form")
+    print(f"relative to the gold reward, the reward model keeps {sentiment_kept:.0%} of the "
+          f"sentiment separation and {form_kept:.0%} of the form separation: on these replies "
+          f"it has learned {learned_better}")
+else:
+    print("the gold reward hardly separates these replies here: no comparison of what the "
+          "reward model has learned")
+negative_rank = list(rm_order.index).index("fluent, negative") + 1
+gold_rank = list(gold_table["gold r*(y)"].sort_values(ascending=False).index).index(
+    "fluent, negative") + 1
+print(f"the fluent negative review ranks {negative_rank} of {len(rm_order)} by the reward model, "
+      f"{gold_rank} by the gold reward; by the reward model it is "
+      f"{rm_order['fluent, positive'] - rm_order['fluent, negative']:.2f} below the fluent "
+      f"positive one (gold: "
+      f"{gold_table.loc['fluent, positive', 'gold r*(y)'] - negative_gold:.2f})")
 
 timings_table = pd.DataFrame({"seconds": timings})
 show_table(timings_table, "timings", CHAPTER, floatfmt="{:.1f}")
@@ -2012,48 +2204,61 @@ show_table(timings_table, "timings", CHAPTER, floatfmt="{:.1f}")
 # %% [markdown]
 # ## Results and discussion
 #
-# **The gold reward.** On the hand-written replies, (7.1b) behaves as a reader would. The
-# sentiment classifier alone finds "great", "great film", a list of adjectives and a repetition
-# loop as positive as a fluent, warm review (about +3 logits each); the gate sets them all to the
-# floor of $-4$, below the fluent negative review. A fragment keeps a quarter of its sentiment
-# and a reply cut off mid-sentence half of it. Real reviews pass the gate: more than nine in ten
-# SST-2 validation sentences of eight words or more have $g = 1$. The SFT policy's own samples
-# do not: they ramble, stop mid-sentence or drift off topic, and most of them score below zero.
+# **The gold reward.** On the hand-written replies, (7.1b) behaves as a reader would. The lines
+# under the gold-reward table show it. The sentiment classifier alone scores "great", "great
+# film", a list of adjectives and a repetition loop next to a fluent, warm review, and the first
+# line says whether all of them come out at least as positive. The gate gives them $g = 0$ and so
+# the floor of $-4$; the second line says whether that lies below the fluent negative review. A
+# fragment keeps a quarter of its sentiment and a reply cut off mid-sentence half of it
+# ($g_\text{len}$ and $g_\text{end}$ by definition).
+#
+# Real reviews pass the gate: the next line gives the share of SST-2 validation sentences of
+# eight words or more with $g = 1$. A line under the best-of-$n$ figure says whether the SFT
+# policy's own samples pass it less often and whether most of them score below zero; the samples
+# printed after it show how they fail (rambling, stopping mid-sentence, drifting off topic).
 # That leaves a policy optimised against this gold (13-08, 13-09) room to improve by writing
 # complete, positive review sentences, and none by collapsing its replies to one word.
 #
-# **Accuracy.** Trained on 555 comparisons (all six pairs of four replies to each of 96
-# prompts), the frozen-feature reward model orders 59% of the 122 held-out pairs as the labels
-# do (95% interval 50 to 67%). The ceiling is the gold reward's own accuracy on the same noisy
-# labels, 68% (60 to 76%); its expected value $\mathbb{E}\,\sigma(|\Delta r^\star|)$ is 74%.
-# The two intervals overlap, so this run does not resolve how far below the ceiling the reward
-# model is; it does resolve that it is above chance only barely. Against the gold *ranking*, the
-# number that matters for optimisation, it agrees on 62% of pairs. "The longer reply wins" agrees
-# with the gold ranking on 70%: the gold reward's length gate makes length a strong feature, and
-# the reward model has not fully learned even that. The training log shows why a linear head on
-# frozen features with a few hundred comparisons is fragile: held-out loss is lowest after 50
-# steps (accuracy 65% there) and rises afterwards while the training loss keeps falling. We
-# report the final model rather than pick the step by the held-out pairs.
+# **Accuracy.** The data cell prints how many comparisons the reward model trained on (all
+# pairs of the replies to each training prompt) and how many held-out pairs it is judged on.
+# The accuracy line gives its held-out accuracy and the gold reward's, the ceiling on the same
+# noisy labels, each with its 95% Wilson interval; the table adds the ceiling's expected value
+# $\mathbb{E}\,\sigma(|\Delta r^\star|)$. The lines under the table decide, from the intervals,
+# whether this run resolves the gap to the ceiling and whether the reward model is above chance.
+# Against the gold *ranking*, the number that matters for optimisation, the next line compares
+# the reward model with the "longer reply wins" heuristic: the gold reward's length gate makes
+# length a strong feature, and whether the reward model has learned more or less than length is
+# resolved only if the two intervals separate. The training log shows why a linear head on
+# frozen features, with about as many weights as comparisons, is fragile: the line under it
+# reports where the held-out loss is lowest and whether it stops improving while the training
+# loss keeps falling. We report the final model rather than pick the step by the held-out pairs.
 #
-# **Calibration.** The expected calibration error is about 0.1 against both the empirical
-# frequencies and the true Bradley-Terry probabilities. The diagram shows the usual shape of an
-# overfitted scorer: its confident predictions are too confident.
+# **Calibration.** The two expected calibration errors are printed under the table, against the
+# empirical frequencies and against the true Bradley-Terry probabilities. The line after them
+# reads the diagram: averaged over the pairs it favours, does the reward model predict more
+# extreme probabilities than the true ones (overconfident, the usual shape of an overfitted
+# scorer) or not.
 #
-# **Best-of-$n$.** With 8 samples per prompt ($n \le 8$, KL up to 1.2 nats), the proxy reward of
-# the chosen reply rises by construction, and the gold reward rises with it: at $n = 8$ the gold
-# gain is about 1.4, with a 95% interval over the 32 prompts that excludes zero. Selecting by the
-# gold reward itself, the frontier a perfect reward model would reach on the same samples, gains
-# about 2.2. So the proxy captures part of what the gold reward pays for, and at this KL budget
-# optimising it still helps. Over-optimisation, the gold reward turning down as $n$ grows, is
-# not visible at $n \le 8$; Gao et al. see the peak of best-of-$n$ at a few nats of KL, beyond
-# what 8 samples reach. The correlations show what the proxy pays for: it correlates with reply
-# length about as strongly as with the gold reward itself, while the gold reward correlates with
-# length only about half as much. The by-hand replies, scored by the reward model as answers to
-# one held-out prompt, say the same: it ranks the fluent positive review first and the one- and
-# two-word replies and the empty one last, but it scores the fluent negative review close to
-# the positive one and above the fragment. It has learned form and length better than
-# sentiment. A reward model like that is what PPO in 13-08 will exploit, and the gold reward is
-# what will tell.
+# **Best-of-$n$.** The proxy reward of the chosen reply rises with $n$ by construction (the cell
+# asserts it). The lines under the figure give, at the largest $n$ and its KL, the proxy gain,
+# the gold gain of the replies the proxy picks, and the gold gain of selecting by the gold reward
+# itself, the frontier a perfect reward model would reach on the same samples, each with its 95%
+# interval over the prompts. If the gold gain's interval excludes zero, the proxy captures part
+# of what the gold reward pays for (the printed share of the frontier) and at this KL budget
+# optimising it still helps. Over-optimisation is the gold reward turning down as $n$ grows; the
+# last line says whether it does anywhere in this range. Gao et al. see the peak of best-of-$n$
+# at a few nats of KL; the printed KL of the largest $n$ says how far this experiment reaches.
+#
+# The correlations show what the proxy pays for. The lines under the correlation table compare,
+# with Fisher intervals, how strongly the proxy follows reply length and the gold reward, and how
+# strongly the gold reward follows length. The by-hand replies, scored by the reward model as
+# answers to one held-out prompt, are an illustration rather than a measurement: the printed
+# order shows where the fluent reviews, the fragments and the one- and two-word replies land,
+# and the last lines measure, as shares of each scorer's range, how much of the gold reward's
+# separation between the two fluent reviews (sentiment) and between a review and the $g = 0$
+# replies (form) the reward model keeps, and which it has learned better. A reward model that
+# has learned form and length better than sentiment is what PPO in 13-08 will exploit, and the
+# gold reward is what will tell.
 
 # ## Pitfalls
 #
@@ -2095,7 +2300,8 @@ show_table(timings_table, "timings", CHAPTER, floatfmt="{:.1f}")
 # - Held-out accuracy is read against the gold reward's ceiling, with intervals; calibration
 #   against the true Bradley-Terry probability, which the synthetic task makes available.
 # - Best-of-$n$ moves $\log n - (n-1)/n$ nats from the SFT policy, eq. (7.7) (an upper bound for
-#   discrete policies, 7.8); optimising the learned reward raises it faster than the gold reward.
+#   discrete policies, 7.8); it raises the learned reward by construction, and only the gold
+#   reward, measured next to it, says how much of that gain is real.
 #
 # ## Exercises
 #
