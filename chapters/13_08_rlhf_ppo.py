@@ -17,8 +17,9 @@
 # ```{admonition} At a glance
 # :class: tip
 # **Prerequisites:** {ref}`reward-modeling` (13-07). **Recommended:** 14-07 (PPO in general RL).
-# **Reading time:** ~15 min; the tiny profile runs in about 15 minutes on 2 CPU cores (eight
-# PPO runs on the 135M-parameter SFT model of 13-06, about 100 s each with their evaluation).
+# **Reading time:** ~15 min; the tiny profile is budgeted at about 15 minutes on 2 CPU cores
+# (eight PPO runs on the 135M-parameter SFT model of 13-06; Experiment 4 prints the time this
+# run took).
 # **You will build** `ftbook.rlhf_ppo`: PPO for language models in one file, in the spirit of
 # CleanRL: a sampling loop with the KV cache that records the behaviour policy's log-probabilities
 # and values, the per-token KL penalty against the frozen SFT model, generalised advantage
@@ -200,12 +201,28 @@ assert (kl_table["k3 bias"].abs() < 5 * standard_error).all()  # unbiased
 # and never noisier here: the closest pair differs by over 10% (Gaussians, mu = 1: 1.73 against
 # 2 exactly), where a standard deviation from 1e6 samples is uncertain by well under 1%
 assert (kl_table["k3 std/KL"] <= kl_table["k1 std/KL"]).all()
+spread_ratio = kl_table["k1 std/KL"] / kl_table["k3 std/KL"]
+for pair, row in kl_table.iterrows():
+    print(f"{pair}: std/KL of k1 {row['k1 std/KL']:.3g}, of k3 {row['k3 std/KL']:.3g} "
+          f"({spread_ratio[pair]:.1f} times smaller); k2 bias / KL {row['k2 bias'] / row['true KL']:+.3g};"
+          f" a k1 sample is negative {row['k1 < 0 (share)']:.0%} of the time")
+closest = kl_table["true KL"].idxmin()
+print(f"k3's advantage over k1 is largest for {spread_ratio.idxmax()!r}, "
+      + ("the closest pair" if spread_ratio.idxmax() == closest else
+         f"not for the closest pair ({closest!r})")
+      + "; k2's bias relative to the KL "
+      + ("rises" if (kl_table.sort_values("true KL")["k2 bias"] / kl_table.sort_values("true KL")[
+          "true KL"]).abs().is_monotonic_increasing else "does not rise monotonically")
+      + " with the true KL across the four pairs")
 
 # %% [markdown]
-# $k_1$ and $k_3$ are unbiased (their biases are within Monte Carlo error), and $k_3$ has the
-# smaller spread in every row; its advantage is largest when the distributions are close, where
-# a single $k_1$ sample is a small difference of two large log-probabilities and is negative
-# about half the time. $k_2$'s bias grows with the divergence. We use $k_1$ *inside the reward*,
+# $k_1$ and $k_3$ are unbiased (their biases are within Monte Carlo error, which the cell
+# asserts), and $k_3$ has the smaller spread in every row (asserted too). When the distributions
+# are close, a single $k_1$ sample is a small difference of two large log-probabilities, often
+# negative (the printed shares), and that is where the printed lines place $k_3$'s advantage.
+# $k_2$ is biased: for the Gaussians $\mathbb{E}[k_2] - \mathrm{KL} = \mu^4/8$ exactly, a share
+# $\mu^2/4$ of the KL that grows with the divergence; the last printed line says whether the
+# categorical pairs follow suit. We use $k_1$ *inside the reward*,
 # eq. (8.4), because its sum over tokens is exactly the sequence log-ratio, and report both
 # $k_1$ and $k_3$ of the sequences as the KL of a run. (GRPO in 13-09 puts $k_3$ in the loss.)
 #
@@ -1617,6 +1634,7 @@ shutil.rmtree(case_dir)
 # float64, relative to each tensor's largest |g|: (A.1) for a few dozen chained sums of <= 64
 # terms is ~1e-13 of the terms' magnitudes; 1e-9 leaves a factor 1e4 for cancellation (text)
 GRAD_TOL = 1e-9
+case_gaps = {}  # per dtype: what the lines below print
 print(f"accelerate launch, {two_processes[torch.float32]['processes']} processes, backend "
       f"{two_processes[torch.float32]['backend']}: {launch_timer.seconds:.1f} s")
 for dtype in CASE_DTYPES:
@@ -1630,6 +1648,8 @@ for dtype in CASE_DTYPES:
     g_there = one["grad"][worst].flatten()[param_gap[worst].argmax()].abs().item()
     moved = max((one["state"][k] - case_policy.state_dict()[k].to(dtype)).abs().max().item()
                 for k in one["state"])
+    case_gaps[dtype] = {"grad": grad_gap, "param": param_gap[worst].max().item(),
+                        "g_there": g_there, "moved": moved}
     print(f"{str(dtype).removeprefix('torch.')}: parameters moved by up to {moved:.1e}; one vs "
           f"two processes: first gradient max |diff| / max |g| = {grad_gap:.1e}; parameters "
           f"after the update max |diff| = {param_gap[worst].max():.1e} (an entry with "
@@ -1640,13 +1660,26 @@ for dtype in CASE_DTYPES:
         assert grad_gap <= GRAD_TOL
 print("statistics on two processes (float32):",
       {k: round(v, 4) for k, v in two_processes[torch.float32]["stats"].items()})
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default
+f32 = case_gaps[torch.float32]
+print(f"the update moved the parameters by up to {f32['moved'] / case_config.lr:.1f} times the "
+      f"learning rate {case_config.lr:g}")
+print("float32: the parameters after the update differ by "
+      f"{f32['param'] / case_config.lr:.1e} of the learning rate, the first gradients by "
+      f"{f32['grad']:.1e} of their largest entry: "
+      + (f"the parameters differ by more, at an entry whose |g| is "
+         f"{f32['g_there'] / ADAM_EPS:.1f} times Adam's epsilon"
+         if f32["param"] / case_config.lr > f32["grad"] else
+         "the parameters differ by no more than the gradients (this run's rounding hit no "
+         "entry with a tiny gradient)"))
 
 # %% [markdown]
-# The update moves the parameters by about the learning rate. In float64 the first gradient of
-# two processes agrees with that of one process to float64 rounding: the token count, the
-# whitening and the clipping are global, as the algorithm requires. In float32 the gradients
-# agree to float32 rounding, yet the parameters after the update differ by more, and the largest
-# difference sits at an entry whose gradient is tiny. That is AdamW, not DDP. With learning rate
+# The update moves the parameters by the multiple of the learning rate printed above. In
+# float64 the first gradient of two processes agrees with that of one process to float64
+# rounding (asserted): the token count, the whitening and the clipping are global, as the
+# algorithm requires. In float32 the gradients agree to float32 rounding, and the last printed
+# line compares the parameters after the update with them. Where the parameters differ by more,
+# at an entry whose gradient is tiny, that is AdamW, not DDP. With learning rate
 # $\eta$ and Adam's $\epsilon_\text{A} = 10^{-8}$, its first step is
 # $-\eta\, g / (|g| + \epsilon_\text{A})$ (after bias correction $\hat m = g$, $\hat v = g^2$),
 # whose slope in $g$ is $\eta\, \epsilon_\text{A} / (|g| + \epsilon_\text{A})^2$, up to
@@ -1708,7 +1741,7 @@ assert local_gap > 1e3 * GRAD_TOL  # the check above would catch local counts, b
 #
 # The language-model runs use the SFT model of 13-06 as initial policy and reference, and the
 # reward model and gold reward of 13-07. The toy problem runs with the same sizes in every
-# profile except smoke (it takes about a minute on one core).
+# profile except smoke (the seconds of its runs are in the first table of Experiment 1).
 
 # %%
 #| export
@@ -1841,18 +1874,33 @@ ax.set(yscale="log", xlabel="PPO step", ylabel=r"KL($\pi \,\|\, \pi^*$) = gap / 
        title=r"PPO on problems with a known optimum ($\beta$ = 0.5)")
 ax.legend()
 show_figure(fig, "toy_convergence", CHAPTER)
+for run in (bandit, tokens):
+    start_gap, end_gap = run["curve"]["kl_to_optimum"].iloc[0], run["final"]["kl_to_optimum"]
+    print(f"{run['label']}: KL(pi || pi*) {start_gap:.3f} -> {end_gap:.4f} nats after "
+          f"{run['final']['step']} steps ({end_gap / start_gap:.1%} of the initial gap left); "
+          f"J* - J = {run['final']['optimum'] - run['final']['objective']:.2e} "
+          f"= beta x KL(pi || pi*) = {toy_cfg.beta * end_gap:.2e}")
+gap_curves = {run["label"]: run["curve"]["kl_to_optimum"] for run in (bandit, tokens)}
+left = {label: gaps.iloc[1] / gaps.iloc[0] for label, gaps in gap_curves.items()}  # share left
+print(f"at the first evaluation (step {int(tokens['curve']['step'].iloc[1])}) the token-level "
+      f"problem has {left['token-level']:.0%} of its gap left, the bandit {left['bandit']:.0%}: "
+      "the token-level problem converges "
+      + ("more slowly" if left["token-level"] > left["bandit"] else "no more slowly")
+      + " than the bandit")
 if PROFILE != "smoke" and not rehearsing():  # a known answer at the real sizes: over 8 seeds
     # at most 4% of the gap remained (sd 0.8%)
     for run in (bandit, tokens):  # at least 90% of the initial gap closed
         assert run["final"]["kl_to_optimum"] < 0.1 * run["curve"]["kl_to_optimum"].iloc[0]
 
 # %% [markdown]
-# Both runs close the gap to the optimum of (8.2) from where the reference policy starts to a
-# few hundredths of a nat: PPO with the per-token KL penalty, GAE and the clipped losses solves
-# the KL-regularised problem (8.1), not some nearby one. The objective reaches $\beta \log Z$ up
-# to $\beta$ times the remaining KL, eq. (8.3). The token-level problem converges more slowly
-# than the bandit: the credit for the reply's reward must travel back through the value
-# function to the first token.
+# Both runs close the gap to the optimum of (8.2) from where the reference policy starts; the
+# printed lines give the share that remains (at the tiny and full sizes the cell asserts that at
+# least 90% of it is closed). PPO with the per-token KL penalty, GAE and the clipped losses solves
+# the KL-regularised problem (8.1), not some nearby one, and the objective reaches
+# $\beta \log Z$ up to $\beta$ times the remaining KL, eq. (8.3). Where the token-level problem
+# converges more slowly than the bandit (the last printed line), the reason is credit
+# assignment: the reward for the reply must travel back through the value function to the first
+# token.
 #
 # ### Experiment 2: the adaptive KL controller
 #
@@ -1901,14 +1949,24 @@ adaptive_table = pd.DataFrame([
      "exact KL(pi || pi_ref) at the end": run["final"]["kl_ref"]}
     for beta0, run in adaptive.items()]).set_index("start")
 show_table(adaptive_table, "adaptive_kl", CHAPTER)
+for start, row in adaptive_table.iterrows():
+    end_off = abs(math.log(row["exact KL(pi || pi_ref) at the end"] / kl_target))
+    fixed_off = abs(math.log(row["KL of the fixed-beta0 optimum"] / kl_target))
+    print(f"{start}: beta ends at {row['final beta']:.3f} ({row['final beta'] / 0.5:.2f} times "
+          f"0.5); the exact KL ends at {row['exact KL(pi || pi_ref) at the end']:.3f}, "
+          f"{row['exact KL(pi || pi_ref) at the end'] / kl_target:.2f} times the target "
+          f"{kl_target:.3f}, where a fixed beta0 would settle at "
+          f"{row['KL of the fixed-beta0 optimum'] / kl_target:.2f} times it: "
+          + ("closer to the target" if end_off < fixed_off else "not closer to the target"))
 if PROFILE != "smoke" and not rehearsing():  # a known answer at the real sizes: over 8
     # seeds the final beta was 0.47-0.54 (sd 0.02)
     assert all(0.4 < run["history"]["beta"].iloc[-1] < 0.625 for run in adaptive.values())
 
 # %% [markdown]
-# From either side, $\beta$ walks back to the neighbourhood of 0.5 (the table gives where it
-# ends) and the policy's exact KL ends near the target, while a fixed $\beta_0$ would have
-# settled at a KL that differs from the target by the factor the table shows. The controller's step is bounded (2% per PPO step with
+# The printed lines say, for each start, where $\beta$ ends relative to 0.5 and whether the
+# policy's exact KL ends closer to the target than a fixed $\beta_0$ would have settled (at the
+# tiny and full sizes the cell asserts that $\beta$ ends between 0.4 and 0.625, from either
+# side). The controller's step is bounded (2% per PPO step with
 # $K_\beta = 0.1$), so it needs a few dozen steps to correct a factor of two; the batch KL it
 # reacts to is noisy, which the clip of (8.13) absorbs.
 #
@@ -1917,7 +1975,8 @@ if PROFILE != "smoke" and not rehearsing():  # a known answer at the real sizes:
 # **Reward normalisation, what $\beta$ means.** A reward model's scale is arbitrary (13-07's
 # Bradley-Terry model is identified only up to a constant, and its scale grows with training).
 # Multiply the toy's reward by $s$ and keep $\beta = 0.5$: the optimum's KL from the reference,
-# computed exactly from (8.2), changes by an order of magnitude across $s \in [0.25, 4]$.
+# computed exactly from (8.2), changes by an order of magnitude across $s \in [0.25, 4]$ (the cell
+# prints the factor and asserts that it exceeds ten).
 # With (8.14), the reward is divided by its standard deviation under $\pi_\text{ref}$, and the
 # KL budget that $\beta$ buys no longer depends on $s$. No training is needed to see this; it is
 # a property of (8.2).
@@ -1992,6 +2051,19 @@ print(f"final KL(pi || pi*) minus the full recipe's on the same seed, {cfg.toy_s
       + "; ".join(f"{arm} {row['minus full recipe']:+.3f} +/- {row['+/- (95%)']:.3f}"
                   for arm, row in arm_table.dropna(subset=["minus full recipe"]).iterrows()))
 
+
+def resolved_arms(table: pd.DataFrame) -> str:
+    """The arms whose difference from the full recipe is resolved, with its sign, as a line."""
+    worse = [arm for arm, row in table.dropna(subset=["minus full recipe"]).iterrows()
+             if row["resolved"] and row["minus full recipe"] > 0]
+    better = [arm for arm, row in table.dropna(subset=["minus full recipe"]).iterrows()
+              if row["resolved"] and row["minus full recipe"] < 0]
+    return (f"established by this run (95% interval excludes 0): worse than the full recipe: "
+            f"{', '.join(worse) or 'none'}; better: {', '.join(better) or 'none'}")
+
+
+print(resolved_arms(arm_table))
+
 # %% [markdown]
 # The last columns compare each arm with the full recipe seed by seed: the mean difference of
 # the final gap, the half-width of its 95% interval over the seeds, and whether that interval
@@ -2004,9 +2076,10 @@ print(f"final KL(pi || pi*) minus the full recipe's on the same seed, {cfg.toy_s
 # settle: a larger final gap, but a smaller effect, which a few seeds may not resolve. A
 # difference whose interval includes zero is not established by this run, whatever its sign.
 #
-# **Whitening and gradient clipping under a faulty reward.** On this toy, with Adam, removing
-# whitening or gradient clipping from the recipe changes little (Adam already rescales each
-# parameter's step). Both earn their place when something goes wrong. A reward model queried
+# **Whitening and gradient clipping under a faulty reward.** On this toy, with Adam, whitening
+# and gradient clipping have little to do while the reward behaves (Adam already rescales each
+# parameter's step; we do not run that comparison here). Both earn their place when something
+# goes wrong. A reward model queried
 # far from its training data can return an extreme score, and a policy finds such inputs. We
 # inject one: at PPO step 30, a single reply of the batch scores $10^4$ instead of its true
 # reward. Whitening bounds the advantage any one token can get (after whitening,
@@ -2071,13 +2144,23 @@ show_table(fault_table, "reward_fault", CHAPTER)
 print(f"final KL(pi || pi*) minus the full recipe's on the same seed, {cfg.toy_seeds} seed(s): "
       + "; ".join(f"{arm} {row['minus full recipe']:+.3f} +/- {row['+/- (95%)']:.3f}"
                   for arm, row in fault_table.dropna(subset=["minus full recipe"]).iterrows()))
+for arm, runs in fault_runs.items():  # the gradient norm at the fault over its usual size
+    norms = [run["history"].set_index("step")["grad_norm"] for run in runs]
+    ratio = max(n[FAULT_STEP] / n.drop(FAULT_STEP).median() for n in norms)
+    row = fault_table.loc[arm]
+    print(f"{arm}: gradient norm at the fault up to {ratio:.0f} times its median over the other "
+          f"steps; KL(pi || pi*) {row['KL(pi || pi*) before the fault']:.3f} before, "
+          f"{row['worst after']:.3f} at worst after, {row['end']:.3f} at the end")
+print(resolved_arms(fault_table))
 
 # %% [markdown]
-# The gradient norms show the fault: tens of times the usual norm. With either defence, a
-# bounded advantage or a bounded step, the fault can move the policy only so far, and the run
-# can recover; without both, the policy is thrown away from the optimum and then stalls: Adam's
-# second-moment estimate has absorbed the huge gradient, and with $\beta_2 = 0.999$ it
-# remembers it for hundreds of steps, shrinking every later update. The figure shows one seed;
+# The gradient norms show the fault (the printed ratios to each run's usual norm). With either
+# defence, a bounded advantage or a bounded step, the fault can move the policy only so far, and
+# the run can recover; without both, we expect the policy to be thrown away from the optimum and
+# then to stall: Adam's second-moment estimate has absorbed the huge gradient, and with
+# $\beta_2 = 0.999$ it remembers it for hundreds of steps, shrinking every later update. The
+# printed lines give, per arm, the gap before the fault, at its worst after it and at the end,
+# and which arms differ from the full recipe beyond their interval. The figure shows one seed;
 # the table's last columns give each arm's final gap minus the full recipe's on the same seed,
 # with its 95% interval over the seeds, and only a difference whose interval excludes zero is
 # established by this run (the tiny profile has two seeds, so only a large and consistent
@@ -2103,8 +2186,9 @@ print(f"final KL(pi || pi*) minus the full recipe's on the same seed, {cfg.toy_s
 #
 # The policy is a trainable copy of the SFT model. In the smoke and tiny profiles it trains
 # LoRA adapters (13-02) on the last blocks only, a budget choice: backpropagation then stops at
-# the first adapted block, and a PPO step on 2 CPU cores costs about half as much as with
-# adapters everywhere; the full profile trains every weight, as Ouyang et al. (2022) did. The
+# the first adapted block, which saves the backward pass through the blocks below it (the FLOP
+# count of each run accounts for it); the full profile trains every weight, as Ouyang et al.
+# (2022) did. The
 # reference is the SFT model itself, frozen.
 
 # %%
@@ -2438,22 +2522,77 @@ print(f"main run, beta = {main_beta}, {int(headline['seeds'])} seeds: gold "
       f"+- {headline['KL ±']:.2f} nats per reply")
 
 # %% [markdown]
-# **This run (tiny profile).** PPO raises the gold reward. At the main $\beta = 0.1$, over
-# three seeds, the held-out gold reward rises from $-1.94$ (SFT) to $-1.33$: a gain of $0.61$
-# with a standard error (8.15) of $0.21$, three standard errors, at a KL of about 1.5 nats per
-# reply from the reference (the interval over three seeds is wide, $\pm 1.2$, because one seed
-# travelled much farther than the other two). The other two values of $\beta$ gain too, but
-# by 2.0 ($\beta = 0.02$) and 1.7 ($\beta = 0.5$) standard errors, at or below the bar of two.
-#
-# Where the gain comes from: the sentiment ingredient $s(y)$ of the gold rises from 0.37 to
-# 0.90, the well-formedness $g(y)$ barely moves (0.47 to 0.54). The proxy reward itself rises
-# by only about 0.2 raw units (about a fifth of its standard deviation on SFT replies): 13-07's
-# reward model agrees with the gold on 59% of held-out pairs, a weak signal, and four PPO steps
-# follow it only a little way. The hack indicators move too: replies grow from 22 to 27 tokens
-# and the share that ends with EOS before the 32-token limit falls from 0.48 to 0.30. That is
-# the reward model's length bias (13-07 measured a correlation of about 0.5 between its score
-# and the reply length). It is an exploit the gold penalises rather than rewards: its ending
-# factor halves the credit of a reply cut mid-sentence, eq. (7.1b).
+# **This run.** What the table supports, in sentences written from its numbers: each change
+# over the SFT policy with its standard error (8.15), counted as established only beyond two
+# standard errors.
+
+# %%
+def gain_and_se(column: str, beta: float = main_beta) -> tuple[float, float]:
+    """Gain of `column` over the SFT policy at `beta`, averaged over the seeds, and its standard
+    error (8.15) (nan with one seed)."""
+    group = recipe[recipe["beta"] == beta]
+    gains = group[column] - sft_means[column]
+    return gains.mean(), math.sqrt(gains.var(ddof=1) / len(gains)
+                                   + sft_eval[column].var() / n_eval)
+
+
+def change(gain: float, se: float, up: str = "rises", down: str = "falls") -> str:
+    """How a change reads: beyond two standard errors one way or the other, or not resolved."""
+    if gain > 2 * se:
+        return f"{up} by more than two standard errors"
+    if gain < -2 * se:
+        return f"{down} by more than two standard errors"
+    return "does not move by more than two standard errors"
+
+
+gold_gain, gold_se = headline["gold gain"], headline["SE of gain (8.15)"]
+print(f"At the main beta = {main_beta} ({int(headline['seeds'])} seeds) the held-out gold reward "
+      f"{change(gold_gain, gold_se)}: {sft_means['gold_reward']:.2f} (SFT) -> "
+      f"{headline['gold']:.2f}, a gain of {gold_gain:+.2f} +- {gold_se:.2f} (SE), "
+      f"{gold_gain / gold_se:.1f} standard errors")
+main_kls = recipe[recipe["beta"] == main_beta]["kl"]
+print(f"its KL from the reference: {headline['KL (nats/reply)']:.2f} +- {headline['KL ±']:.2f} "
+      f"nats per reply (95% over seeds); per seed "
+      + ", ".join(f"{kl:.2f}" for kl in main_kls))
+for beta, row in frontier.drop(main_beta).iterrows():
+    print(f"beta = {beta:g} ({int(row['seeds'])} seed(s)): gold gain {row['gold gain']:+.2f} +- "
+          f"{row['SE of gain (8.15)']:.2f}, {row['gain / SE']:.1f} standard errors: the gold "
+          f"reward {change(row['gold gain'], row['SE of gain (8.15)'])}")
+for column, name in (("sentiment", "the sentiment s(y)"), ("well_formed", "the well-formedness g(y)"),
+                     ("proxy_reward", "the proxy reward (raw RM score)"),
+                     ("length", "the reply length (tokens)"), ("eos_rate", "the EOS rate")):
+    gain, se = gain_and_se(column)
+    print(f"at beta = {main_beta}, {name} {change(gain, se)}: {sft_means[column]:.3g} (SFT) -> "
+          f"{sft_means[column] + gain:.3g}, {gain:+.3g} +- {se:.2g}")
+proxy_gain, _ = gain_and_se("proxy_reward")
+print(f"the proxy gain is {proxy_gain / sft_eval['proxy_reward'].std():.2f} standard deviations "
+      f"of the reward model's scores of SFT replies, after {cfg.steps} PPO steps")
+length_gain, length_se = gain_and_se("length")
+length_r = sft_eval["proxy_reward"].corr(sft_eval["length"])
+if length_gain > 2 * length_se and length_r > 0:
+    print(f"the replies grew, the way the reward model's score rises with length (correlation "
+          f"{length_r:.2f} on the SFT replies): the reward model's length bias at work")
+elif length_gain > 2 * length_se:
+    print(f"the replies grew, although the reward model's score does not rise with length on "
+          f"the SFT replies (correlation {length_r:.2f})")
+else:
+    print(f"the replies did not grow beyond two standard errors: no sign of a length exploit "
+          f"(the reward model's score correlates with length at {length_r:.2f} on SFT replies)")
+
+# %% [markdown]
+# How to read these lines. The gold gain is the measurement the chapter is after; a $\beta$
+# whose gain lies within two standard errors of zero is not shown to help by this run,
+# whatever its sign. The interval of the KL is over seeds, and the per-seed values show how
+# evenly the seeds travelled: in a run this short, one seed can move much farther than the
+# others. The gold's sentiment ingredient $s(y)$ is what the reward model learned to see; its
+# well-formedness $g(y)$ is what it sees poorly; so a gain carried by $s(y)$ is the expected
+# shape. The proxy is a weak signal (13-07 reports how often the reward model agrees with the
+# gold on held-out pairs, far from always), and a few PPO steps follow it only a little way
+# (the proxy gain, in standard deviations of its scores). Length and EOS rate are the hack
+# indicators: replies that grow while fewer of them end with EOS before the limit are the
+# reward model's length bias at work (the last line decides whether this run shows it). That
+# is an exploit the gold penalises rather than rewards: its ending factor halves the credit of a
+# reply cut mid-sentence, eq. (7.1b).
 
 # %% [markdown]
 # The training curves of the main $\beta$, one thin line per seed and their mean in bold. The
@@ -2481,15 +2620,27 @@ fig.suptitle(rf"PPO on the sentiment task, $\beta$ = {main_beta}: training batch
              f"{cfg.ppo.batch_size} replies, {int(headline['seeds'])} seeds")
 fig.tight_layout()
 show_figure(fig, "training_curves", CHAPTER)
+step_means = main_history.groupby("step")[[c for c, _ in panels]].mean()  # over seeds
+first_step, last_step = step_means.index.min(), step_means.index.max()
+print(f"training batches, mean over seeds, step {first_step} -> step {last_step}: "
+      + "; ".join(f"{column} {step_means.loc[first_step, column]:.3g} -> "
+                  f"{step_means.loc[last_step, column]:.3g}" for column, _ in panels))
+length_move = step_means.loc[last_step, "length"] - step_means.loc[first_step, "length"]
+eos_move = step_means.loc[last_step, "eos_rate"] - step_means.loc[first_step, "eos_rate"]
+print("over training, reply length and EOS rate "
+      + ("moved in opposite directions, the signature of the length bias"
+         if length_move * eos_move < 0 else "did not move in opposite directions"))
 
 # %% [markdown]
-# What to read in the curves. They are the training batches (16 replies each), so they are
-# noisy; the held-out table above is the measurement. The KL grows from 0 as the policy leaves
-# the reference; the clip fraction (how often a token's ratio left
-# $[1-\varepsilon, 1+\varepsilon]$ during the update) starts near 10% and falls to a few percent;
-# the value loss falls as the value head learns the returns. In the bottom row, length and EOS
-# rate drift in opposite directions, the signature of the length bias; the gold reward and its
-# sentiment part move up, noisily, while the well-formedness stays near its SFT level.
+# What to read in the curves. They are the training batches (the batch size is in the title),
+# so they are noisy; the held-out lines above are the measurement, and the printed lines give
+# each curve's first and last step. The KL starts at 0, where the policy is the reference, and
+# grows as it leaves it; the clip fraction (how often a token's ratio left
+# $[1-\varepsilon, 1+\varepsilon]$ during the update) measures how far each update pushes; the
+# value loss should fall as the value head learns the returns. In the bottom row, length and
+# EOS rate drifting in opposite directions is the signature of the length bias (the last
+# printed line says whether they did), and the gold reward and its ingredients show, noisily,
+# where the held-out changes above come from.
 
 # %% [markdown]
 # Samples before and after, on held-out prompts (the main $\beta$, first seed):
@@ -2503,19 +2654,25 @@ sample_table = pd.DataFrame({
     "gold (PPO)": main_run["eval"]["gold_reward"][:4]})
 show_table(sample_table, "samples", CHAPTER, floatfmt="{:.2f}")
 sft_sentiment = torch.tensor(runs.sft["sentiment"])
+flips = []  # per seed: (SFT negative and PPO positive, the reverse)
 for run in runs.runs:
     if run["arm"] == "recipe" and run["beta"] == main_beta:
         ppo_sentiment = torch.tensor(run["eval"]["sentiment"])
+        flips.append((int(((sft_sentiment < 0) & (ppo_sentiment > 0)).sum()),
+                      int(((sft_sentiment > 0) & (ppo_sentiment < 0)).sum())))
         print(f"seed {run['seed']}: of {n_eval} held-out prompts, SFT negative and PPO positive "
-              f"{int(((sft_sentiment < 0) & (ppo_sentiment > 0)).sum())}, the reverse "
-              f"{int(((sft_sentiment > 0) & (ppo_sentiment < 0)).sum())}")
+              f"{flips[-1][0]}, the reverse {flips[-1][1]}")
+print(f"negative-to-positive outnumbers the reverse in {sum(up > down for up, down in flips)} "
+      f"of {len(flips)} seeds, the reverse outnumbers it in "
+      f"{sum(up < down for up, down in flips)}")
 
 # %% [markdown]
-# The samples show both sides. The PPO replies are longer and more often cut at the limit, and
-# some drift into word salad that the gold's well-formedness factors only partly catch; where
-# the SFT reply was negative, the PPO reply to the same opening is more often positive than the
-# reverse, in every seed (the counts above; both replies are single samples, so each count
-# carries sampling noise, but the direction is the same three times).
+# Read the samples for what the means above summarise: replies cut at the limit, word salad
+# that the gold's well-formedness factors only partly catch, and the sentiment of the reply to
+# the same opening before and after. The counts compare, per seed, the prompts whose reply
+# turned from negative to positive with those that turned the other way; both replies are
+# single samples, so each count carries sampling noise, and a direction that holds in every
+# seed (the last line) is the stronger evidence.
 
 # %% [markdown]
 # ### Experiment 5: the reward-KL frontier
@@ -2549,16 +2706,35 @@ for ax, column, title in ((ax_gold, "gold_reward", "gold reward"),
            title=f"{title} vs KL")
     ax.legend(fontsize=8)
 show_figure(fig, "frontier", CHAPTER)
+for beta, row in frontier.iterrows():
+    print(f"beta = {beta:g}: KL {row['KL (nats/reply)']:.2f} +- {row['KL ±']:.2f} nats per "
+          f"reply (95% over {int(row['seeds'])} seed(s)), gold gain {row['gold gain']:+.2f} +- "
+          f"{row['SE of gain (8.15)']:.2f} (SE)")
+smallest = frontier.index.min()
+binds = [beta for beta, row in frontier.drop(smallest).iterrows()  # intervals apart
+         if frontier.loc[smallest, "KL (nats/reply)"] - row["KL (nats/reply)"]
+         > frontier.loc[smallest, "KL ±"] + row["KL ±"]]
+print("the KL " + ("falls" if frontier["KL (nats/reply)"].is_monotonic_decreasing
+                  else "does not fall steadily") + " as beta grows; "
+      f"largest gold gain at beta = {frontier['gold gain'].idxmax():g}, smallest at beta = "
+      f"{frontier['gold gain'].idxmin():g}")
+print(f"ends closer to the reference than beta = {smallest:g}, with the two 95% intervals apart: "
+      + (", ".join(f"beta = {beta:g}" for beta in binds) if binds else "no beta")
+      + "; not resolved from it: "
+      + (", ".join(f"beta = {beta:g}" for beta in frontier.index
+                   if beta != smallest and beta not in binds) or "no beta"))
 
 # %% [markdown]
-# Read the frontier from left to right. $\beta = 0.5$ stays close to the reference (KL about
-# 0.5) and gains least; $\beta = 0.1$ and $0.02$ both travel to a KL of about 1.5 nats and gain
-# more. That the two smaller values end at the same KL says that in four PPO steps the distance
-# travelled is limited by the number of steps (and the learning rate) more than by the penalty:
-# the KL term binds only at the largest $\beta$. With longer runs the small-$\beta$ policies
-# keep moving, and Gao et al. (2022) predict where that leads: the proxy keeps rising and the
-# gold turns down. The runs are stored by `rlhf_runs`, and 13-09 reads them to place DPO on the
-# same axes.
+# Read the frontier from left to right, with the printed lines. A larger $\beta$ should stay
+# closer to the reference and gain less. The last line asks where the penalty binds: a
+# $\beta$ that ends measurably closer to the reference than the smallest one (intervals apart)
+# is held back by its penalty; one that is not resolved from it travelled about as far, and
+# then in this short run the distance travelled is limited by the number of steps (and the
+# learning rate) more than by the penalty. With few seeds the intervals are wide, so "not
+# resolved" is the cautious reading, not a finding of equal KLs. With longer runs the
+# small-$\beta$ policies keep moving, and Gao et al. (2022) predict where that leads: the proxy
+# keeps rising and the gold turns down. The runs are stored by `rlhf_runs`, and 13-09 reads them
+# to place DPO on the same axes.
 
 # %% [markdown]
 # ### Experiment 6: one stability knob on the real task
@@ -2584,15 +2760,35 @@ for arm in ("recipe", "no reward normalisation"):
     ablation_rows.append(row)
 show_table(pd.DataFrame(ablation_rows).set_index("arm"), "ablation_real", CHAPTER,
            floatfmt="{:.3f}")
+with_norm, without_norm = ablation_rows
+print(f"without normalisation, beta = {main_beta} is in raw units, where the scores of SFT "
+      f"replies to training prompts average {runs.normalizer['mean']:.3g} (std {runs.normalizer['std']:.3g}) instead of 0")
+print(f"value loss at the last step: {without_norm['final value loss']:.3g} without "
+      f"normalisation, {with_norm['final value loss']:.3g} with it "
+      f"({without_norm['final value loss'] / with_norm['final value loss']:.2g} times)")
+for column in ("gold_reward", "proxy_reward", "length", "eos_rate"):
+    diff = without_norm[column] - with_norm[column]
+    half = math.hypot(without_norm[column + " ±"], with_norm[column + " ±"])
+    print(f"{column}: {without_norm[column]:.3g} without normalisation, {with_norm[column]:.3g} "
+          f"with it (SFT {sft_means[column]:.3g}); difference {diff:+.3g} +- {half:.2g} (95%, "
+          "evaluation sampling only): "
+          + (("higher" if diff > 0 else "lower") + " without normalisation"
+             if abs(diff) > half else "not resolved"))
+gold_diff = without_norm["gold_reward"] - with_norm["gold_reward"]
+gold_half = math.hypot(without_norm["gold_reward ±"], with_norm["gold_reward ±"])
+print("on this seed the gold reward without normalisation is "
+      + (f"{'lower' if gold_diff < 0 else 'higher'} than the recipe's beyond the evaluation's "
+         "sampling error: the knob matters on the real task" if abs(gold_diff) > gold_half
+         else "within the evaluation's sampling error of the recipe's"))
 
 # %% [markdown]
-# Without normalisation, $\beta = 0.1$ is in raw reward units, where the scores average about
-# 4.2 instead of 0; the value head, which starts at zero, must first learn that offset, and its
-# loss at the last step is several times the recipe's. In this run the policy went the other
-# way: its replies became much shorter (14 tokens, 80% ending with EOS), its proxy reward fell
-# below the SFT policy's, and its gold reward ended about 0.8 below the recipe's on the same
-# seed. The intervals are the evaluation's sampling error only; with one training seed per arm,
-# the table shows that the knob matters on the real task, not by how much on average.
+# Without normalisation, the main $\beta$ is in raw reward units, where the scores have the
+# offset printed above instead of 0; the value head, which starts at zero, must first learn
+# that offset (the printed ratio of the last value losses). The other lines say which way the
+# policy went without normalisation: its length and EOS rate, its proxy reward against the SFT
+# policy's, and its gold reward against the recipe's on the same seed. The intervals are the
+# evaluation's sampling error only; with one training seed per arm, a resolved difference shows
+# that the knob matters on the real task, not by how much on average.
 #
 # ## Pitfalls
 #
