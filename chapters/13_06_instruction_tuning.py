@@ -1817,9 +1817,14 @@ print(f"SFT: {len(sft_log.losses)} steps in {sft_time.seconds:.0f} s, "
       f"{sft_log.tokens_per_second:,.0f} tokens/s; saved to {sft_folder.name}")
 
 
-def accuracy_cell(result: dict, task: str) -> str:
+def exact_match(result: dict, task: str) -> tuple[int, int, float, float]:
+    """(right, prompts, 95% interval) of one task's held-out exact match."""
     k, n = int(result["correct"][task]), int(result["n"][task])
-    low, high = binomial_interval(k, n)
+    return (k, n, *binomial_interval(k, n))
+
+
+def accuracy_cell(result: dict, task: str) -> str:
+    k, n, low, high = exact_match(result, task)
     return f"{k / n:.2f} [{low:.2f}, {high:.2f}]"
 
 
@@ -1973,12 +1978,6 @@ show_figure(fig, "ablations", CHAPTER)
 # sentiment sample, the EOS rate of the review replies, and the held-out loss of eq. (6.1).
 
 # %%
-def exact_match(result: dict, task: str) -> tuple[int, int, float, float]:
-    """(right, prompts, 95% interval) of one task's held-out exact match."""
-    k, n = int(result["correct"][task]), int(result["n"][task])
-    return (k, n, *binomial_interval(k, n))
-
-
 def reply_form(text: str) -> str:
     """How a sentiment reply looks: a bare label, an empty reply, or its number of words."""
     if text.strip() in ("positive", "negative"):

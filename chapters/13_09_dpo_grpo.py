@@ -1904,9 +1904,13 @@ assert len({r["sampled replies"] for r in rlvr_runs}) == 1, "every method sees a
 timings["RLVR runs"] = sum(r["train seconds"] for r in rlvr_runs)
 
 # %%
+def wilson(rate: float, n: int) -> tuple[float, float]:
+    """95% Wilson interval of an accuracy `rate` measured on `n` problems."""
+    return binomial_interval(round(rate * n), n)
+
+
 def with_interval(column: str, row: dict) -> str:
-    k = round(row[column] * row["n"])
-    low, high = binomial_interval(k, row["n"])
+    low, high = wilson(row[column], row["n"])
     return f"{row[column]:.3f} [{low:.3f}, {high:.3f}]"
 
 
@@ -2227,10 +2231,6 @@ show_table(pd.DataFrame({"seconds": timings}), "timings", CHAPTER, floatfmt="{:.
 # with 95% Wilson intervals (they hold the sampling of the problems, not the training):
 
 # %%
-def wilson(rate: float, n: int) -> tuple[float, float]:
-    return binomial_interval(round(rate * n), n)
-
-
 def pct_interval(rate: float, n: int) -> str:
     low, high = wilson(rate, n)
     return f"{100 * rate:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
