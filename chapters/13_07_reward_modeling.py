@@ -658,8 +658,11 @@ assert padding_check.loc["GPT-2 (absolute)", "left, positions 0..T-1"] > toleran
 #
 # The loop samples pairs in seeded, reshuffled epochs, warms the learning rate up and decays it
 # linearly (Appendix C's `schedule_factor`), clips the gradient norm at 1, and stops with a clear
-# error when the loss stops being finite. The metric is the held-out pairwise accuracy, the
-# fraction of pairs the reward model ranks as the labeller did.
+# error when the loss stops being finite (`bradley_terry_steps`). That loop is written once and
+# takes the rewards as a function of the batch's pair indices: `train_reward_model` runs the whole
+# model on the collated batch, and `train_reward_head` (below) reads features computed once. The
+# metric is the held-out pairwise accuracy, the fraction of pairs the reward model ranks as the
+# labeller did.
 
 # %%
 #| export
@@ -786,6 +789,40 @@ def draw_batch(order: list[int], n: int, batch_size: int, generator: torch.Gener
     return rows
 
 
+def bradley_terry_steps(params: list[torch.Tensor],
+                        rewards_of: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+                        num_pairs: int, log: RewardLog, *, steps: int, lr: float,
+                        batch_size: int, seed: int, weight_decay: float, warmup_ratio: float,
+                        max_grad_norm: float, evaluate: Callable[[int], None], eval_every: int,
+                        desc: str) -> None:
+    """The loop both reward-model trainers share: `steps` AdamW steps on eq. (7.2) over batches
+    of pair indices drawn in seeded, reshuffled epochs (`draw_batch`), with a linear warmup and
+    decay (Appendix C) and gradient clipping. `rewards_of(rows)` returns the (chosen, rejected)
+    rewards of those pairs, (B,) each; `evaluate(step)` runs at step 0 and every `eval_every`
+    steps. Appends to `log`; raises `FloatingPointError` if the loss is not finite."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    warmup = round(warmup_ratio * steps)
+    evaluate(0)
+    order: list[int] = []
+    for step in progress(range(steps), desc=desc):
+        start = time.perf_counter()
+        rows = draw_batch(order, num_pairs, batch_size, generator)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
+        chosen, rejected = rewards_of(rows)  # (B,) each
+        loss = bradley_terry_loss(chosen, rejected)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.losses.append(check_finite(loss, f"{desc} loss", step))
+        log.accuracies.append(pairwise_accuracy(chosen.detach(), rejected.detach()))
+        log.step_seconds.append(time.perf_counter() - start)
+        if eval_every and (step + 1) % eval_every == 0:
+            evaluate(step + 1)
+
+
 def train_reward_model(reward_model: nn.Module,
                        pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, steps: int,
                        lr: float, batch_size: int, pad_token_id: int, seed: int,
@@ -803,39 +840,25 @@ def train_reward_model(reward_model: nn.Module,
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     device = next(reward_model.parameters()).device
-    params = [p for p in reward_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    warmup = round(warmup_ratio * steps)
     log = RewardLog()
+
+    def rewards_of(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = collate_pairs([pairs[i] for i in rows], pad_token_id)
+        reward_model.train()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            rewards = reward_model(**{k: v.to(device) for k, v in batch.items()})  # (2B,)
+        return rewards.float().chunk(2)
 
     def evaluate(step: int) -> None:
         if eval_pairs and eval_every:
             log.evals.append({"step": step, **evaluate_reward_model(
                 reward_model, eval_pairs, pad_token_id, 2 * batch_size)})
 
-    evaluate(0)
-    order: list[int] = []
-    for step in progress(range(steps), desc=desc):
-        start = time.perf_counter()
-        chosen_rows = draw_batch(order, len(pairs), batch_size, generator)
-        batch = collate_pairs([pairs[i] for i in chosen_rows], pad_token_id)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
-        reward_model.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            rewards = reward_model(**{k: v.to(device) for k, v in batch.items()})  # (2B,)
-        chosen, rejected = rewards.float().chunk(2)
-        loss = bradley_terry_loss(chosen, rejected)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        log.losses.append(check_finite(loss, f"{desc} loss", step))
-        log.accuracies.append(pairwise_accuracy(chosen.detach(), rejected.detach()))
-        log.step_seconds.append(time.perf_counter() - start)
-        if eval_every and (step + 1) % eval_every == 0:
-            evaluate(step + 1)
+    bradley_terry_steps([p for p in reward_model.parameters() if p.requires_grad], rewards_of,
+                        len(pairs), log, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                        weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                        max_grad_norm=max_grad_norm, evaluate=evaluate, eval_every=eval_every,
+                        desc=desc)
     reward_model.eval()
     return log
 
@@ -906,9 +929,9 @@ def train_reward_head(reward_model: "RewardModel",
     log = RewardLog(feature_seconds=time.perf_counter() - start)
     head = reward_model.head
     weight = head.weight.detach().float().cpu().clone().requires_grad_(True)  # (1, d)
-    optimizer = torch.optim.AdamW([weight], lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    warmup = round(warmup_ratio * steps)
+
+    def rewards_of(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return h_chosen[rows] @ weight[0], h_rejected[rows] @ weight[0]  # w^T h, (B,) each
 
     def evaluate(step: int) -> None:
         if eval_pairs and eval_every:
@@ -917,24 +940,10 @@ def train_reward_head(reward_model: "RewardModel",
             log.evals.append({"step": step, "loss": bradley_terry_loss(c, r).item(),
                               "accuracy": pairwise_accuracy(c, r)})
 
-    evaluate(0)
-    order: list[int] = []
-    for step in progress(range(steps), desc=desc):
-        tick = time.perf_counter()
-        rows = draw_batch(order, len(pairs), batch_size, generator)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
-        chosen, rejected = h_chosen[rows] @ weight[0], h_rejected[rows] @ weight[0]  # (B,)
-        loss = bradley_terry_loss(chosen, rejected)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([weight], max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        log.losses.append(check_finite(loss, f"{desc} loss", step))
-        log.accuracies.append(pairwise_accuracy(chosen.detach(), rejected.detach()))
-        log.step_seconds.append(time.perf_counter() - tick)
-        if eval_every and (step + 1) % eval_every == 0:
-            evaluate(step + 1)
+    bradley_terry_steps([weight], rewards_of, len(pairs), log, steps=steps, lr=lr,
+                        batch_size=batch_size, seed=seed, weight_decay=weight_decay,
+                        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm,
+                        evaluate=evaluate, eval_every=eval_every, desc=desc)
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight.device, head.weight.dtype))
     reward_model.eval()

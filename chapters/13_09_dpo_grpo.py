@@ -88,6 +88,7 @@ from ftbook.instruction_tuning import (
     answer_is_correct,
     get_response_log_probs,
     masked_normalize,
+    masked_sum,
     pad_prompt_and_output,
     prompt_and_output_batch,
     render_prompt,
@@ -320,24 +321,24 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def tabular_dpo_fit(ref_log_probs: torch.Tensor, preference_weights: torch.Tensor, beta: float,
+def tabular_dpo_fit(ref_logps: torch.Tensor, preference_weights: torch.Tensor, beta: float,
                     max_iter: int = 2000, tol: float = 1e-12) -> torch.Tensor:
     """Minimise the expected DPO loss (9.5) over a tabular policy log pi = log_softmax(theta) on
     K replies, starting at pi_ref. `preference_weights` (K, K): w[i, j] = probability that a
     training pair has chosen reply i and rejected reply j (population or empirical). L-BFGS in
     float64 on u = beta theta (the implicit-reward scale, which keeps the conditioning
     independent of beta); returns log pi (K,)."""
-    ref = ref_log_probs.double()
+    ref_logps = ref_logps.double()  # (K,)
     weights = preference_weights.double()
-    K = ref.shape[0]
-    if ref.dim() != 1 or weights.shape != (K, K):
-        raise ValueError(f"need ref_log_probs (K,) and preference_weights (K, K), got "
-                         f"{tuple(ref.shape)} and {tuple(weights.shape)}")
+    K = ref_logps.shape[0]
+    if ref_logps.dim() != 1 or weights.shape != (K, K):
+        raise ValueError(f"need ref_logps (K,) and preference_weights (K, K), got "
+                         f"{tuple(ref_logps.shape)} and {tuple(weights.shape)}")
     if bool((weights < 0).any()):
         raise ValueError("preference weights must be non-negative")
     chosen, rejected = (i.flatten() for i in torch.meshgrid(torch.arange(K), torch.arange(K),
                                                            indexing="ij"))
-    scaled = (beta * ref).requires_grad_(True)  # u = beta theta
+    scaled = (beta * ref_logps).requires_grad_(True)  # u = beta theta
     optimizer = torch.optim.LBFGS([scaled], lr=1.0, max_iter=max_iter, tolerance_grad=tol,
                                   tolerance_change=0.0, history_size=50,
                                   line_search_fn="strong_wolfe")
@@ -345,8 +346,8 @@ def tabular_dpo_fit(ref_log_probs: torch.Tensor, preference_weights: torch.Tenso
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         log_pi = torch.log_softmax(scaled / beta, 0)
-        losses, _, _ = dpo_loss(log_pi[chosen], log_pi[rejected], ref[chosen], ref[rejected],
-                                beta)
+        losses, _, _ = dpo_loss(log_pi[chosen], log_pi[rejected], ref_logps[chosen],
+                                ref_logps[rejected], beta)
         loss = (weights.flatten() * losses).sum()
         loss.backward()
         return loss
@@ -450,7 +451,7 @@ assert torch.allclose(at_ref, torch.full_like(at_ref, math.log(2)))
 #    rejected ones, with a `response_mask` on the reply tokens: the layout of TRL's
 #    `DataCollatorForPreference`. One forward pass scores all $2B$.
 # 3. **Sequence log-probabilities** with 13-06's `get_response_log_probs` (position $t$ predicts
-#    token $t + 1$) and `masked_normalize` with constant 1 (a sum over the reply).
+#    token $t + 1$) and its `masked_sum` over the reply tokens.
 # 4. **The reference is frozen**, so its log-probabilities are a property of the data: compute them
 #    once before training and store two numbers per pair. That halves the forward passes of a step
 #    and frees the reference model's memory (TRL's `precompute_ref_log_probs`).
@@ -503,7 +504,7 @@ def collate_dpo(examples: Sequence[tuple[Sequence[int], Sequence[int], Sequence[
     return pad_prompt_and_output(prompts, replies, pad_token_id)  # 13-06
 
 
-def sequence_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(rows,) summed log pi(reply | prompt) of a `collate_dpo` batch (right padding, so no
     attention mask is needed: no real token attends to a later pad)."""
     device = next(model.parameters()).device
@@ -511,7 +512,7 @@ def sequence_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     token_logps = get_response_log_probs(model, input_ids[:, :-1],
                                          input_ids[:, 1:])["log_probs"]  # (rows, T - 1)
     mask = batch["response_mask"][:, 1:].to(device)
-    return masked_normalize(token_logps.masked_fill(~mask, 0.0), mask, 1.0, dim=-1)
+    return masked_sum(token_logps, mask, dim=-1)
 
 
 def per_instance_dpo_loss(lm: nn.Module, lm_ref: nn.Module, tokenizer: Any, beta: float,
@@ -523,9 +524,9 @@ def per_instance_dpo_loss(lm: nn.Module, lm_ref: nn.Module, tokenizer: Any, beta
     different devices."""
     example = encode_dpo_pair(tokenizer, prompt, response_chosen, response_rejected)
     batch = collate_dpo([example], tokenizer.pad_token_id)
-    policy_logps = sequence_log_probs(lm, batch)  # (2,): chosen, rejected
+    policy_logps = sequence_logps(lm, batch)  # (2,): chosen, rejected
     with torch.no_grad():
-        ref_logps = sequence_log_probs(lm_ref, batch).to(policy_logps.device)
+        ref_logps = sequence_logps(lm_ref, batch).to(policy_logps.device)
     losses, _, _ = dpo_loss(policy_logps[:1], policy_logps[1:], ref_logps[:1], ref_logps[1:],
                             beta)
     return losses[0]
@@ -551,7 +552,7 @@ def precompute_reference_logps(ref_model: nn.Module,
     ref_model.eval()
     chosen, rejected = [], []
     for i in range(0, len(examples), batch_size):
-        logps = sequence_log_probs(ref_model, collate_dpo(examples[i:i + batch_size],
+        logps = sequence_logps(ref_model, collate_dpo(examples[i:i + batch_size],
                                                           pad_token_id)).float().cpu()
         c, r = logps.chunk(2)
         chosen.append(c)
@@ -581,7 +582,7 @@ toy_lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(lm_tokenizer), hidden_size=
                                       num_attention_heads=4, num_key_value_heads=2,
                                       pad_token_id=lm_tokenizer.pad_token_id,
                                       attn_implementation="eager"))
-toy_ref = copy.deepcopy(toy_lm)
+toy_ref_model = copy.deepcopy(toy_lm)
 with torch.no_grad():
     for p in toy_lm.parameters():
         p.add_(0.02 * torch.randn_like(p))
@@ -590,11 +591,11 @@ example = encode_dpo_pair(lm_tokenizer, prompt_text, "superb and moving.", "a ch
 toy_batch = collate_dpo([example], lm_tokenizer.pad_token_id)
 last = int(toy_batch["response_mask"][0].nonzero().max())
 assert toy_batch["input_ids"][0, last].item() == lm_tokenizer.eos_token_id
-same = per_instance_dpo_loss(toy_ref, toy_ref, lm_tokenizer, 0.1, prompt_text,
+same = per_instance_dpo_loss(toy_ref_model, toy_ref_model, lm_tokenizer, 0.1, prompt_text,
                              "superb and moving.", "a chore.")
-loss_one = per_instance_dpo_loss(toy_lm, toy_ref, lm_tokenizer, 0.1, prompt_text,
+loss_one = per_instance_dpo_loss(toy_lm, toy_ref_model, lm_tokenizer, 0.1, prompt_text,
                                  "superb and moving.", "a chore.")
-logps, ref_logps = sequence_log_probs(toy_lm, toy_batch), sequence_log_probs(toy_ref, toy_batch)
+logps, ref_logps = sequence_logps(toy_lm, toy_batch), sequence_logps(toy_ref_model, toy_batch)
 batched, _, _ = dpo_loss(logps[:1], logps[1:], ref_logps[:1], ref_logps[1:], 0.1)
 print(f"per-instance DPO loss: {same.item():.4f} with pi = pi_ref, {loss_one.item():.6f} after a "
       f"perturbation (batched: {batched.item():.6f})")
@@ -674,13 +675,13 @@ def dpo_train(policy: nn.Module, examples: Sequence[tuple[Sequence[int], ...]], 
             ref_rejected = ref_logps[1][rows].to(device)
         else:  # ... or recomputed
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                ref_chosen, ref_rejected = sequence_log_probs(ref_model, batch).float().chunk(2)
+                ref_chosen, ref_rejected = sequence_logps(ref_model, batch).float().chunk(2)
             meter.flops += transformer_flops(ref_model, 2 * batch_size, width, training=False)
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
         policy.train()
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):  # 3. the policy's too
-            policy_chosen, policy_rejected = sequence_log_probs(policy, batch).float().chunk(2)
+            policy_chosen, policy_rejected = sequence_logps(policy, batch).float().chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected,
                                                             ref_chosen, ref_rejected, beta)
         loss = losses.mean()  # 4. eq. (9.5); one clipped AdamW step
@@ -710,7 +711,7 @@ def evaluate_dpo_pairs(policy: nn.Module, examples: Sequence[tuple[Sequence[int]
     policy.eval()
     chosen, rejected = [], []
     for i in range(0, len(examples), batch_size):
-        c, r = sequence_log_probs(policy, collate_dpo(examples[i:i + batch_size], pad_token_id)
+        c, r = sequence_logps(policy, collate_dpo(examples[i:i + batch_size], pad_token_id)
                                   ).float().cpu().chunk(2)
         chosen.append(c)
         rejected.append(r)
@@ -742,11 +743,11 @@ toy_records = [{"prompt": REVIEW_PROMPT.format(opening=o), "chosen": c, "rejecte
                                ("the director", "has a gift.", "lost the plot."),
                                ("the ending", "moved me.", "fell flat.")]]
 toy_examples = encode_dpo_pairs(lm_tokenizer, toy_records)
-toy_ref_logps = precompute_reference_logps(toy_ref, toy_examples, lm_tokenizer.pad_token_id)
+toy_ref_logps = precompute_reference_logps(toy_ref_model, toy_examples, lm_tokenizer.pad_token_id)
 toy_logs = {}
 for mode in ("cached", "recomputed"):
-    toy_policy = copy.deepcopy(toy_ref)
-    reference = {"ref_logps": toy_ref_logps} if mode == "cached" else {"ref_model": toy_ref}
+    toy_policy = copy.deepcopy(toy_ref_model)
+    reference = {"ref_logps": toy_ref_logps} if mode == "cached" else {"ref_model": toy_ref_model}
     toy_logs[mode] = dpo_train(toy_policy, toy_examples, beta=0.5, steps=30, batch_size=4,
                                lr=3e-3, pad_token_id=lm_tokenizer.pad_token_id, seed=0,
                                desc=f"toy DPO ({mode})", **reference)
@@ -758,9 +759,9 @@ with torch.no_grad():
     fours = [collate_dpo(toy_examples[i:i + 4], lm_tokenizer.pad_token_id)
              for i in range(0, len(toy_examples), 4)]
     recomputed_ref = [torch.cat(parts) for parts in zip(
-        *(sequence_log_probs(toy_ref, b).chunk(2) for b in fours), strict=True)]
+        *(sequence_logps(toy_ref_model, b).chunk(2) for b in fours), strict=True)]
     whole = collate_dpo(toy_examples, lm_tokenizer.pad_token_id)
-    ref_tol = forward_tolerance(toy_ref, {"input_ids": whole["input_ids"][:, :-1]})["logp"] * \
+    ref_tol = forward_tolerance(toy_ref_model, {"input_ids": whole["input_ids"][:, :-1]})["logp"] * \
         int(whole["response_mask"].sum(1).max())  # per token, times the longest reply
 cache_gap = max((c - r).abs().max().item()
                 for c, r in zip(toy_ref_logps, recomputed_ref, strict=True))
@@ -816,14 +817,14 @@ class TorchChunkedLogProb:
         if final_logit_softcapping is not None:
             logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
         logits = logits.float() / temperature
-        log_probs_all = torch.log_softmax(logits, dim=-1)
-        log_probs = log_probs_all.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
-        entropy = -(log_probs_all.exp() * log_probs_all).sum(-1) if "entropy" in outputs else None
-        sum_sq = (torch.logsumexp(2 * log_probs_all, dim=-1).detach()
+        logps_all = torch.log_softmax(logits, dim=-1)
+        logps = logps_all.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+        entropy = -(logps_all.exp() * logps_all).sum(-1) if "entropy" in outputs else None
+        sum_sq = (torch.logsumexp(2 * logps_all, dim=-1).detach()
                   if "log_sum_sq_probs" in outputs else None)
         mean_logits = logits.mean(-1).detach() if "mean_logits" in outputs else None
         is_top1 = (logits.argmax(-1) == targets) if "is_top1" in outputs else None
-        return log_probs, entropy, sum_sq, mean_logits, is_top1
+        return logps, entropy, sum_sq, mean_logits, is_top1
 
 
 @contextlib.contextmanager
@@ -855,7 +856,7 @@ with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), \
         trl_fused_head_fallback(force=True) as patched:  # the toy models run on the CPU
     warnings.simplefilter("ignore")
     trainer = DPOTrainer(
-        model=copy.deepcopy(toy_lm), ref_model=copy.deepcopy(toy_ref), processing_class=lm_tokenizer,
+        model=copy.deepcopy(toy_lm), ref_model=copy.deepcopy(toy_ref_model), processing_class=lm_tokenizer,
         train_dataset=Dataset.from_list([
             {"prompt": render_prompt(lm_tokenizer, r["prompt"]),
              **{side: reward_model_text(lm_tokenizer, r["prompt"], r[side])[
@@ -869,17 +870,17 @@ with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), \
         trl_loss = trainer.compute_loss(trainer.model, dict(trl_batch)).item()
 same_tokens = all((r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) == e
                   for r, e in zip(trl_rows, toy_examples, strict=True))
-toy_lm_ref_logps = precompute_reference_logps(toy_ref, toy_examples, lm_tokenizer.pad_token_id)
+toy_lm_ref_logps = precompute_reference_logps(toy_ref_model, toy_examples, lm_tokenizer.pad_token_id)
 trl_ref = torch.tensor([[r["ref_chosen_logps"], r["ref_rejected_logps"]] for r in trl_rows])
 ref_gap = (trl_ref - torch.stack(toy_lm_ref_logps, 1)).abs().max().item()
 with torch.no_grad():
-    ours_policy = sequence_log_probs(toy_lm, collate_dpo(toy_examples, lm_tokenizer.pad_token_id))
+    ours_policy = sequence_logps(toy_lm, collate_dpo(toy_examples, lm_tokenizer.pad_token_id))
     ours_losses, _, _ = dpo_loss(*ours_policy.chunk(2), *toy_lm_ref_logps, 0.1)
 # two float32 implementations on differently collated batches: per token forward_tolerance,
 # times the longest reply; the loss (9.5) is 1-Lipschitz in beta times the four log-probabilities
 whole = collate_dpo(toy_examples, lm_tokenizer.pad_token_id)
 seq_tol = max(forward_tolerance(m, {"input_ids": whole["input_ids"][:, :-1]})["logp"]
-              for m in (toy_lm, toy_ref)) * int(whole["response_mask"].sum(1).max())
+              for m in (toy_lm, toy_ref_model)) * int(whole["response_mask"].sum(1).max())
 print(f"TRL kernel replaced by TorchChunkedLogProb: {patched}; token ids identical: {same_tokens}; "
       f"max |ref log-prob TRL - ours| = {ref_gap:.1e} (tolerance {seq_tol:.1e}); loss TRL "
       f"{trl_loss:.6f}, ours {ours_losses.mean().item():.6f}")
@@ -996,8 +997,8 @@ assert (k3_loss - forward).abs().max() < 1e-12
 #   old_log_probs, cliprange)` dispatches on `loss_type` in `"no_baseline"`,
 #   `"reinforce_with_baseline"`, `"grpo_clip"`.
 # - `masked_mean(tensor, mask, dim)`: the mean over the entries where `mask` is true (over all
-#   of them if `dim` is None). (13-08's `masked_mean` takes a count instead; the two modules keep
-#   their own contracts.)
+#   of them if `dim` is None), 13-06's `masked_sum` divided by their number. (13-08's losses
+#   divide the same sum by a token count of the whole batch instead: that is `masked_normalize`.)
 # - `grpo_microbatch_train_step(policy_log_probs, response_mask, gradient_accumulation_steps,
 #   loss_type, raw_rewards, advantages, old_log_probs, cliprange)`: the per-token loss, averaged
 #   over each reply's tokens (`masked_mean`, the $1/|o_i|$ of 9.7), then over the microbatch,
@@ -1125,13 +1126,11 @@ def compute_policy_gradient_loss(policy_log_probs: torch.Tensor, loss_type: str,
 def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None
                 ) -> torch.Tensor:
     """CS336 A5: the mean of `tensor` over the entries where `mask` is true, along `dim` (over
-    all entries if None). Masked-out entries may hold anything, NaN included; a slice without
-    any true entry gives NaN (0 / 0)."""
+    all entries if None): 13-06's `masked_sum` over the number of true entries. Masked-out
+    entries may hold anything, NaN included; a slice without any true entry gives NaN (0 / 0)."""
     mask = mask.bool()
-    masked = torch.where(mask, tensor, torch.zeros_like(tensor))
-    if dim is None:
-        return masked.sum() / mask.sum()
-    return masked.sum(dim=dim) / mask.sum(dim=dim)
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return masked_sum(tensor, mask, dim) / count
 
 
 def grpo_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: torch.Tensor,
@@ -1158,9 +1157,8 @@ def grpo_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: to
     if constant_normalize_factor is None:
         per_response = masked_mean(per_token, response_mask, dim=-1)  # (batch,)
     else:
-        per_response = masked_normalize(torch.where(response_mask.bool(), per_token,
-                                                    torch.zeros_like(per_token)),
-                                        response_mask, constant_normalize_factor, dim=-1)
+        per_response = masked_normalize(per_token, response_mask, constant_normalize_factor,
+                                         dim=-1)
     loss = per_response.mean() / gradient_accumulation_steps
     loss.backward()
     metadata = dict(metadata)
@@ -1343,7 +1341,7 @@ class GRPOLog:
     responses: int = 0
 
 
-def _token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], rows: int, bf16: bool
+def _token_logps(model: nn.Module, batch: dict[str, torch.Tensor], rows: int, bf16: bool
                      ) -> torch.Tensor:
     """log pi(labels) of a rollout batch, (batch, seq) float32, in chunks of `rows`."""
     device = next(model.parameters()).device
@@ -1405,10 +1403,10 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         with torch.no_grad():
             old_logps = ref_logps = None  # one pass: pi_old = pi_theta, its log-probs detached
             if clip and config.epochs_per_batch > 1:
-                old_logps = _token_log_probs(policy, batch, config.microbatch_size, config.bf16)
+                old_logps = _token_logps(policy, batch, config.microbatch_size, config.bf16)
                 meter.flops += transformer_flops(policy, rows, width, training=False)
             if config.kl_coef > 0:
-                ref_logps = _token_log_probs(ref_model, batch, config.microbatch_size,
+                ref_logps = _token_logps(ref_model, batch, config.microbatch_size,
                                              config.bf16)
                 meter.flops += transformer_flops(ref_model, rows, width, training=False)
         advantages, raw_rewards = advantages.to(device)[:, None], raw_rewards.to(device)[:, None]
@@ -1424,8 +1422,7 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                 if ref_logps is not None:
                     k3 = kl_k3(logps, ref_logps[index])  # eq. (8.5), per token
                     per_response = (masked_mean(k3, mask[index], dim=-1) if constant is None
-                                    else masked_normalize(torch.where(mask[index], k3, 0.0),
-                                                          mask[index], constant, dim=-1))
+                                    else masked_normalize(k3, mask[index], constant, dim=-1))
                     kl_loss = config.kl_coef * per_response.mean() / accumulation
                     kl_loss.backward(retain_graph=True)
                     kls.append(masked_mean(k3.detach(), mask[index]).item())

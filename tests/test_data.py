@@ -10,6 +10,7 @@ the real fallback runs with the hub libraries set offline.
 import gzip
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,15 @@ def write(root: Path, key: str, text: str) -> Path:
 
 def jsonl(*records: object) -> str:
     return "".join(json.dumps(record) + "\n" for record in records)
+
+
+def load_error(root: Path, key: str, text: str, load: Callable[..., object], *args: object) -> str:
+    """The message of the `DataFormatError` that `load(*args)` raises once the file of `key`
+    under `root` holds `text`."""
+    write(root, key, text)
+    with pytest.raises(DataFormatError) as caught:
+        load(*args)
+    return str(caught.value)
 
 
 HH_OK = {
@@ -206,10 +216,8 @@ def test_sst2_small_file(fake_data: Path, hub_calls: list[str]) -> None:
 
 
 def test_sst2_wrong_label(fake_data: Path) -> None:
-    write(fake_data, "sst2/train", SST2_OK + "quite good \tpositive\n")
-    with pytest.raises(DataFormatError) as caught:
-        load_sst2("train")
-    message = str(caught.value)
+    text = SST2_OK + "quite good \tpositive\n"
+    message = load_error(fake_data, "sst2/train", text, load_sst2, "train")
     assert "sst2/train.tsv line 4: field 'label' is 'positive', expected 0 or 1" in message
     assert "1 problem " in message
 
@@ -221,10 +229,7 @@ def test_sst2_missing_tab(fake_data: Path) -> None:
 
 
 def test_sst2_empty_sentence_and_header(fake_data: Path) -> None:
-    write(fake_data, "sst2/train", "text\tlabel\n \t1\nok \t0\n")
-    with pytest.raises(DataFormatError) as caught:
-        load_sst2("train")
-    message = str(caught.value)
+    message = load_error(fake_data, "sst2/train", "text\tlabel\n \t1\nok \t0\n", load_sst2, "train")
     assert "line 1: header is 'text\\tlabel'" in message
     assert "line 2: field 'sentence' is empty" in message
     assert "2 problems" in message
@@ -232,10 +237,7 @@ def test_sst2_empty_sentence_and_header(fake_data: Path) -> None:
 
 def test_sst2_reports_all_problems_with_total(fake_data: Path) -> None:
     bad = "".join(f"bad row {i} \t{i + 2}\n" for i in range(25))
-    write(fake_data, "sst2/train", SST2_OK + bad)
-    with pytest.raises(DataFormatError) as caught:
-        load_sst2("train")
-    message = str(caught.value)
+    message = load_error(fake_data, "sst2/train", SST2_OK + bad, load_sst2, "train")
     assert "25 problems" in message and f"first {MAX_REPORTED_PROBLEMS} shown" in message
     assert message.count("field 'label'") == MAX_REPORTED_PROBLEMS
     assert "line 4:" in message and f"line {3 + MAX_REPORTED_PROBLEMS}:" in message
@@ -251,10 +253,8 @@ def test_read_sst2_tsv_does_not_use_csv_quoting(tmp_path: Path) -> None:
 
 def test_gsm8k_malformed_json_line(fake_data: Path) -> None:
     good = {"question": "1+1?", "answer": "1+1=2\n#### 2"}
-    write(fake_data, "gsm8k/train", jsonl(good) + '{"question": "2+2?", "answer": \n' + jsonl(good))
-    with pytest.raises(DataFormatError) as caught:
-        load_gsm8k("train")
-    message = str(caught.value)
+    text = jsonl(good) + '{"question": "2+2?", "answer": \n' + jsonl(good)
+    message = load_error(fake_data, "gsm8k/train", text, load_gsm8k, "train")
     assert "verifiable/gsm8k/train.jsonl line 2: invalid JSON" in message
     assert "1 problem " in message
 
@@ -265,10 +265,7 @@ def test_gsm8k_answer_without_final_line(fake_data: Path) -> None:
         {"question": "2+2?", "answer": "2+2=4, so the answer is 4"},
         {"question": "big?", "answer": "#### a lot"},
     ]
-    write(fake_data, "gsm8k/test", jsonl(*records))
-    with pytest.raises(DataFormatError) as caught:
-        load_gsm8k("test")
-    message = str(caught.value)
+    message = load_error(fake_data, "gsm8k/test", jsonl(*records), load_gsm8k, "test")
     assert "test.jsonl line 2: field 'answer' has no '#### <number>' line" in message
     assert "test.jsonl line 3: field 'answer' has final answer 'a lot'" in message
 
@@ -288,10 +285,7 @@ def test_alpaca_missing_field(fake_data: Path) -> None:
         {"instruction": "Say bye.", "input": ""},
         {"instruction": "", "input": 3, "output": "x"},
     ]
-    write(fake_data, "alpaca", json.dumps(records, indent=2))
-    with pytest.raises(DataFormatError) as caught:
-        load_alpaca()
-    message = str(caught.value)
+    message = load_error(fake_data, "alpaca", json.dumps(records, indent=2), load_alpaca)
     assert "alpaca_sample_2000.json record [1]: field 'output' is missing" in message
     assert "record [2]: field 'instruction' is empty" in message
     assert "record [2]: field 'input' is 3 (int), expected a string" in message
@@ -307,10 +301,7 @@ def test_alpaca_invalid_json_names_line(fake_data: Path) -> None:
 def test_alpaca_eval_missing_field_in_jsonl(fake_data: Path) -> None:
     ok = {"instruction": "a", "output": "b", "generator": "g", "dataset": "d"}
     missing = {"instruction": "a", "output": "b", "dataset": "d"}
-    write(fake_data, "alpaca_eval", jsonl(ok, missing, [1, 2]))
-    with pytest.raises(DataFormatError) as caught:
-        load_alpaca_eval()
-    message = str(caught.value)
+    message = load_error(fake_data, "alpaca_eval", jsonl(ok, missing, [1, 2]), load_alpaca_eval)
     assert "alpaca_eval.jsonl line 2: field 'generator' is missing" in message
     assert "alpaca_eval.jsonl line 3: expected a JSON object, found list" in message
 
@@ -325,10 +316,7 @@ def test_hh_rlhf_small_file(fake_data: Path) -> None:
 def test_hh_rlhf_without_assistant_turn(fake_data: Path) -> None:
     no_assistant = {"chosen": "\n\nHuman: hi there", "rejected": "\n\nHuman: hi\n\nAssistant: go"}
     no_human = {"chosen": "Assistant: x", "rejected": "\n\nHuman: hi\n\nAssistant: go"}
-    write(fake_data, "hh_rlhf", jsonl(HH_OK, no_assistant, no_human))
-    with pytest.raises(DataFormatError) as caught:
-        load_hh_rlhf()
-    message = str(caught.value)
+    message = load_error(fake_data, "hh_rlhf", jsonl(HH_OK, no_assistant, no_human), load_hh_rlhf)
     assert "harmless-base_test.jsonl.gz line 2: field 'chosen' has no Assistant turn" in message
     assert "line 3: field 'chosen' starts with 'Assistant: x'" in message
 

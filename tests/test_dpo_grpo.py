@@ -32,7 +32,7 @@ from ftbook.dpo_grpo import (
     per_instance_dpo_loss,
     precompute_reference_logps,
     rollout_batch,
-    sequence_log_probs,
+    sequence_logps,
     tabular_dpo_fit,
     trl_fused_head_fallback,
     verifiable_reward,
@@ -126,11 +126,11 @@ def test_dpo_loss_rejects_bad_input():
 
 def test_per_instance_dpo_loss_matches_a_hand_computation(smoke_tokenizer):
     tok = smoke_tokenizer
-    ref = tiny_llama(len(tok), tok.pad_token_id)
-    lm = perturbed(ref)
+    ref_model = tiny_llama(len(tok), tok.pad_token_id)
+    lm = perturbed(ref_model)
     beta, prompt = 0.2, "Continue this movie review: the acting"
     chosen, rejected = "is superb.", "is flat and dull."
-    loss = per_instance_dpo_loss(lm, ref, tok, beta, prompt, chosen, rejected)
+    loss = per_instance_dpo_loss(lm, ref_model, tok, beta, prompt, chosen, rejected)
 
     rendered = tok.apply_chat_template([{"role": "user", "content": prompt}],
                                        add_generation_prompt=True, tokenize=False)
@@ -146,17 +146,17 @@ def test_per_instance_dpo_loss_matches_a_hand_computation(smoke_tokenizer):
             log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
         return sum(log_probs[t - 1, ids[t]].item() for t in range(prompt_len, len(ids)))
 
-    margin = beta * ((logp(lm, chosen) - logp(ref, chosen))
-                     - (logp(lm, rejected) - logp(ref, rejected)))
+    margin = beta * ((logp(lm, chosen) - logp(ref_model, chosen))
+                     - (logp(lm, rejected) - logp(ref_model, rejected)))
     expected = math.log1p(math.exp(-margin))  # -log sigmoid(margin)
     # -log sigmoid is 1-Lipschitz: beta times four summed log-probabilities, each computed by two
     # float32 forward passes (one reply alone, or both in one padded batch)
     example = encode_dpo_pair(tok, prompt, chosen, rejected)
-    tol = 4 * beta * sequence_tolerance((lm, ref), [example], tok.pad_token_id)
+    tol = 4 * beta * sequence_tolerance((lm, ref_model), [example], tok.pad_token_id)
     assert loss.item() == pytest.approx(expected, abs=tol)
     loss.backward()  # the gradient reaches the policy, not the reference
     assert lm.model.embed_tokens.weight.grad is not None
-    assert ref.model.embed_tokens.weight.grad is None
+    assert ref_model.model.embed_tokens.weight.grad is None
 
 
 def test_encoding_appends_eos_inside_the_response_mask_and_refuses_long_pairs(smoke_tokenizer):
@@ -182,8 +182,8 @@ def test_dpo_loss_matches_trl_dpo_trainer_on_its_collated_batch(real_env, templa
     from ftbook.reward_modeling import reward_model_text
 
     tok = (load_causal_lm if template == "book" else load_chat_lm)("smoke")[1]
-    ref = tiny_llama(len(tok), tok.pad_token_id)
-    lm = perturbed(ref)
+    ref_model = tiny_llama(len(tok), tok.pad_token_id)
+    lm = perturbed(ref_model)
     records = [{"prompt": "Continue this movie review: the film", "chosen": "is a delight.",
                 "rejected": "is a mess from start to finish."},
                {"prompt": "Continue this movie review: its story", "chosen": "soars.",
@@ -194,7 +194,7 @@ def test_dpo_loss_matches_trl_dpo_trainer_on_its_collated_batch(real_env, templa
     with warnings.catch_warnings(), trl_fused_head_fallback(force=True):  # CPU tensors
         warnings.simplefilter("ignore")
         trainer = DPOTrainer(
-            model=copy.deepcopy(lm), ref_model=copy.deepcopy(ref), processing_class=tok,
+            model=copy.deepcopy(lm), ref_model=copy.deepcopy(ref_model), processing_class=tok,
             train_dataset=Dataset.from_list([  # the rendered text, as the chapter gives it
                 {"prompt": render_prompt(tok, r["prompt"]),
                  **{side: reward_model_text(tok, r["prompt"], r[side])[
@@ -209,10 +209,10 @@ def test_dpo_loss_matches_trl_dpo_trainer_on_its_collated_batch(real_env, templa
     for row, example in zip(rows, examples, strict=True):
         assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == example
     with torch.no_grad():
-        policy = sequence_log_probs(lm, collate_dpo(examples, tok.pad_token_id))
-        losses, _, _ = dpo_loss(*policy.chunk(2),
-                                *precompute_reference_logps(ref, examples, tok.pad_token_id), 0.1)
-    tol = 4 * 0.1 * sequence_tolerance((lm, ref), examples, tok.pad_token_id)  # beta = 0.1
+        policy = sequence_logps(lm, collate_dpo(examples, tok.pad_token_id))
+        ref_logps = precompute_reference_logps(ref_model, examples, tok.pad_token_id)
+        losses, _, _ = dpo_loss(*policy.chunk(2), *ref_logps, 0.1)
+    tol = 4 * 0.1 * sequence_tolerance((lm, ref_model), examples, tok.pad_token_id)  # beta = 0.1
     assert abs(trl_loss - math.log(2)) > 5 * tol  # the models differ by more than rounding
     assert losses.mean().item() == pytest.approx(trl_loss, abs=tol)
 
@@ -238,26 +238,26 @@ def test_torch_chunked_log_prob_is_log_softmax_gather():
 
 def test_dpo_train_learns_and_cached_equals_recomputed(smoke_tokenizer):
     tok = smoke_tokenizer
-    ref = tiny_llama(len(tok), tok.pad_token_id)
+    ref_model = tiny_llama(len(tok), tok.pad_token_id)
     examples = encode_dpo_pairs(tok, [
         {"prompt": f"Continue this movie review: take {i}", "chosen": c, "rejected": r}
         for i, (c, r) in enumerate([("great.", "bad."), ("a joy.", "a bore."),
                                     ("superb.", "awful."), ("moving.", "dull.")])])
-    cache = precompute_reference_logps(ref, examples, tok.pad_token_id)
-    logs = [dpo_train(copy.deepcopy(ref), examples, beta=0.5, steps=12, batch_size=2, lr=3e-3,
+    cache = precompute_reference_logps(ref_model, examples, tok.pad_token_id)
+    logs = [dpo_train(copy.deepcopy(ref_model), examples, beta=0.5, steps=12, batch_size=2, lr=3e-3,
                       pad_token_id=tok.pad_token_id, seed=0, **reference)
-            for reference in ({"ref_logps": cache}, {"ref_model": ref})]
+            for reference in ({"ref_logps": cache}, {"ref_model": ref_model})]
     # at the first step the policy is the reference, and each run's log-probabilities differ
     # from the cached ones only by forward-pass rounding (other batch shapes): -log sigmoid is
     # 1-Lipschitz in beta (two replies) times that
-    tol = 2 * 0.5 * sequence_tolerance((ref,), examples, tok.pad_token_id)
+    tol = 2 * 0.5 * sequence_tolerance((ref_model,), examples, tok.pad_token_id)
     assert logs[0].losses[0] == pytest.approx(math.log(2), abs=tol)
     assert logs[1].losses[0] == pytest.approx(logs[0].losses[0], abs=2 * tol)
     # (later steps are not compared: AdamW amplifies rounding in near-zero gradients, 13-08)
     assert logs[0].losses[-1] < 0.6 * math.log(2)  # it learns (seeds 0-7: at most 0.12 ln 2)
     assert logs[1].flops > logs[0].flops  # the recomputed reference costs a forward pass
     with pytest.raises(ValueError, match="exactly one"):
-        dpo_train(ref, examples, beta=0.5, steps=1, batch_size=2, lr=1e-3,
+        dpo_train(ref_model, examples, beta=0.5, steps=1, batch_size=2, lr=1e-3,
                   pad_token_id=tok.pad_token_id, seed=0)
 
 

@@ -173,28 +173,35 @@ def test_sft_microbatch_train_step_value_and_backward():
 
 
 def test_gradient_accumulation_equals_the_large_batch():
+    """Microbatch m of b_m rows out of G, with normalize_constant N / (b_m G) (N response tokens
+    in the whole batch), gives the gradient of eq. (6.1) on the whole batch, even split unevenly;
+    the per-microbatch token count instead of N gives a different gradient."""
     tok = CharTokenizer()
     batch = tokenize_prompt_and_output(["Q: 1+1?", "Name:", "Say:", "Why?"],
                                        ["2", "a very long answer indeed", "ok", "rain"], tok)
     N = batch["response_mask"].sum().item()
     base = toy_lm()
 
-    def grad(split, constant):
+    def accumulated_grad(parts: list[slice], constant) -> torch.Tensor:
         model = copy.deepcopy(base)
-        for part in split:
-            logps = get_response_log_probs(model, batch["input_ids"][part],
-                                           batch["labels"][part])["log_probs"]
+        for part in parts:
             mask = batch["response_mask"][part]
-            sft_microbatch_train_step(logps, mask, len(split), constant(mask, len(split)))
+            out = get_response_log_probs(model, batch["input_ids"][part], batch["labels"][part])
+            sft_microbatch_train_step(out["log_probs"], mask, len(parts),
+                                      constant(mask, len(parts)))
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
-    whole = grad([slice(0, 4)], lambda m, G: N / 4)
-    accumulated = grad([slice(0, 2), slice(2, 4)], lambda m, G: N / (G * 2))
-    per_micro = grad([slice(0, 2), slice(2, 4)], lambda m, G: m.sum().item() / 2)
+    def global_count(mask: torch.Tensor, G: int) -> float:
+        return N / (mask.shape[0] * G)
+
+    whole = accumulated_grad([slice(0, 4)], global_count)
     # rounding of a forward and backward pass; weight gradients sum over all tokens
     tolerance = transformer_tolerance(base.config, batch["input_ids"].numel(),
                                       whole.abs().max().item(), backward=True)
-    assert (whole - accumulated).abs().max().item() <= tolerance
+    for parts in ([slice(0, 2), slice(2, 4)], [slice(0, 1), slice(1, 4)],
+                  [slice(0, 1), slice(1, 3), slice(3, 4)]):
+        assert (whole - accumulated_grad(parts, global_count)).abs().max().item() <= tolerance
+    per_micro = accumulated_grad([slice(0, 2), slice(2, 4)], lambda m, G: m.sum().item() / 2)
     assert (whole - per_micro).abs().max().item() > tolerance  # a real difference
 
 

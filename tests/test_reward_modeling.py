@@ -401,13 +401,20 @@ def test_encode_refuses_to_truncate(real_env):
 
 # --- training -------------------------------------------------------------------------------------
 
-def test_training_reduces_the_loss_on_a_separable_problem():
-    generator = torch.Generator().manual_seed(4)
+def separable_pairs(n: int, seed: int = 4) -> list[tuple[list[int], list[int]]]:
+    """`n` pairs of random bodies of 3 to 7 tokens that differ only in the last token: chosen
+    ends in 7, rejected in 9, so one direction of the last hidden state separates them."""
+    generator = torch.Generator().manual_seed(seed)
     pairs = []
-    for _ in range(24):
+    for _ in range(n):
         body = torch.randint(10, 100, (int(torch.randint(3, 8, (), generator=generator)),),
                              generator=generator).tolist()
         pairs.append((body + [7], body + [9]))
+    return pairs
+
+
+def test_training_reduces_the_loss_on_a_separable_problem():
+    pairs = separable_pairs(24)
     rm = RewardModel.from_causal_lm(tiny_llama())
     log = train_reward_model(rm, pairs, steps=25, lr=1e-2, batch_size=8, pad_token_id=0, seed=0,
                              eval_pairs=pairs, eval_every=25)
@@ -521,12 +528,7 @@ def test_train_reward_head_equals_training_the_head_alone_with_a_frozen_backbone
     the head trained by `train_reward_model` with the backbone's gradients switched off."""
     from ftbook.reward_modeling import train_reward_head
 
-    generator = torch.Generator().manual_seed(4)
-    pairs = []
-    for _ in range(16):
-        body = torch.randint(10, 100, (int(torch.randint(3, 8, (), generator=generator)),),
-                             generator=generator).tolist()
-        pairs.append((body + [7], body + [9]))
+    pairs = separable_pairs(16)
     lm = tiny_llama()
     frozen = RewardModel.from_causal_lm(lm)
     for p in frozen.backbone.parameters():

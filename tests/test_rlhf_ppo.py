@@ -35,8 +35,8 @@ from ftbook.rlhf_ppo import (
     optimal_log_policy,
     ppo_train,
     ppo_update,
-    reference_logprobs,
-    response_logprobs,
+    reference_logps,
+    response_logps,
     run_update_case,
     save_update_case,
     token_rewards,
@@ -70,8 +70,8 @@ def rollout_and_batch(seed: int = 0, value_std: float = 0.5):
     torch.manual_seed(seed + 1)
     rollout = generate_rollout(policy, ids, mask, max_new_tokens=10, eos_token_id=EOS,
                                pad_token_id=PAD)
-    ref = reference_logprobs(lm, rollout)
-    rewards, _ = token_rewards(torch.randn(4), rollout.logps, ref, rollout.response_mask, 0.1)
+    ref_logps = reference_logps(lm, rollout)
+    rewards, _ = token_rewards(torch.randn(4), rollout.logps, ref_logps, rollout.response_mask, 0.1)
     adv, ret = gae(rewards, rollout.values, rollout.response_mask)
     return lm, policy, rollout, PPOBatch.from_rollout(rollout, adv, ret)
 
@@ -211,12 +211,12 @@ def test_reward_normalizer_and_whitening():
 
 def test_kv_cache_rollout_logprobs_and_values_equal_a_full_forward_with_left_padding():
     _, policy, rollout, _ = rollout_and_batch(seed=0)
-    assert rollout.query_mask[:, 0].tolist() == [1, 0, 0, 0]  # three left-padded rows
+    assert rollout.prompt_mask[:, 0].tolist() == [1, 0, 0, 0]  # three left-padded rows
     assert rollout.ended.any() and rollout.response_mask.sum(1).min() < 10  # some replies end
     with torch.no_grad():
         logits, values, _ = policy(**rollout.full_inputs())
-    P, T = rollout.query_ids.shape[1], rollout.response_ids.shape[1]
-    recomputed = response_logprobs(logits, rollout.response_ids, P)
+    P, T = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    recomputed = response_logps(logits, rollout.response_ids, P)
     mask = rollout.response_mask
     tol = forward_tolerance(policy, rollout.full_inputs())  # two float32 forward passes
     torch.testing.assert_close(recomputed[mask], rollout.logps[mask], atol=tol["logp"], rtol=0)
@@ -292,30 +292,30 @@ def test_config_rejects_bad_values():
 
 def test_toy_enumeration_is_complete_and_the_optimum_attains_beta_log_z():
     task = ToyTask(num_contexts=2, num_tokens=3, max_len=3, seed=1)
-    ref = task.log_probs(task.reference_model(seed=1).double())  # float64: identities to 1e-9
-    assert ref.shape == (2, 1 + 3 + 9 + 27)
-    torch.testing.assert_close(ref.exp().sum(-1), torch.ones(2, dtype=torch.float64), atol=1e-9,
-                               rtol=0)
+    ref_logps = task.logps(task.reference_model(seed=1).double())  # float64: identities to 1e-9
+    assert ref_logps.shape == (2, 1 + 3 + 9 + 27)
+    torch.testing.assert_close(ref_logps.exp().sum(-1), torch.ones(2, dtype=torch.float64),
+                               atol=1e-9, rtol=0)
     rewards = task.rewards().double()
-    metrics = exact_metrics(optimal_log_policy(ref, rewards, 0.3), ref, rewards, 0.3)
+    metrics = exact_metrics(optimal_log_policy(ref_logps, rewards, 0.3), ref_logps, rewards, 0.3)
     assert metrics["objective"] == pytest.approx(metrics["optimum"], abs=1e-9)
     assert metrics["kl_to_optimum"] == pytest.approx(0.0, abs=1e-9)
-    assert exact_metrics(ref, ref, rewards, 0.3)["kl_to_optimum"] > 0.05
+    assert exact_metrics(ref_logps, ref_logps, rewards, 0.3)["kl_to_optimum"] > 0.05
 
 
 def test_ppo_converges_to_the_closed_form_optimum_of_a_bandit():
     task = ToyTask(num_contexts=3, num_tokens=3, max_len=1, seed=0)
-    ref = task.reference_model(seed=0)
-    ref_table, rewards = task.log_probs(ref), task.rewards()
+    ref_model = task.reference_model(seed=0)
+    ref_table, rewards = task.logps(ref_model), task.rewards()
     beta = 0.5
     start = exact_metrics(ref_table, ref_table, rewards, beta)["kl_to_optimum"]
-    policy = PolicyWithValue(copy.deepcopy(ref))
+    policy = PolicyWithValue(copy.deepcopy(ref_model))
     config = PPOConfig(batch_size=64, ppo_epochs=2, num_minibatches=1, max_new_tokens=1,
                        lr=3e-3, vf_coef=0.5, beta=beta, normalize_rewards=False, seed=0)
-    ppo_train(policy, ref, *task.prompts(), task.reward, config, steps=80,
+    ppo_train(policy, ref_model, *task.prompts(), task.reward, config, steps=80,
               eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id)
-    final = exact_metrics(task.log_probs(policy), ref_table, rewards, beta)
-    probs = task.log_probs(policy).exp()
+    final = exact_metrics(task.logps(policy), ref_table, rewards, beta)
+    probs = task.logps(policy).exp()
     optimum = optimal_log_policy(ref_table, rewards, beta).exp()
     # it learns, with margins far above the seed-to-seed spread: over seeds 0-7 the remaining
     # gap was 0.05-1.9% of the initial one and the L1 distance 0.013-0.038 (mean 0.024, sd 0.009)
@@ -414,11 +414,11 @@ def test_evaluate_policy_returns_one_value_per_reply_and_the_monitor_columns():
 
 def test_ppo_train_logs_the_monitor_means_and_the_token_count():
     task = ToyTask(num_contexts=3, num_tokens=3, max_len=2, seed=0)
-    ref = task.reference_model(seed=0)
-    policy = PolicyWithValue(copy.deepcopy(ref))
+    ref_model = task.reference_model(seed=0)
+    policy = PolicyWithValue(copy.deepcopy(ref_model))
     config = PPOConfig(batch_size=8, ppo_epochs=1, num_minibatches=1, max_new_tokens=2,
                        normalize_rewards=False)
-    log = ppo_train(policy, ref, *task.prompts(), task.reward, config, steps=2,
+    log = ppo_train(policy, ref_model, *task.prompts(), task.reward, config, steps=2,
                     eos_token_id=task.eos_token_id, pad_token_id=task.pad_token_id,
                     monitor_fn=lambda r: {"ended": r.ended.float(), "length2": r.lengths()})
     for row in log.history:

@@ -29,6 +29,7 @@ from ftbook.instruction_tuning import (
     answer_is_correct,
     get_response_log_probs,
     masked_normalize,
+    masked_sum,
     pad_prompt_and_output,
     prompt_and_output_batch,
     render_prompt,
@@ -143,24 +144,24 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def tabular_dpo_fit(ref_log_probs: torch.Tensor, preference_weights: torch.Tensor, beta: float,
+def tabular_dpo_fit(ref_logps: torch.Tensor, preference_weights: torch.Tensor, beta: float,
                     max_iter: int = 2000, tol: float = 1e-12) -> torch.Tensor:
     """Minimise the expected DPO loss (9.5) over a tabular policy log pi = log_softmax(theta) on
     K replies, starting at pi_ref. `preference_weights` (K, K): w[i, j] = probability that a
     training pair has chosen reply i and rejected reply j (population or empirical). L-BFGS in
     float64 on u = beta theta (the implicit-reward scale, which keeps the conditioning
     independent of beta); returns log pi (K,)."""
-    ref = ref_log_probs.double()
+    ref_logps = ref_logps.double()  # (K,)
     weights = preference_weights.double()
-    K = ref.shape[0]
-    if ref.dim() != 1 or weights.shape != (K, K):
-        raise ValueError(f"need ref_log_probs (K,) and preference_weights (K, K), got "
-                         f"{tuple(ref.shape)} and {tuple(weights.shape)}")
+    K = ref_logps.shape[0]
+    if ref_logps.dim() != 1 or weights.shape != (K, K):
+        raise ValueError(f"need ref_logps (K,) and preference_weights (K, K), got "
+                         f"{tuple(ref_logps.shape)} and {tuple(weights.shape)}")
     if bool((weights < 0).any()):
         raise ValueError("preference weights must be non-negative")
     chosen, rejected = (i.flatten() for i in torch.meshgrid(torch.arange(K), torch.arange(K),
                                                            indexing="ij"))
-    scaled = (beta * ref).requires_grad_(True)  # u = beta theta
+    scaled = (beta * ref_logps).requires_grad_(True)  # u = beta theta
     optimizer = torch.optim.LBFGS([scaled], lr=1.0, max_iter=max_iter, tolerance_grad=tol,
                                   tolerance_change=0.0, history_size=50,
                                   line_search_fn="strong_wolfe")
@@ -168,8 +169,8 @@ def tabular_dpo_fit(ref_log_probs: torch.Tensor, preference_weights: torch.Tenso
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         log_pi = torch.log_softmax(scaled / beta, 0)
-        losses, _, _ = dpo_loss(log_pi[chosen], log_pi[rejected], ref[chosen], ref[rejected],
-                                beta)
+        losses, _, _ = dpo_loss(log_pi[chosen], log_pi[rejected], ref_logps[chosen],
+                                ref_logps[rejected], beta)
         loss = (weights.flatten() * losses).sum()
         loss.backward()
         return loss
@@ -225,7 +226,7 @@ def collate_dpo(examples: Sequence[tuple[Sequence[int], Sequence[int], Sequence[
     return pad_prompt_and_output(prompts, replies, pad_token_id)  # 13-06
 
 
-def sequence_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """(rows,) summed log pi(reply | prompt) of a `collate_dpo` batch (right padding, so no
     attention mask is needed: no real token attends to a later pad)."""
     device = next(model.parameters()).device
@@ -233,7 +234,7 @@ def sequence_log_probs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torc
     token_logps = get_response_log_probs(model, input_ids[:, :-1],
                                          input_ids[:, 1:])["log_probs"]  # (rows, T - 1)
     mask = batch["response_mask"][:, 1:].to(device)
-    return masked_normalize(token_logps.masked_fill(~mask, 0.0), mask, 1.0, dim=-1)
+    return masked_sum(token_logps, mask, dim=-1)
 
 
 def per_instance_dpo_loss(lm: nn.Module, lm_ref: nn.Module, tokenizer: Any, beta: float,
@@ -245,9 +246,9 @@ def per_instance_dpo_loss(lm: nn.Module, lm_ref: nn.Module, tokenizer: Any, beta
     different devices."""
     example = encode_dpo_pair(tokenizer, prompt, response_chosen, response_rejected)
     batch = collate_dpo([example], tokenizer.pad_token_id)
-    policy_logps = sequence_log_probs(lm, batch)  # (2,): chosen, rejected
+    policy_logps = sequence_logps(lm, batch)  # (2,): chosen, rejected
     with torch.no_grad():
-        ref_logps = sequence_log_probs(lm_ref, batch).to(policy_logps.device)
+        ref_logps = sequence_logps(lm_ref, batch).to(policy_logps.device)
     losses, _, _ = dpo_loss(policy_logps[:1], policy_logps[1:], ref_logps[:1], ref_logps[1:],
                             beta)
     return losses[0]
@@ -273,7 +274,7 @@ def precompute_reference_logps(ref_model: nn.Module,
     ref_model.eval()
     chosen, rejected = [], []
     for i in range(0, len(examples), batch_size):
-        logps = sequence_log_probs(ref_model, collate_dpo(examples[i:i + batch_size],
+        logps = sequence_logps(ref_model, collate_dpo(examples[i:i + batch_size],
                                                           pad_token_id)).float().cpu()
         c, r = logps.chunk(2)
         chosen.append(c)
@@ -333,13 +334,13 @@ def dpo_train(policy: nn.Module, examples: Sequence[tuple[Sequence[int], ...]], 
             ref_rejected = ref_logps[1][rows].to(device)
         else:  # ... or recomputed
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                ref_chosen, ref_rejected = sequence_log_probs(ref_model, batch).float().chunk(2)
+                ref_chosen, ref_rejected = sequence_logps(ref_model, batch).float().chunk(2)
             meter.flops += transformer_flops(ref_model, 2 * batch_size, width, training=False)
         for group in optimizer.param_groups:
             group["lr"] = lr * schedule_factor("linear", step, steps, warmup)
         policy.train()
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):  # 3. the policy's too
-            policy_chosen, policy_rejected = sequence_log_probs(policy, batch).float().chunk(2)
+            policy_chosen, policy_rejected = sequence_logps(policy, batch).float().chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected,
                                                             ref_chosen, ref_rejected, beta)
         loss = losses.mean()  # 4. eq. (9.5); one clipped AdamW step
@@ -369,7 +370,7 @@ def evaluate_dpo_pairs(policy: nn.Module, examples: Sequence[tuple[Sequence[int]
     policy.eval()
     chosen, rejected = [], []
     for i in range(0, len(examples), batch_size):
-        c, r = sequence_log_probs(policy, collate_dpo(examples[i:i + batch_size], pad_token_id)
+        c, r = sequence_logps(policy, collate_dpo(examples[i:i + batch_size], pad_token_id)
                                   ).float().cpu().chunk(2)
         chosen.append(c)
         rejected.append(r)
@@ -399,14 +400,14 @@ class TorchChunkedLogProb:
         if final_logit_softcapping is not None:
             logits = final_logit_softcapping * torch.tanh(logits / final_logit_softcapping)
         logits = logits.float() / temperature
-        log_probs_all = torch.log_softmax(logits, dim=-1)
-        log_probs = log_probs_all.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
-        entropy = -(log_probs_all.exp() * log_probs_all).sum(-1) if "entropy" in outputs else None
-        sum_sq = (torch.logsumexp(2 * log_probs_all, dim=-1).detach()
+        logps_all = torch.log_softmax(logits, dim=-1)
+        logps = logps_all.gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+        entropy = -(logps_all.exp() * logps_all).sum(-1) if "entropy" in outputs else None
+        sum_sq = (torch.logsumexp(2 * logps_all, dim=-1).detach()
                   if "log_sum_sq_probs" in outputs else None)
         mean_logits = logits.mean(-1).detach() if "mean_logits" in outputs else None
         is_top1 = (logits.argmax(-1) == targets) if "is_top1" in outputs else None
-        return log_probs, entropy, sum_sq, mean_logits, is_top1
+        return logps, entropy, sum_sq, mean_logits, is_top1
 
 
 @contextlib.contextmanager
@@ -545,13 +546,11 @@ def compute_policy_gradient_loss(policy_log_probs: torch.Tensor, loss_type: str,
 def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None
                 ) -> torch.Tensor:
     """CS336 A5: the mean of `tensor` over the entries where `mask` is true, along `dim` (over
-    all entries if None). Masked-out entries may hold anything, NaN included; a slice without
-    any true entry gives NaN (0 / 0)."""
+    all entries if None): 13-06's `masked_sum` over the number of true entries. Masked-out
+    entries may hold anything, NaN included; a slice without any true entry gives NaN (0 / 0)."""
     mask = mask.bool()
-    masked = torch.where(mask, tensor, torch.zeros_like(tensor))
-    if dim is None:
-        return masked.sum() / mask.sum()
-    return masked.sum(dim=dim) / mask.sum(dim=dim)
+    count = mask.sum() if dim is None else mask.sum(dim=dim)
+    return masked_sum(tensor, mask, dim) / count
 
 
 def grpo_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: torch.Tensor,
@@ -578,9 +577,8 @@ def grpo_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: to
     if constant_normalize_factor is None:
         per_response = masked_mean(per_token, response_mask, dim=-1)  # (batch,)
     else:
-        per_response = masked_normalize(torch.where(response_mask.bool(), per_token,
-                                                    torch.zeros_like(per_token)),
-                                        response_mask, constant_normalize_factor, dim=-1)
+        per_response = masked_normalize(per_token, response_mask, constant_normalize_factor,
+                                         dim=-1)
     loss = per_response.mean() / gradient_accumulation_steps
     loss.backward()
     metadata = dict(metadata)
@@ -664,7 +662,7 @@ class GRPOLog:
     responses: int = 0
 
 
-def _token_log_probs(model: nn.Module, batch: dict[str, torch.Tensor], rows: int, bf16: bool
+def _token_logps(model: nn.Module, batch: dict[str, torch.Tensor], rows: int, bf16: bool
                      ) -> torch.Tensor:
     """log pi(labels) of a rollout batch, (batch, seq) float32, in chunks of `rows`."""
     device = next(model.parameters()).device
@@ -726,10 +724,10 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
         with torch.no_grad():
             old_logps = ref_logps = None  # one pass: pi_old = pi_theta, its log-probs detached
             if clip and config.epochs_per_batch > 1:
-                old_logps = _token_log_probs(policy, batch, config.microbatch_size, config.bf16)
+                old_logps = _token_logps(policy, batch, config.microbatch_size, config.bf16)
                 meter.flops += transformer_flops(policy, rows, width, training=False)
             if config.kl_coef > 0:
-                ref_logps = _token_log_probs(ref_model, batch, config.microbatch_size,
+                ref_logps = _token_logps(ref_model, batch, config.microbatch_size,
                                              config.bf16)
                 meter.flops += transformer_flops(ref_model, rows, width, training=False)
         advantages, raw_rewards = advantages.to(device)[:, None], raw_rewards.to(device)[:, None]
@@ -745,8 +743,7 @@ def grpo_train(policy: nn.Module, tokenizer: Any, prompts: Sequence[str],
                 if ref_logps is not None:
                     k3 = kl_k3(logps, ref_logps[index])  # eq. (8.5), per token
                     per_response = (masked_mean(k3, mask[index], dim=-1) if constant is None
-                                    else masked_normalize(torch.where(mask[index], k3, 0.0),
-                                                          mask[index], constant, dim=-1))
+                                    else masked_normalize(k3, mask[index], constant, dim=-1))
                     kl_loss = config.kl_coef * per_response.mean() / accumulation
                     kl_loss.backward(retain_graph=True)
                     kls.append(masked_mean(k3.detach(), mask[index]).item())

@@ -181,13 +181,19 @@ def get_response_log_probs(model: nn.Module, input_ids: torch.Tensor, labels: to
     return result
 
 
-def masked_normalize(tensor: torch.Tensor, mask: torch.Tensor, normalize_constant: float,
+def masked_sum(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None
+               ) -> torch.Tensor:
+    """Sum of `tensor` where `mask` is true, along `dim` (all if None). Masked-out entries may
+    hold anything, NaN and inf included: they are selected away, not multiplied by 0."""
+    masked = torch.where(mask.bool(), tensor, torch.zeros_like(tensor))
+    return masked.sum() if dim is None else masked.sum(dim=dim)
+
+
+def masked_normalize(tensor: torch.Tensor, mask: torch.Tensor, normalize_constant: Any,
                      dim: int | None = None) -> torch.Tensor:
-    """CS336 A5: sum of `tensor` where `mask` is true, along `dim` (all if None), divided by
-    `normalize_constant`."""
-    masked = tensor * mask.to(tensor.dtype)
-    total = masked.sum() if dim is None else masked.sum(dim=dim)
-    return total / normalize_constant
+    """CS336 A5: `masked_sum` of `tensor` along `dim` (all if None), divided by
+    `normalize_constant` (a number or a tensor)."""
+    return masked_sum(tensor, mask, dim) / normalize_constant
 
 
 def sft_microbatch_train_step(policy_log_probs: torch.Tensor, response_mask: torch.Tensor,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftbook.base_models import pad_sequences  # Appendix C
+from ftbook.base_models import pad_sequences, schedule_factor  # Appendix C
 
 PREFIX_ATTENTION = "ftbook_prefix"  # name of the registered attention function
 PROMPT_INITS = ("random", "vocab", "text")
@@ -418,10 +418,8 @@ def train_verbalizer(model: nn.Module, tokenizer: Any, train: Any, template: Tem
         raise ValueError("no parameter requires grad: nothing to train")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, round(warmup_ratio * steps))
-    # Appendix C's schedule_factor("linear", ...) with the decay written (steps - s) / (steps -
-    # warmup), which rounds differently from its 1 - progress at about a third of the steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # linear warmup and decay (Appendix C)
+        optimizer, lambda s: schedule_factor("linear", s, steps, warmup))
     label_ids = verbalizer_ids(tokenizer, template)
     log = PromptRunLog(sum(p.numel() for p in params), [], [], [])
     if eval_fn is not None:

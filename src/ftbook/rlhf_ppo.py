@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ftbook.instruction_tuning import compute_entropy  # 13-06
+from ftbook.instruction_tuning import compute_entropy, masked_normalize, masked_sum  # 13-06
 from ftbook.prompt_tuning import position_ids_from_mask  # 13-05
 from ftbook.workbench import rounding_bound, unit_roundoff  # Appendix A
 
@@ -41,17 +41,6 @@ def reduce_sum(value: torch.Tensor, accelerator: Any = None) -> torch.Tensor:
     if accelerator is None or accelerator.num_processes == 1:
         return value
     return accelerator.reduce(value.clone(), reduction="sum")
-
-
-def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of `values` where `mask` is true; padding may hold NaN or inf."""
-    return torch.where(mask, values, torch.zeros_like(values)).sum()
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, count: Any = None) -> torch.Tensor:
-    """Sum over the mask divided by `count` (default: the number of true entries)."""
-    count = mask.sum() if count is None else count
-    return masked_sum(values, mask) / count
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, accelerator: Any = None,
@@ -115,17 +104,18 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
                         response_mask: torch.Tensor, cliprange: float = 0.2, count: Any = None
                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate loss of eq. (8.10) (Schulman et al. 2017, arXiv:1707.06347, eq. 7),
-    averaged over the valid tokens (or divided by `count`). Returns (loss, stats) with the clip
-    fraction and the k3 estimate of KL(pi_old || pi_theta)."""
+    summed over the valid tokens and divided by `count` (default: their number). Returns (loss,
+    stats) with the clip fraction and the k3 estimate of KL(pi_old || pi_theta)."""
+    count = response_mask.sum() if count is None else count
     log_ratio = logps - old_logps  # (batch, T)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), response_mask, count)
+    loss = masked_normalize(torch.maximum(unclipped, clipped), response_mask, count)
     with torch.no_grad():
-        clip_frac = masked_mean((clipped > unclipped).float(), response_mask, count)
+        clip_frac = masked_normalize((clipped > unclipped).float(), response_mask, count)
         # k3 of KL(pi_old || pi_theta) on tokens sampled from pi_old: rho = pi_theta / pi_old
-        approx_kl = masked_mean(kl_k3(old_logps, logps), response_mask, count)
+        approx_kl = masked_normalize(kl_k3(old_logps, logps), response_mask, count)
     return loss, {"clip_frac": clip_frac, "approx_kl": approx_kl}
 
 
@@ -133,16 +123,18 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
                        response_mask: torch.Tensor, cliprange_value: float | None = 0.2,
                        count: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped value loss of eq. (8.11); `cliprange_value=None` gives the plain squared error.
-    Returns (loss, stats) with the fraction of tokens where the clipped branch was larger."""
+    Token sums are divided by `count` (default: the number of valid tokens). Returns (loss,
+    stats) with the fraction of tokens where the clipped branch was larger."""
+    count = response_mask.sum() if count is None else count
     unclipped = (values - returns) ** 2
     if cliprange_value is None:
-        loss = 0.5 * masked_mean(unclipped, response_mask, count)
+        loss = 0.5 * masked_normalize(unclipped, response_mask, count)
         return loss, {"value_clip_frac": torch.zeros((), device=values.device)}
     moved = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     clipped = (moved - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), response_mask, count)
+    loss = 0.5 * masked_normalize(torch.maximum(unclipped, clipped), response_mask, count)
     with torch.no_grad():
-        frac = masked_mean((clipped > unclipped).float(), response_mask, count)
+        frac = masked_normalize((clipped > unclipped).float(), response_mask, count)
     return loss, {"value_clip_frac": frac}
 
 
@@ -244,15 +236,15 @@ class PolicyWithValue(nn.Module):
 class Rollout:
     """A batch of sampled replies. Prompts are left-padded, replies right-padded.
 
-    query_ids, query_mask: (batch, P); response_ids: (batch, T) (pad after EOS);
+    prompt_ids, prompt_mask: (batch, P); response_ids: (batch, T) (pad after EOS);
     response_mask: (batch, T) bool, true up to and including EOS; logps, values: (batch, T),
     log pi_old(y_t | s_t) and V_old(s_t) of the sampled tokens (0 on padding); ended: (batch,)
     whether the reply produced EOS; prompt_index: (batch,) rows of the prompt set (set by the
     training and evaluation loops, for reward functions that need the prompt's text).
     """
 
-    query_ids: torch.Tensor
-    query_mask: torch.Tensor
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     logps: torch.Tensor
@@ -262,8 +254,8 @@ class Rollout:
 
     def full_inputs(self) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask and position_ids of prompt + reply, (batch, P + T)."""
-        input_ids = torch.cat([self.query_ids, self.response_ids], dim=1)
-        attention_mask = torch.cat([self.query_mask.long(), self.response_mask.long()], dim=1)
+        input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
+        attention_mask = torch.cat([self.prompt_mask.long(), self.response_mask.long()], dim=1)
         return {"input_ids": input_ids, "attention_mask": attention_mask,
                 "position_ids": position_ids_from_mask(attention_mask)}
 
@@ -279,7 +271,7 @@ def trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def generate_rollout(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Tensor,
+def generate_rollout(policy: PolicyWithValue, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      *, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
                      temperature: float = 1.0, generator: torch.Generator | None = None
                      ) -> Rollout:
@@ -290,17 +282,17 @@ def generate_rollout(policy: PolicyWithValue, query_ids: torch.Tensor, query_mas
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    if (query_mask.sum(1) == 0).any():
+    if (prompt_mask.sum(1) == 0).any():
         raise ValueError("a prompt row is all padding")
-    if query_mask[:, -1].eq(0).any():
+    if prompt_mask[:, -1].eq(0).any():
         raise ValueError("prompts must be left-padded: the last column has padding")
     was_training = policy.training
     policy.eval()
-    batch = query_ids.shape[0]
-    attention = query_mask.long()
+    batch = prompt_ids.shape[0]
+    attention = prompt_mask.long()
     position = position_ids_from_mask(attention)  # (batch, P)
-    logits, values, cache = policy(query_ids, attention, position, use_cache=True, last_only=True)
-    finished = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
+    logits, values, cache = policy(prompt_ids, attention, position, use_cache=True, last_only=True)
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     tokens, logps, vals, alive = [], [], [], []
     next_position = position[:, -1:] + 1  # (batch, 1)
     for _ in range(max_new_tokens):
@@ -321,12 +313,12 @@ def generate_rollout(policy: PolicyWithValue, query_ids: torch.Tensor, query_mas
                                        past_key_values=cache, use_cache=True, last_only=True)
         next_position = next_position + 1
     policy.train(was_training)
-    return Rollout(query_ids=query_ids, query_mask=query_mask.long(),
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask.long(),
                    response_ids=torch.stack(tokens, 1), response_mask=torch.stack(alive, 1),
                    logps=torch.stack(logps, 1), values=torch.stack(vals, 1), ended=finished)
 
 
-def response_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, prompt_len: int,
+def response_logps(logits: torch.Tensor, response_ids: torch.Tensor, prompt_len: int,
                       temperature: float = 1.0) -> torch.Tensor:
     """log pi(y_t | s_t) of the reply tokens from full-sequence logits (batch, P + T, vocab):
     the logits at position P - 1 + t predict reply token t. Returns (batch, T)."""
@@ -336,13 +328,13 @@ def response_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, prompt_l
 
 
 @torch.no_grad()
-def reference_logprobs(ref: nn.Module, rollout: Rollout, temperature: float = 1.0
+def reference_logps(ref_model: nn.Module, rollout: Rollout, temperature: float = 1.0
                        ) -> torch.Tensor:
     """log pi_ref(y_t | s_t) of the sampled replies, (batch, T), from one full forward pass of
     the frozen reference model (0 on padding)."""
     inputs = rollout.full_inputs()
-    logits = ref(**inputs).logits  # (batch, P + T, vocab)
-    logps = response_logprobs(logits, rollout.response_ids, rollout.query_ids.shape[1],
+    logits = ref_model(**inputs).logits  # (batch, P + T, vocab)
+    logps = response_logps(logits, rollout.response_ids, rollout.prompt_ids.shape[1],
                               temperature)
     return torch.where(rollout.response_mask, logps, torch.zeros_like(logps))
 
@@ -449,7 +441,7 @@ class PPOBatch:
         return cls(**rollout.full_inputs(), response_ids=rollout.response_ids,
                    response_mask=rollout.response_mask, old_logps=rollout.logps,
                    old_values=rollout.values, advantages=advantages, returns=returns,
-                   prompt_len=rollout.query_ids.shape[1])
+                   prompt_len=rollout.prompt_ids.shape[1])
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -501,14 +493,14 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: PPOBa
             count = reduce_sum(mb.response_mask.sum().float(), accelerator) / num_processes
             logits, values, _ = policy(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                                        position_ids=mb.position_ids)
-            logps = response_logprobs(logits, mb.response_ids, mb.prompt_len, config.temperature)
+            logps = response_logps(logits, mb.response_ids, mb.prompt_len, config.temperature)
             length = mb.response_ids.shape[1]
             values = values[:, mb.prompt_len - 1:mb.prompt_len - 1 + length]  # V(s_t), (b, T)
             pg_loss, pg_stats = clipped_policy_loss(logps, mb.old_logps, mb_adv, mb.response_mask,
                                                     config.cliprange, count)
             vf_loss, vf_stats = clipped_value_loss(values, mb.old_values, mb.returns,
                                                    mb.response_mask, config.cliprange_value, count)
-            entropy = masked_mean(compute_entropy(at_least_float32(  # 13-06's, in float32
+            entropy = masked_normalize(compute_entropy(at_least_float32(  # 13-06's, in float32
                 logits[:, mb.prompt_len - 1:mb.prompt_len - 1 + length])), mb.response_mask, count)
             loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
             if accelerator is not None:
@@ -539,6 +531,7 @@ def ppo_update(policy: nn.Module, optimizer: torch.optim.Optimizer, batch: PPOBa
 
 # --- chapters/13_08_rlhf_ppo.py :: The training loop ---
 from ftbook.base_models import schedule_factor  # Appendix C
+from ftbook.reward_modeling import draw_batch  # 13-07
 from ftbook.workbench import StepMeter
 
 
@@ -551,16 +544,6 @@ class PPOLog:
     seconds: float
 
 
-def cycle_batches(num_rows: int, batch_size: int, generator: torch.Generator):
-    """Endless batches of row indices: shuffled passes over all rows, joined end to end."""
-    queue: list[int] = []
-    while True:
-        while len(queue) < batch_size:
-            queue += torch.randperm(num_rows, generator=generator).tolist()
-        yield torch.tensor(queue[:batch_size])
-        queue = queue[batch_size:]
-
-
 def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, response_mask: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
     """Per-reply KL estimates, (batch,): the sums of k1 and k3 over the reply's tokens."""
@@ -569,12 +552,12 @@ def sequence_kl(logps: torch.Tensor, ref_logps: torch.Tensor, response_mask: tor
     return {"kl": k1.sum(1), "kl_k3": k3.sum(1)}
 
 
-def sample_rollout(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask: torch.Tensor,
+def sample_rollout(policy: PolicyWithValue, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                    index: torch.Tensor, config: PPOConfig, *, eos_token_id: int,
                    pad_token_id: int, generator: torch.Generator | None = None) -> Rollout:
-    """Replies to the prompts `index` of the left-padded (query_ids, query_mask), sampled with
+    """Replies to the prompts `index` of the left-padded (prompt_ids, prompt_mask), sampled with
     `config`'s length and temperature; the rollout records `index` as its `prompt_index`."""
-    ids, mask = trim_left_padding(query_ids[index], query_mask[index])
+    ids, mask = trim_left_padding(prompt_ids[index], prompt_mask[index])
     rollout = generate_rollout(policy, ids, mask, max_new_tokens=config.max_new_tokens,
                                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                temperature=config.temperature, generator=generator)
@@ -582,14 +565,14 @@ def sample_rollout(policy: PolicyWithValue, query_ids: torch.Tensor, query_mask:
     return rollout
 
 
-def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
-              query_mask: torch.Tensor, reward_fn: Callable[[Rollout], torch.Tensor],
+def ppo_train(policy: PolicyWithValue, ref_model: nn.Module, prompt_ids: torch.Tensor,
+              prompt_mask: torch.Tensor, reward_fn: Callable[[Rollout], torch.Tensor],
               config: PPOConfig, *, steps: int, eos_token_id: int, pad_token_id: int,
               monitor_fn: Callable[[Rollout], dict[str, torch.Tensor]] | None = None,
               callback: Callable[[int, PolicyWithValue], dict] | None = None,
               normalizer: RewardNormalizer | None = None, desc: str = "PPO") -> PPOLog:
     """RLHF with PPO (Ziegler et al. 2019, arXiv:1909.08593; Ouyang et al. 2022,
-    arXiv:2203.02155): `steps` PPO steps on the left-padded prompts (query_ids, query_mask),
+    arXiv:2203.02155): `steps` PPO steps on the left-padded prompts (prompt_ids, prompt_mask),
     rewarded by `reward_fn(rollout) -> (batch,)` raw scores. `monitor_fn(rollout)` (optional)
     returns per-reply tensors (the gold reward, say) that are logged as means and never trained
     on; `callback(step, policy)` may add entries to a step's log row. With
@@ -598,8 +581,8 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
         raise ValueError(f"steps must be >= 1, got {steps}")
     meter = StepMeter(desc, callback, step_seconds=False)  # run time, one row per step (App. A)
     generator = torch.Generator().manual_seed(config.seed)  # prompt order and minibatches
-    sampler = torch.Generator(query_ids.device).manual_seed(config.seed + 1)  # sampling
-    batches = cycle_batches(query_ids.shape[0], config.batch_size, generator)
+    sampler = torch.Generator(prompt_ids.device).manual_seed(config.seed + 1)  # sampling
+    order: list[int] = []  # the rest of the current epoch over the prompts
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     total_updates = steps * config.ppo_epochs * config.num_minibatches
@@ -608,8 +591,9 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
         scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear decay over the updates
             optimizer, lambda update: schedule_factor("linear", update, total_updates, 0))
 
-    def rollout_for(index: torch.Tensor) -> Rollout:
-        return sample_rollout(policy, query_ids, query_mask, index, config,
+    def rollout_for_next_prompts() -> Rollout:  # prompts in seeded epochs (13-07's draw_batch)
+        index = torch.tensor(draw_batch(order, prompt_ids.shape[0], config.batch_size, generator))
+        return sample_rollout(policy, prompt_ids, prompt_mask, index, config,
                               eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                               generator=sampler)
 
@@ -617,12 +601,12 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
         normalizer = RewardNormalizer()
     elif normalizer is None:
         normalizer = RewardNormalizer().fit(torch.cat([
-            reward_fn(rollout_for(next(batches))).float().cpu()
+            reward_fn(rollout_for_next_prompts()).float().cpu()
             for _ in range(config.norm_batches)]))
     controller = KLController(config.beta, config.target_kl, config.k_beta)
     for step in meter.steps(steps):
-        rollout = rollout_for(next(batches))  # 1. sample with the cache
-        ref_logps = reference_logprobs(ref, rollout, config.temperature)  # 2.
+        rollout = rollout_for_next_prompts()  # 1. sample with the cache
+        ref_logps = reference_logps(ref_model, rollout, config.temperature)  # 2.
         raw = reward_fn(rollout).float().to(rollout.logps.device)  # 3. score ...
         scores = normalizer(raw)  # ... and normalise, eq. (8.14)
         if config.missing_eos_penalty is not None:
@@ -651,8 +635,8 @@ def ppo_train(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
 
 
 @torch.no_grad()
-def evaluate_policy(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Tensor,
-                    query_mask: torch.Tensor, reward_fn: Callable[[Rollout], torch.Tensor], *,
+def evaluate_policy(policy: PolicyWithValue, ref_model: nn.Module, prompt_ids: torch.Tensor,
+                    prompt_mask: torch.Tensor, reward_fn: Callable[[Rollout], torch.Tensor], *,
                     max_new_tokens: int, eos_token_id: int, pad_token_id: int,
                     monitor_fn: Callable[[Rollout], dict[str, torch.Tensor]] | None = None,
                     batch_size: int = 64, seed: int = 0
@@ -661,16 +645,16 @@ def evaluate_policy(policy: PolicyWithValue, ref: nn.Module, query_ids: torch.Te
     the CPU, the proxy reward, whatever `monitor_fn` measures (the gold reward, say), the KL to
     the reference (k1 and k3 sums, unbiased for the sequence KL because the replies are samples
     of the policy), the length and whether the reply ended with EOS; and the rollouts."""
-    sampler = torch.Generator(query_ids.device).manual_seed(seed)
+    sampler = torch.Generator(prompt_ids.device).manual_seed(seed)
     columns: dict[str, list[torch.Tensor]] = {}
     rollouts = []
-    for i in range(0, query_ids.shape[0], batch_size):
-        ids, mask = trim_left_padding(query_ids[i:i + batch_size], query_mask[i:i + batch_size])
+    for i in range(0, prompt_ids.shape[0], batch_size):
+        ids, mask = trim_left_padding(prompt_ids[i:i + batch_size], prompt_mask[i:i + batch_size])
         rollout = generate_rollout(policy, ids, mask, max_new_tokens=max_new_tokens,
                                    eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                    generator=sampler)
         rollout.prompt_index = torch.arange(i, i + ids.shape[0])
-        ref_logps = reference_logprobs(ref, rollout)
+        ref_logps = reference_logps(ref_model, rollout)
         parts = {"proxy_reward": reward_fn(rollout),
                  **sequence_kl(rollout.logps, ref_logps, rollout.response_mask),
                  "length": rollout.lengths(), "eos_rate": rollout.ended,
@@ -726,7 +710,7 @@ class ToyTask:
         return self.offset + per_token.sum(1)
 
     def reward(self, rollout: Rollout) -> torch.Tensor:
-        return self.score(rollout.query_ids[:, -1], rollout.response_ids, rollout.response_mask)
+        return self.score(rollout.prompt_ids[:, -1], rollout.response_ids, rollout.response_mask)
 
     def replies(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every possible reply, (N, max_len) right-padded with EOS, and its mask."""
@@ -758,13 +742,13 @@ class ToyTask:
         return model.eval()
 
     @torch.no_grad()
-    def log_probs(self, model: nn.Module) -> torch.Tensor:
+    def logps(self, model: nn.Module) -> torch.Tensor:
         """Exact log pi(y | c) of every reply for every context, (C, N)."""
         replies, mask = self.replies()
         device = next(model.parameters()).device
         C, N = self.num_contexts, replies.shape[0]
         contexts = torch.arange(1, C + 1).repeat_interleave(N)[:, None]  # (C N, 1)
-        rollout = Rollout(query_ids=contexts, query_mask=torch.ones_like(contexts),
+        rollout = Rollout(prompt_ids=contexts, prompt_mask=torch.ones_like(contexts),
                           response_ids=replies.repeat(C, 1), response_mask=mask.repeat(C, 1),
                           logps=torch.zeros(C * N, self.max_len),
                           values=torch.zeros(C * N, self.max_len),
@@ -772,7 +756,7 @@ class ToyTask:
         inputs = {k: v.to(device) for k, v in rollout.full_inputs().items()}
         out = model(**inputs)
         logits = out[0] if isinstance(out, tuple) else out.logits
-        logps = response_logprobs(logits, rollout.response_ids.to(device), 1).cpu()
+        logps = response_logps(logits, rollout.response_ids.to(device), 1).cpu()
         logps = torch.where(rollout.response_mask, logps, torch.zeros_like(logps))
         return logps.sum(1).view(C, N)
 
@@ -784,29 +768,29 @@ class ToyTask:
         return self.score(contexts, replies.repeat(C, 1), mask.repeat(C, 1)).view(C, N)
 
 
-def optimal_log_policy(ref_log_probs: torch.Tensor, rewards: torch.Tensor, beta: float
+def optimal_log_policy(ref_logps: torch.Tensor, rewards: torch.Tensor, beta: float
                        ) -> torch.Tensor:
     """log pi*(y | x) = log pi_ref(y | x) + r(x, y) / beta - log Z(x), eq. (8.2); inputs and
     output (prompts, replies) over an enumeration of all replies."""
     if beta <= 0:
         raise ValueError(f"the KL-regularised optimum needs beta > 0, got {beta}")
-    return torch.log_softmax(ref_log_probs + rewards / beta, dim=-1)
+    return torch.log_softmax(ref_logps + rewards / beta, dim=-1)
 
 
-def exact_metrics(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, rewards: torch.Tensor,
+def exact_metrics(logps: torch.Tensor, ref_logps: torch.Tensor, rewards: torch.Tensor,
                   beta: float) -> dict[str, float]:
     """Exact quantities of a policy over an enumeration (prompts, replies), averaged over
     prompts: reward, KL to the reference, the objective J of eq. (8.1), its optimum
     J* = beta log Z, and KL(pi || pi*) = (J* - J) / beta, eq. (8.3)."""
-    p = log_probs.exp()
-    log_opt = optimal_log_policy(ref_log_probs, rewards, beta)
+    p = logps.exp()
+    log_opt = optimal_log_policy(ref_logps, rewards, beta)
     reward = (p * rewards).sum(-1)
-    kl_ref = (p * (log_probs - ref_log_probs)).sum(-1)
-    optimum = beta * torch.logsumexp(ref_log_probs + rewards / beta, dim=-1)
+    kl_ref = (p * (logps - ref_logps)).sum(-1)
+    optimum = beta * torch.logsumexp(ref_logps + rewards / beta, dim=-1)
     return {"reward": reward.mean().item(), "kl_ref": kl_ref.mean().item(),
             "objective": (reward - beta * kl_ref).mean().item(),
             "optimum": optimum.mean().item(),
-            "kl_to_optimum": (p * (log_probs - log_opt)).sum(-1).mean().item()}
+            "kl_to_optimum": (p * (logps - log_opt)).sum(-1).mean().item()}
 
 
 # --- chapters/13_08_rlhf_ppo.py :: Multi-process: the same update on two processes ---
@@ -1158,7 +1142,7 @@ class RLHFRuns:
                              for r in self.runs for row in r["history"]])
 
 
-RUNS_FORMAT = 1  # bump to invalidate the cached runs
+RUNS_FORMAT = 2  # bump to invalidate the cached runs
 
 
 def rlhf_runs_folder(profile: str) -> Path:
