@@ -700,13 +700,25 @@ if PROFILE != "full":
     }, index=["pretraining seconds", "tokens trained", "epochs over the corpus", "tokens/s",
               "achieved GFLOP/s (model FLOPs)", "measured bf16 matmul peak GFLOP/s", "MFU %"])
     show_table(run, "pretraining_run", "00_03_base_models")
+    margin = 0.1  # MFU is a ratio of two timings on a shared machine: 10 points are noise
+    mfu_verdict = ("above half the measured peak" if log["mfu"] > 0.5 + margin
+                   else "below half the measured peak" if log["mfu"] < 0.5 - margin
+                   else "within the margin of half the measured peak, too close to call")
+    print(f"MFU {log['mfu']:.0%}: {mfu_verdict} "
+          f"(margin for timing noise: {margin:.0%} either side of half)")
 
 # %% [markdown]
-# The MFU row is the honest one: the model's matmuls are 256 wide, far below the size at which
-# the CPU reaches its peak (see the matmul table of {ref}`workbench`), and elementwise work (RMSNorm,
-# SwiGLU, rotary embeddings, softmax, the optimizer) takes a large share of each step. A GPU run
-# of the same model would show the same pattern, only more so: small models cannot fill wide
-# hardware.
+# MFU (model FLOPs utilization) divides the FLOPs that the model's formula counts, matmuls only, by
+# the rate the same device reached on one large matmul in the training dtype. Everything else in a
+# step lowers it: elementwise work (RMSNorm, SwiGLU, rotary embeddings, softmax, the optimizer), and
+# matmuls whose shapes are too small to reach the peak (this model is 256 wide; see the matmul table
+# of {ref}`workbench`). The line under the table places the run against one half, with a margin for
+# the noise of two timings. Above half, the matmuls alone, even at the peak rate, fill more than
+# half of each step, so everything else together takes less than half; below half, the step spends
+# most of its time away from peak-rate matmuls, and the table cannot say whether in elementwise work
+# or in slow matmuls. On a GPU, whose matmul peak stands much further above its elementwise
+# throughput than a CPU's, a model this small reaches a smaller share of the peak: small models
+# cannot fill wide hardware.
 
 # %%
 if PROFILE != "full":

@@ -138,8 +138,10 @@ def bnb_table_tolerance(offset: float = NF4_OFFSET) -> torch.Tensor:
 # **Check of (3.2).** Our levels against the table that bitsandbytes ships, and against the
 # normal quantiles themselves; then the information argument: on normal data, scaled blockwise as
 # in (3.1), every code should be used about equally often, so the empirical entropy of the codes
-# is close to 4 bits. A uniform 4-bit grid (the levels of int4, evenly spaced) wastes most of its
-# codes on the rare tails.
+# is close to 4 bits. A uniform 4-bit grid (the levels of int4, evenly spaced) gives the sparse
+# tails as many levels as the dense centre, so its codes are used less evenly. An entropy of $H$
+# bits is worth $2^H$ equally used codes; the line prints that effective number beside each
+# entropy (16 at the maximum).
 
 # %%
 import matplotlib.pyplot as plt
@@ -178,8 +180,11 @@ def nearest_codes(w: torch.Tensor, table: torch.Tensor, blocksize: int = 64) -> 
 
 gaussian = torch.randn(64 * 4096)
 uniform_grid = torch.linspace(-1, 1, 16)
-print(f"entropy of the codes on N(0,1) data: NF4 {code_entropy_bits(nearest_codes(gaussian, levels)):.3f}"
-      f" bits, uniform grid {code_entropy_bits(nearest_codes(gaussian, uniform_grid)):.3f} bits (max 4)")
+gaussian_entropy = {"NF4": code_entropy_bits(nearest_codes(gaussian, levels)),
+                    "uniform grid": code_entropy_bits(nearest_codes(gaussian, uniform_grid))}
+print("entropy of the codes on N(0,1) data: " + ", ".join(
+    f"{grid} {bits:.3f} bits ({2**bits:.1f} effective codes)"
+    for grid, bits in gaussian_entropy.items()) + " (max 4 bits, 16 codes)")
 
 # %% [markdown]
 # The same measurement on real weights: every linear layer of the profile's encoder and causal LM.
@@ -234,6 +239,18 @@ for name, model in (("encoder", encoder), ("causal LM", causal_lm)):
                  "excess kurtosis": nf4["excess kurtosis"]})
 usage["N(0,1) sample"] = torch.bincount(nearest_codes(gaussian, levels).flatten(), minlength=16).double() / gaussian.numel()
 show_table(pd.DataFrame(rows).set_index("model"), "code_entropy", CHAPTER)
+entropies = {row["model"]: (row["NF4 code entropy (bits)"], row["uniform-grid entropy (bits)"])
+             for row in rows}
+entropies["N(0,1) sample"] = (gaussian_entropy["NF4"], gaussian_entropy["uniform grid"])
+print("effective codes of 16 (2^entropy), NF4 / uniform grid: " + "; ".join(
+    f"{name} {2**nf4_bits:.1f} / {2**grid_bits:.1f}"
+    for name, (nf4_bits, grid_bits) in entropies.items()))
+print("bits below the 4-bit maximum, NF4 / uniform grid: " + "; ".join(
+    f"{name} {4 - nf4_bits:.2f} / {4 - grid_bits:.2f}"
+    for name, (nf4_bits, grid_bits) in entropies.items()))
+closer = [name for name, (nf4_bits, grid_bits) in entropies.items() if nf4_bits > grid_bits]
+print("NF4 uses its codes more evenly than the uniform grid on: "
+      + ("all three" if len(closer) == len(entropies) else ", ".join(closer) or "none"))
 
 fig, ax = plt.subplots(figsize=(7, 3.3))
 width = 0.28
@@ -245,14 +262,16 @@ ax.legend(fontsize=8)
 show_figure(fig, "nf4_code_usage", CHAPTER)
 
 # %% [markdown]
-# NF4 comes much closer to equal use than a uniform grid: the printed entropies put it a small
-# fraction of a bit below the 4-bit maximum, where the uniform grid loses several times as much. The
-# remaining gap has a simple cause visible in the figure: NF4's levels are the quantiles of a normal
-# scaled so that its $\delta$-quantile lands at 1, but a block of 64 values is divided by its
-# *maximum*, which is typically further out than that quantile, so the scaled values are less
-# spread than the levels assume and the central codes are used more often than the outer ones.
-# Real weights behave like the normal sample, even the heavy-tailed encoder (see the excess
-# kurtosis column; 0 for a normal): blockwise scaling confines each outlier to its own block.
+# The three lines under the table read it. The effective number of codes says how many of the 16
+# levels each grid is worth on these weights; the bits below the maximum are what each grid
+# wastes per weight; the last line names the data on which NF4 comes the closer to equal use.
+# NF4's own gap from 4 bits has a simple cause visible in the figure: NF4's levels are the
+# quantiles of a normal scaled so that its $\delta$-quantile lands at 1, but a block of 64 values
+# is divided by its *maximum*, which is typically further out than that quantile, so the scaled
+# values are less spread than the levels assume and the central codes are used more often than
+# the outer ones. Real weights behave like the normal sample, even the heavy-tailed encoder (see
+# the excess kurtosis column; 0 for a normal): blockwise scaling confines each outlier to its own
+# block.
 #
 # ## Quantize, pack, dequantize
 #
@@ -891,7 +910,7 @@ from ftbook.lora import (
     encoder_target_modules,
     merge_lora,
 )
-from ftbook.workbench import Timer, count_parameters
+from ftbook.workbench import Timer, binomial_interval, count_parameters
 
 cfg = pick(PROFILE, QLORA_CONFIGS)
 ft_cfg = pick(PROFILE, FT_CONFIGS)
@@ -942,15 +961,33 @@ ax.set(ylabel="MiB (measured)", title=f"Memory of one training step (batch {ft_c
 ax.legend()
 show_figure(fig, "memory_breakdown", CHAPTER)
 
+
+def relative_size(ratio: float, margin: float = 0.05) -> str:
+    """A ratio of two measured byte counts in words, with `margin` counted as the same."""
+    if abs(ratio - 1) <= margin:
+        return f"about the same (within {margin:.0%})"
+    return f"{abs(ratio - 1):.0%} {'less' if ratio < 1 else 'more'}"
+
+
+print("saved activations against full fine-tuning: " + "; ".join(
+    f"{m} {relative_size(memory_mib.loc[m, 'activations'] / memory_mib.loc['full', 'activations'])}"
+    for m in ("LoRA", "QLoRA")))
+
 # %% [markdown]
 # The measurement splits the way the theory says. Full fine-tuning pays for every parameter three
 # more times (a float32 gradient and AdamW's two moments). LoRA removes almost all of that: only the
 # adapters and the head have gradients and state. QLoRA then shrinks the largest remaining item, the
 # frozen weights: each quantized matrix by about 8x relative to float32 (4.127 bits against 32). The
 # embeddings (about half of MiniLM's parameters, since its vocabulary is large for its width), the
-# norms and the head stay in full precision, so the weights column shrinks by less. The
-# activations are nearly the same for all three; at larger batch and sequence sizes they dominate,
-# which is where gradient checkpointing, not quantization, is the lever.
+# norms and the head stay in full precision, so the weights column shrinks by less.
+#
+# The line under the figure compares the saved activations. Part of what the hook counts there
+# in the float32 runs is not an activation of the network: under autocast, a frozen float32
+# layer casts its weight to bfloat16 and saves that copy for the backward pass, whereas
+# `NF4Linear`'s backward dequantizes again and saves nothing, so QLoRA's column can come out
+# lower by such copies. The activations proper scale with batch and sequence length, not with
+# how the weights are stored; at larger batch and sequence sizes they dominate, which is where
+# gradient checkpointing, not quantization, is the lever.
 #
 # The same arithmetic for the paper's models (per parameter: 16-bit weights and gradients and
 # 32-bit Adam moments for full fine-tuning, 12 bytes; 16-bit frozen weights for LoRA; 4.127 bits
@@ -1125,6 +1162,17 @@ merge_table = pd.DataFrame({
 show_table(merge_table, "merge_into_4bit", CHAPTER, floatfmt="{:.3g}")
 print(f"one layer: mean |ΔW| = {delta.mean():.2e}, mean NF4 step = {gaps:.2e} "
       f"(ratio {delta.mean() / gaps:.2f})")
+n_dev = len(labels_dev)
+k_unmerged, k_nf4 = (int((x.argmax(-1) == labels_dev).sum()) for x in (unmerged_logits, logits_nf4))
+(lo_unmerged, hi_unmerged), (lo_nf4, hi_nf4) = (binomial_interval(k, n_dev)
+                                                for k in (k_unmerged, k_nf4))
+accuracy_apart = lo_nf4 > hi_unmerged or hi_nf4 < lo_unmerged
+flips = merge_table.loc["merged, requantized to NF4", "predictions changed"]
+print(f"requantized merge: {flips} of {n_dev} predictions flip; accuracy "
+      f"{k_nf4 / n_dev:.3f} [{lo_nf4:.3f}, {hi_nf4:.3f}] against unmerged {k_unmerged / n_dev:.3f} "
+      f"[{lo_unmerged:.3f}, {hi_unmerged:.3f}]: "
+      + ("the intervals are disjoint, the change is beyond them" if accuracy_apart
+         else "the intervals overlap, the change is within them"))
 
 # The check, on float64 copies: there the float merge and the unmerged model agree to float64
 # rounding, far below 13-02's parity tolerance (the float32 row above shows float32 rounding).
@@ -1141,20 +1189,27 @@ assert merge_gap64 < PARITY_TOLERANCE
 del check_model
 
 # %% [markdown]
-# The float merge reproduces the unmerged model up to float rounding (asserted on float64 copies). Requantizing
-# changes the logits by orders of magnitude more, and can flip predictions: the printed ratio shows
-# $\Delta W$ is a fraction of one NF4 step, so rounding to the grid loses much of what training
-# learned. Keep the merged model in 16 bits, or keep the adapter separate; requantize only after
-# measuring, on your task, what it costs.
+# The float merge reproduces the unmerged model up to float rounding (asserted on float64
+# copies). Requantizing is a different model: compare its row of logit changes with the float
+# merge's, and the printed count of flipped predictions. A ratio below 1 on the ΔW line means
+# $\Delta W$ is a fraction of one NF4 step, so the rounding error of a weight (up to half a
+# step) can be as large as what training added to it, in a direction training did not choose.
+# Whether that moves accuracy is a separate question, which the requantized-merge line answers
+# with 95% intervals: an accuracy change within them is not resolved by the rows scored, in
+# either direction, even while individual predictions flip. Keep the merged model in 16 bits, or
+# keep the adapter separate; requantize only after measuring, on your task, what it costs.
 #
 # ## Discussion
 #
-# - **NF4 is the right 4-bit code for weights.** On normal data and on the real weights of both
-#   base models it uses its 16 levels nearly evenly (entropy close to 4 bits), where a uniform grid
-#   wastes a bit or more; this is the information-theoretic argument of (3.2), measured.
-# - **Our quantizer is bitsandbytes' quantizer.** Identical codes and constants on every tested
-#   tensor, dequantization equal to float32 precision, and the double-quantized reconstruction error
-#   within 1% with the same 8-bit dynamic code for the constants.
+# - **NF4 is the right 4-bit code for weights.** The entropy lines say, for normal data and for
+#   the real weights of both base models, how many of its 16 levels NF4 is worth, how many bits a
+#   uniform grid wastes, and on which of them NF4 uses its codes more evenly: this is the
+#   information-theoretic argument of (3.2), measured.
+# - **Our quantizer is bitsandbytes' quantizer.** Identical constants on every tested tensor,
+#   identical codes except at exact ties (asserted; the parity line counts them), dequantization
+#   equal to bitsandbytes' reference up to the bounded difference of the level tables, and the
+#   double-quantized reconstruction error within 1% with the same 8-bit dynamic code for the
+#   constants.
 # - **Memory.** The measured breakdown shows where each method saves; the 65B arithmetic
 #   reproduces the paper's 780 GB vs. a 33.5 GB 4-bit base.
 # - **Quality and speed.** Compare the two rows of the LoRA/QLoRA table: with all linear layers
