@@ -149,12 +149,13 @@ print("unsloth import:", "ok" if UNSLOTH_PROBLEM is None else UNSLOTH_PROBLEM)
 # \tag{10.2}
 # $$
 #
-# 805 MB for the tiny profile ($B = 8$, $T = 256$ and SmolLM2's $V = 49\,152$), more than the
-# 135M-parameter model's own float32 weights, and 16.8 GB for $B = 8$, $T = 2048$ and Llama 3's
-# $V = 128\,256$: more than the 8B model's LoRA training state. Computing the loss
-# $c$ rows at a time (and the gradient inside the same chunk) needs only $c V$ floats at once, and
-# gives the same loss and gradient, since cross-entropy is a sum over positions. The check below
-# verifies the equality on random data.
+# With SmolLM2's $V = 49\,152$ that is 393 kB per position, so about 1,400 positions already
+# match the 135M-parameter model's own float32 weights (about 540 MB); the benchmark section
+# prints the value for this run's $B$ and $T$. For $B = 8$, $T = 2048$ and Llama 3's
+# $V = 128\,256$ it is 16.8 GB (printed below): more than the 8B model's LoRA training state.
+# Computing the loss $c$ rows at a time (and the gradient inside the same chunk) needs only $c V$
+# floats at once, and gives the same loss and gradient, since cross-entropy is a sum over
+# positions. The check below verifies the equality on random data.
 
 # %%
 import torch
@@ -1236,11 +1237,12 @@ show_figure(fig, "loss_curves", CHAPTER)
 # difference is memory. With SmolLM2's vocabulary of 49,152 tokens, the logits and their
 # gradient (10.2) are the largest tensors of a step, printed above; Unsloth's chunked
 # cross-entropy never materialises them, and its training peak is lower by an amount of that
-# order. The same tensors explain most of the step-time ratio: the standard step computes the
-# full $B \times T \times V$ logits in float32, which at this vocabulary is a large share of a
-# 135M model's work, while both pipelines run the same PyTorch and bitsandbytes kernels for the
-# transformer itself. Step times on a shared 2-core machine move by tens of percent from run to
-# run; read the printed ratio with that noise in mind.
+# order. Chunking saves memory, not arithmetic: both losses multiply the same hidden states by
+# the same output matrix, so the chunked loss alone gives no reason for a faster step, and both
+# pipelines run the same PyTorch and bitsandbytes kernels for the transformer itself. The step
+# time ratio is one run of each pipeline, with no interval: the median over steps discounts an
+# occasional slow step, not a machine that was busier during one pipeline's run than during the
+# other's.
 #
 # What the numbers cannot say. Unsloth's other CPU choices are bf16 frozen weights (where the
 # standard recipe's `prepare_model_for_kbit_training` upcasts the non-quantized weights to
@@ -1682,14 +1684,15 @@ del base_model
 # Read the intervals, not the point estimates: a task whose intervals before and after do not
 # overlap changed beyond sampling noise, on held-out prompts the fine-tune never saw; the cell
 # names those tasks. The chat LM answers in sentences of its own, which exact match never
-# accepts. A few QLoRA steps on 13-06's data teach the answer format, and exact match follows
-# where the model already has the skill behind it: here repeating a sentence and naming a
-# review's polarity. Sums and upper-casing need the skill itself, letter by letter or digit by
-# digit, and ten steps do not supply it (13-06's longer SFT run gets only a little further;
-# 13-09 trains arithmetic with a reward). The end-of-turn rate shows the other half of the
-# format: the fine-tuned model stops after its answer. The three runtimes of the previous table
-# serve this model as it was trained: their exact-match column matches the reference wherever
-# their replies do.
+# accepts. A few QLoRA steps on 13-06's data teach the answer format, and exact match can follow
+# only where the model already has the skill behind the answer: repeating a sentence or naming a
+# review's polarity asks less of it than sums and upper-casing, which need the skill itself,
+# letter by letter or digit by digit (13-06's longer SFT run gets only a little further on them;
+# 13-09 trains arithmetic with a reward). A task missing from the printed list did not change
+# beyond the intervals in this run, which says nothing about what a longer run would teach. The
+# end-of-turn row shows the other half of the format: how often each model stops after its
+# answer. The three runtimes of the previous table serve this model as it was trained: their
+# exact-match column matches the reference wherever their replies do.
 #
 # ## Troubleshooting
 #
